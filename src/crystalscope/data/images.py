@@ -1,0 +1,131 @@
+"""Finding and decoding images: the one place that turns any file into an RGB picture.
+
+Training, evaluation, export checks and both prediction back ends decode through
+:func:`load_rgb`, so a greyscale, RGBA, palette or 16-bit file is converted the same way
+everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from crystalscope.errors import CrystalscopeError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+class ImageReadError(CrystalscopeError):
+    """A file could not be decoded as an image."""
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True when the file name has an image extension (any case)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """All image files under ``folder``, sorted by path (hidden files skipped).
+
+    Example:
+        >>> list_images("split/train/cex")  # doctest: +SKIP
+        [PosixPath('split/train/cex/CEX (1).png'), ...]
+    """
+    folder = Path(folder)
+    pattern = "**/*" if recursive else "*"
+    found = [
+        p
+        for p in folder.glob(pattern)
+        if p.is_file() and is_image_file(p) and not p.name.startswith(".")
+    ]
+    return sorted(found, key=natural_key)
+
+
+def natural_key(path: str | os.PathLike):
+    """Sort key that orders ``CEX (2).png`` before ``CEX (10).png``."""
+    import re
+
+    parts = re.split(r"(\d+)", str(path))
+    return [int(p) if p.isdigit() else p.lower() for p in parts]
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """Scale a 16-bit, 32-bit integer or float image to 0..255 uint8."""
+    if array.dtype == np.uint8:
+        return array
+    if np.issubdtype(array.dtype, np.floating):
+        array = np.nan_to_num(array.astype(np.float64))
+        scale = 255.0 if array.max(initial=0.0) <= 1.0 else 1.0
+        return np.clip(array * scale, 0, 255).round().astype(np.uint8)
+    # integer images: 16-bit microscope TIFFs use the full 0..65535 range
+    info_max = 65535.0 if array.max(initial=0) > 255 else 255.0
+    return np.clip(array.astype(np.float64) * (255.0 / info_max), 0, 255).round().astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL image to 8-bit RGB the same way everywhere.
+
+    Transparent pixels are composited onto black (the probe's dark background); greyscale
+    and 16-bit images are scaled to 0..255 and copied into three equal channels.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode in ("L", "1"):
+        return img.convert("RGB")
+    if img.mode.startswith("I") or img.mode == "F":
+        grey = _to_uint8(np.asarray(img))
+        if grey.ndim == 3:
+            grey = grey[..., 0]
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(source: str | os.PathLike | Image.Image) -> Image.Image:
+    """Decode a file (or take a PIL image) and return it as 8-bit RGB.
+
+    Raises:
+        ImageReadError: the file is missing, not an image, or truncated/corrupt.
+
+    Example:
+        >>> load_rgb("../shared/real_samples/CEX (1).png").size  # doctest: +SKIP
+        (151, 151)
+    """
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    path = Path(source)
+    try:
+        with Image.open(path) as img:
+            img.load()  # forces a full decode so truncated files fail here, not later
+            return to_rgb(img)
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found") from None
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{path}: not a readable image file") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"{path}: corrupt or truncated image ({exc})") from None
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) from the file header without a full decode."""
+    with Image.open(path) as img:
+        return img.size
+
+
+def iter_readable(paths: Iterable[Path]):
+    """Yield ``(path, error_or_None)`` for each path after a full decode attempt."""
+    for p in paths:
+        try:
+            load_rgb(p)
+            yield p, None
+        except ImageReadError as exc:
+            yield p, str(exc)

@@ -1,0 +1,133 @@
+"""The one preprocessing object shared by training, evaluation, export and prediction.
+
+A :class:`Preprocessing` travels inside every checkpoint and every ONNX file, so the resize
+policy, interpolation, input size and normalisation used at prediction time are exactly the
+ones used in training. It needs only numpy and Pillow (the ONNX back end imports no torch).
+
+Two stages:
+1. :meth:`Preprocessing.resize_uint8` decodes-independent geometry: RGB PIL image ->
+   ``uint8`` array ``(size, size, 3)``. Training caches this stage.
+2. :meth:`Preprocessing.normalize` turns uint8 ``(N, H, W, 3)`` into float32 ``(N, 3, H, W)``
+   with the model's mean and std. The torch training path does the same arithmetic on
+   tensors with the same constants (see :meth:`Preprocessing.normalize_torch`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from crystalscope.data.images import load_rgb
+from crystalscope.errors import CrystalscopeError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZE_POLICIES = ("stretch", "pad")
+_INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Geometry and normalisation of a model's input.
+
+    Attributes:
+        image_size: side of the square model input in pixels.
+        mean, std: per-channel normalisation on 0..1 values (RGB order).
+        resize: ``stretch`` (distort to a square, as the reference study) or ``pad``
+            (keep the aspect ratio and letterbox with ``pad_value``, so a crop's shape
+            cannot leak through distortion).
+        interpolation: Pillow resampling filter name.
+        pad_value: grey level (0..255) of the letterbox bars.
+
+    Example:
+        >>> pre = Preprocessing(image_size=64)
+        >>> pre.prepare(["CEX (1).png"]).shape  # doctest: +SKIP
+        (1, 3, 64, 64)
+    """
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    resize: str = "stretch"
+    interpolation: str = "bilinear"
+    pad_value: int = 0
+
+    def __post_init__(self):
+        if self.resize not in RESIZE_POLICIES:
+            raise CrystalscopeError(
+                f"--resize {self.resize!r} is not known: use one of {', '.join(RESIZE_POLICIES)}"
+            )
+        if self.interpolation not in _INTERPOLATIONS:
+            raise CrystalscopeError(
+                f"interpolation {self.interpolation!r} is not known: use one of "
+                f"{', '.join(_INTERPOLATIONS)}"
+            )
+        if int(self.image_size) < 8:
+            raise CrystalscopeError(f"--image-size {self.image_size} is too small: use 8 or more")
+        object.__setattr__(self, "image_size", int(self.image_size))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    # -- serialisation (checkpoints, ONNX metadata) --------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    # -- stage 1: geometry ---------------------------------------------------------------
+    def resize_image(self, img: Image.Image) -> Image.Image:
+        """RGB PIL image -> square RGB PIL image of ``image_size``."""
+        size = self.image_size
+        method = _INTERPOLATIONS[self.interpolation]
+        if self.resize == "stretch":
+            return img.resize((size, size), method)
+        w, h = img.size
+        scale = size / max(w, h)
+        new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+        resized = img.resize((new_w, new_h), method)
+        canvas = Image.new("RGB", (size, size), (self.pad_value,) * 3)
+        canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
+        return canvas
+
+    def resize_uint8(self, source: "str | os.PathLike | Image.Image") -> np.ndarray:
+        """Decode (any mode) and resize: returns ``uint8`` array ``(H, W, 3)``."""
+        return np.asarray(self.resize_image(load_rgb(source)), dtype=np.uint8)
+
+    # -- stage 2: normalisation ----------------------------------------------------------
+    def normalize(self, batch_uint8: np.ndarray) -> np.ndarray:
+        """``uint8 (N, H, W, 3)`` -> ``float32 (N, 3, H, W)`` normalised."""
+        x = np.asarray(batch_uint8, dtype=np.float32) / 255.0
+        x = (x - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    def normalize_torch(self, batch_uint8):
+        """Torch twin of :meth:`normalize`: ``uint8 (N, H, W, 3)`` or ``(N, 3, H, W)`` tensor
+        -> float ``(N, 3, H, W)``. Same constants, same order of operations."""
+        import torch
+
+        x = batch_uint8
+        if x.shape[-1] == 3 and x.shape[1] != 3:
+            x = x.permute(0, 3, 1, 2)
+        x = x.float() / 255.0
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def prepare(self, sources: Sequence) -> np.ndarray:
+        """Files or PIL images -> model-ready ``float32 (N, 3, H, W)``."""
+        return self.normalize(np.stack([self.resize_uint8(s) for s in sources]))

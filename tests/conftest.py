@@ -1,0 +1,17 @@
+"""Shared fixtures: tiny generated data and the real sample crops when present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REAL_SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "real_samples"
+
+
+@pytest.fixture
+def real_samples() -> Path:
+    """The real crops in ../shared/real_samples (skipped in a user's checkout)."""
+    if not REAL_SAMPLES.is_dir():
+        pytest.skip("../shared/real_samples is not present")
+    return REAL_SAMPLES
