@@ -1,0 +1,214 @@
+"""Class-folder datasets decoded once into a uint8 array (in memory and on disk).
+
+Training reads every image many times; decoding a PNG and resizing it costs far more than a
+GPU step. So each split is decoded and resized ONCE through :meth:`Preprocessing.resize_uint8`
+(the same geometry that evaluation, export and prediction use) into a ``uint8 (N, H, W, 3)``
+array, by a thread pool (Pillow releases the GIL while decoding and resampling). The array is
+also written to an on-disk cache keyed by the files (path, size, mtime) and the geometry, so a
+second run on the same data skips decoding entirely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from crystalscope.data.images import list_images, natural_key
+from crystalscope.data.transforms import Preprocessing
+from crystalscope.errors import CrystalscopeError
+from crystalscope.io import atomic_path
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ImageFolder:
+    """Files and integer labels of one folder of class folders.
+
+    Attributes:
+        root: the folder holding one sub-folder per class.
+        paths: image files, class by class, natural-sorted within a class.
+        labels: class index of each file (index into ``class_names``).
+        class_names: lower-cased class folder names, sorted.
+    """
+
+    root: Path
+    paths: list[Path]
+    labels: np.ndarray
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def class_folders(root: str | os.PathLike) -> dict[str, Path]:
+    """``{lower-cased name: folder}`` of the non-hidden sub-folders of ``root``, sorted by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CrystalscopeError(f"{root}: folder not found")
+    found: dict[str, Path] = {}
+    for sub in sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                      key=lambda p: natural_key(p.name)):
+        name = sub.name.lower()
+        if name in found:
+            raise CrystalscopeError(f"{root}: class folders {found[name].name!r} and {sub.name!r} differ only in case")
+        found[name] = sub
+    return dict(sorted(found.items()))
+
+
+def index_folder(root: str | os.PathLike, class_names: list[str] | None = None) -> ImageFolder:
+    """Index a folder of class folders.
+
+    Args:
+        root: folder with one sub-folder of images per class.
+        class_names: the classes the labels refer to (e.g. a checkpoint's). Folders must be
+            among them; missing ones are allowed. Default: the folders found.
+
+    Raises:
+        CrystalscopeError: no class folders, an unknown class, or a class folder without images.
+
+    Example:
+        >>> ds = index_folder("split/test")  # doctest: +SKIP
+        >>> ds.class_names, len(ds)  # doctest: +SKIP
+        (['cex', 'pg'], 684)
+    """
+    folders = class_folders(root)
+    if not folders:
+        raise CrystalscopeError(f"{root}: no class folders found (expected one sub-folder of images per class)")
+    names = list(class_names) if class_names is not None else list(folders)
+    unknown = [n for n in folders if n not in names]
+    if unknown:
+        raise CrystalscopeError(
+            f"{root}: class folder(s) {', '.join(unknown)} are not classes of the model ({', '.join(names)})")
+    paths: list[Path] = []
+    labels: list[int] = []
+    for name, folder in folders.items():
+        files = list_images(folder, recursive=True)
+        if not files:
+            raise CrystalscopeError(f"{folder}: class {name!r} has no images")
+        paths += files
+        labels += [names.index(name)] * len(files)
+    return ImageFolder(Path(root), paths, np.asarray(labels, dtype=np.int64), names)
+
+
+def index_split(data_dir: str | os.PathLike) -> dict[str, ImageFolder]:
+    """Index ``train/``, ``val/`` and ``test/`` of a split folder; they must share their classes.
+
+    Raises:
+        CrystalscopeError: a split is missing, classes differ between splits, fewer than two
+            classes, or a class without images.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise CrystalscopeError(f"{data_dir}: folder not found")
+    missing = [s for s in SPLITS if not (data_dir / s).is_dir()]
+    if missing:
+        raise CrystalscopeError(
+            f"{data_dir}: missing split folder(s) {', '.join(missing)}; expected train/, val/ and test/ "
+            "(make one with `crystalscope split`)")
+    splits = {s: index_folder(data_dir / s) for s in SPLITS}
+    reference = splits["train"].class_names
+    for s in ("val", "test"):
+        if splits[s].class_names != reference:
+            raise CrystalscopeError(
+                f"{data_dir}: classes differ between splits: train has {', '.join(reference)}, "
+                f"{s} has {', '.join(splits[s].class_names)}")
+    if len(reference) < 2:
+        raise CrystalscopeError(f"{data_dir}: only one class ({reference[0]}); a classifier needs at least two")
+    return splits
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/crystalscope`` (``~/.cache/crystalscope`` when unset)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "crystalscope"
+
+
+def cache_key(paths: list[Path], preprocessing: Preprocessing) -> str:
+    """Hash of the files (absolute path, size, mtime) and the resize geometry.
+
+    Mean and std are left out on purpose: the cache holds uint8 pixels before normalisation,
+    so two backbones with different normalisation share it.
+    """
+    geometry = {k: v for k, v in preprocessing.to_dict().items() if k not in ("mean", "std")}
+    digest = hashlib.sha256(json.dumps(geometry, sort_keys=True).encode())
+    for p in paths:
+        st = p.stat()
+        digest.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:32]
+
+
+def decode_images(paths: list[Path], preprocessing: Preprocessing, *, workers: int | None = None,
+                  description: str = "decoding", progress: bool = True) -> np.ndarray:
+    """Decode and resize ``paths`` in a thread pool into ``uint8 (N, size, size, 3)``.
+
+    Raises:
+        ImageReadError: naming the first file that cannot be decoded.
+    """
+    size = preprocessing.image_size
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    workers = workers or os.cpu_count() or 1
+
+    def decode_one(i: int) -> None:
+        out[i] = preprocessing.resize_uint8(paths[i])
+
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        with _progress(progress) as bar:
+            task = bar.add_task(description, total=len(paths)) if bar else None
+            for _ in pool.map(decode_one, range(len(paths))):
+                if bar:
+                    bar.advance(task)
+    finally:
+        # on an error or Ctrl-C, drop the queued files instead of decoding them all first
+        pool.shutdown(wait=True, cancel_futures=True)
+    return out
+
+
+def load_images(paths: list[Path], preprocessing: Preprocessing, *, workers: int | None = None,
+                cache_dir: str | os.PathLike | None = None, description: str = "decoding",
+                progress: bool = True) -> np.ndarray:
+    """Like :func:`decode_images`, through the on-disk cache (``cache_dir="off"`` disables it).
+
+    Example:
+        >>> ds = index_folder("split/train")  # doctest: +SKIP
+        >>> load_images(ds.paths, Preprocessing(image_size=64)).shape  # doctest: +SKIP
+        (9564, 64, 64, 3)
+    """
+    if str(cache_dir) == "off":
+        return decode_images(paths, preprocessing, workers=workers, description=description, progress=progress)
+    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache_file = folder / f"images-{cache_key(paths, preprocessing)}.npy"
+    if cache_file.is_file():
+        try:
+            cached = np.load(cache_file)
+            if cached.shape == (len(paths), preprocessing.image_size, preprocessing.image_size, 3):
+                return cached
+        except (OSError, ValueError):
+            pass  # a damaged cache file is simply rebuilt
+    images = decode_images(paths, preprocessing, workers=workers, description=description, progress=progress)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache_file) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, images)
+    except OSError:
+        pass  # a read-only cache location must not stop training
+    return images
+
+
+def _progress(enabled: bool):
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), transient=True)

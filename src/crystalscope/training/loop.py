@@ -1,0 +1,141 @@
+"""Plain training and evaluation loops over tensors already in memory.
+
+The inputs are the decoded uint8 images of a split (or, with ``--cache-features``, the
+backbone's features). Batches are drawn by index from that tensor, so there is no data
+loader and no per-image Python work. On CUDA the whole split sits on the GPU when it fits
+(else in pinned host memory, copied with ``non_blocking``), steps run under bf16 autocast with
+channels_last, and loss and accuracy are accumulated ON the device and read once per epoch: no
+host-device synchronisation per step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def train_mode(model: nn.Module) -> nn.Module:
+    """``model.train()``, except BatchNorm layers whose parameters are all frozen stay in eval.
+
+    Why: Keras (the reference study) runs frozen BatchNorm layers in inference mode, so the
+    frozen part of the backbone keeps the ImageNet statistics it was trained with. Letting
+    those layers update their running mean/variance from small batches of microscope images
+    would shift the features under the trainable layers while their weights cannot adapt.
+    """
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+    return model
+
+
+def _batches(n: int, batch_size: int, drop_last: bool = False):
+    """Slices ``[start, stop)`` over ``n`` rows; ``drop_last`` drops a trailing partial batch."""
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        if drop_last and stop - start < batch_size:
+            return
+        yield slice(start, stop)
+
+
+def _to_device(inputs: torch.Tensor, index, device: torch.device) -> torch.Tensor:
+    """Rows ``index`` of ``inputs`` on ``device`` (async copy from pinned memory on CUDA)."""
+    batch = inputs[index]
+    if batch.device != device:
+        if device.type == "cuda":
+            batch = batch.pin_memory().to(device, non_blocking=True)
+        else:
+            batch = batch.to(device)
+    return batch
+
+
+def _autocast(device: torch.device):
+    # bf16 needs no loss scaling (unlike fp16) and is what the H200 is fastest at
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+                    optimizer: torch.optim.Optimizer, *, transform: Transform, batch_size: int,
+                    device: torch.device, generator: torch.Generator | None = None,
+                    drop_last: bool = False, on_step: Callable[[], None] | None = None) -> dict:
+    """One pass over shuffled ``inputs``; returns ``{"loss", "accuracy", "samples"}``.
+
+    Args:
+        model: the module whose trainable parameters ``optimizer`` updates.
+        inputs: uint8 images ``(N, H, W, 3)`` or features ``(N, F)``, on ``device`` or the host.
+        labels: int64 class indices ``(N,)`` on ``device``.
+        transform: raw batch on ``device`` -> model input (augmentation + normalisation).
+        generator: CPU generator for the shuffle order (reproducible runs).
+        drop_last: drop a trailing partial batch (keeps shapes static for ``torch.compile``).
+        on_step: called after each step (progress bar); must not synchronise.
+
+    Example:
+        >>> stats = train_one_epoch(model, x, y, opt, transform=f, batch_size=64,  # doctest: +SKIP
+        ...                         device=torch.device("cpu"))
+    """
+    train_mode(model)
+    loss_fn = nn.CrossEntropyLoss()
+    n = inputs.shape[0]
+    order = torch.randperm(n, generator=generator)  # CPU generator: the same order on any device
+    # one copy of the order per epoch, so indexing device-resident data needs no per-step transfer
+    order_on_device = order.to(device)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for rows in _batches(n, batch_size, drop_last):
+        if rows.stop - rows.start < 2:
+            continue  # BatchNorm cannot train on a single sample
+        index = order_on_device[rows]
+        host_index = order[rows] if inputs.device != device else index
+        x = transform(_to_device(inputs, host_index, device))
+        y = labels[index]
+        if x.dim() == 4 and device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device):
+            logits = model(x)
+            loss = loss_fn(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * y.shape[0]
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += y.shape[0]
+        if on_step:
+            on_step()
+    seen = max(seen, 1)
+    return {"loss": float(loss_sum.item()) / seen, "accuracy": float(correct.item()) / seen, "samples": seen}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None, *, transform: Transform,
+             batch_size: int, device: torch.device, on_step: Callable[[], None] | None = None) -> dict:
+    """Logits for every input in order (eval mode, no augmentation), plus loss and accuracy.
+
+    Returns:
+        ``{"logits": float32 np.ndarray (N, C), "loss", "accuracy"}``; loss and accuracy are
+        None when ``labels`` is None.
+    """
+    model.eval()
+    chunks = []
+    for rows in _batches(inputs.shape[0], batch_size):
+        x = transform(_to_device(inputs, rows, device))
+        if x.dim() == 4 and device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device):
+            chunks.append(model(x).float())
+        if on_step:
+            on_step()
+    logits = torch.cat(chunks) if chunks else torch.zeros((0, 0), device=device)
+    result = {"logits": logits.cpu().numpy().astype(np.float32), "loss": None, "accuracy": None}
+    if labels is not None and len(chunks):
+        y = labels.to(logits.device)
+        result["loss"] = float(nn.functional.cross_entropy(logits, y).item())
+        result["accuracy"] = float((logits.argmax(1) == y).float().mean().item())
+    return result

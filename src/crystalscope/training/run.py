@@ -1,0 +1,456 @@
+"""One training run from a split folder to every deliverable, as short steps.
+
+``train(config)`` = :func:`build_session` (model, weights, optimizer, stopping, resume state)
+-> :func:`load_data` (decode once, uint8 cache) -> :func:`open_run` (run folder, config) ->
+:func:`fit` (epochs, metrics.csv, best/last checkpoints) -> :func:`finalize` (temperature on
+val, test report, plots, ONNX). ``evaluate_checkpoint`` writes the same test report for a saved
+model on any folder of class folders.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from crystalscope.config import TrainConfig, load_config, save_config
+from crystalscope.data.augment import AugmentSpec, augment_batch, normalize_on_device
+from crystalscope.data.dataset import ImageFolder, decode_images, index_folder, index_split, load_images
+from crystalscope.data.transforms import Preprocessing
+from crystalscope.errors import CrystalscopeError
+from crystalscope.io import write_text
+from crystalscope.models.factory import (CrystalClassifier, HeadSpec, build_model, default_preprocessing,
+                                         set_trainable_fraction)
+from crystalscope.training import loop
+from crystalscope.training.checkpoint import (load_checkpoint, make_checkpoint, model_from_checkpoint,
+                                              preprocessing_from_checkpoint, save_checkpoint)
+from crystalscope.training.stopping import StoppingState
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Session:
+    """Everything :func:`fit` and :func:`finalize` share (one run, in memory)."""
+
+    config: TrainConfig
+    run_dir: Path
+    device: torch.device
+    splits: dict[str, ImageFolder]
+    class_names: list[str]
+    positive_class: str | None
+    preprocessing: Preprocessing
+    head: HeadSpec
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # uint8 images or features
+    labels: dict[str, torch.Tensor] = field(default_factory=dict)
+    model: CrystalClassifier | None = None
+    trained: torch.nn.Module | None = None  # the whole model, or only its head (--cache-features)
+    forward: torch.nn.Module | None = None  # `trained`, possibly torch.compile'd
+    optimizer: torch.optim.Optimizer | None = None
+    stopping: StoppingState | None = None
+    start_epoch: int = 0
+    shuffle_rng: torch.Generator | None = None
+    augment_rng: torch.Generator | None = None
+    weights_source: str = ""
+    console: Console = field(default_factory=lambda: Console(soft_wrap=True))  # no hard wraps in paths
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.run_dir / "weights"
+
+
+# ---- run folder and config ----------------------------------------------------------------
+
+def next_run_dir(base: str | Path = "runs", name: str = "train") -> Path:
+    """``runs/train``, then ``runs/train2``, ``runs/train3``, ... (never an existing folder)."""
+    base = Path(base)
+    candidate, n = base / name, 1
+    while candidate.exists():
+        n += 1
+        candidate = base / f"{name}{n}"
+    return candidate
+
+
+def config_for_resume(run_dir: str | Path, overrides: dict | None = None) -> TrainConfig:
+    """The saved ``config.yaml`` of ``run_dir`` with the given overrides (e.g. more epochs)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "weights" / "last.ckpt").is_file() or not (run_dir / "config.yaml").is_file():
+        raise CrystalscopeError(f"--resume {run_dir}: no config.yaml and weights/last.ckpt there; is it a run folder?")
+    values = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values.update(resume=str(run_dir), out=str(run_dir))
+    return load_config(run_dir / "config.yaml", values)
+
+
+def target_run_dir(config: TrainConfig) -> Path:
+    """The run folder: ``--resume``'s, ``--out`` (must be new or empty), or the next free one."""
+    if config.resume:
+        return Path(config.resume)
+    run_dir = Path(config.out) if config.out else next_run_dir()
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise CrystalscopeError(f"--out {run_dir}: folder exists and is not empty; choose another "
+                                f"--out or continue it with --resume {run_dir}")
+    return run_dir
+
+
+def open_run(config: TrainConfig, run_dir: Path) -> TrainConfig:
+    """Create (or reopen with ``--resume``) the run folder and save the resolved config."""
+    (run_dir / "weights").mkdir(parents=True, exist_ok=True)
+    config.out = str(run_dir)
+    save_config(config, run_dir / "config.yaml")
+    return config
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CrystalscopeError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    return torch.device(name)
+
+
+# ---- data ---------------------------------------------------------------------------------
+
+def _place(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 images on the GPU when they fit comfortably, else pinned host memory (CUDA)."""
+    tensor = torch.from_numpy(array)
+    if device.type != "cuda":
+        return tensor
+    free, _ = torch.cuda.mem_get_info(device)
+    return tensor.to(device) if tensor.nbytes < 0.25 * free else tensor.pin_memory()
+
+
+def load_data(cfg: TrainConfig, splits: dict[str, ImageFolder], preprocessing: Preprocessing,
+              device: torch.device, progress: bool) -> tuple[dict, dict]:
+    """Decode each split once (or read the on-disk cache); returns (images, labels) tensors."""
+    images, labels = {}, {}
+    for split in SPLITS:
+        folder = splits[split]
+        array = load_images(folder.paths, preprocessing, workers=cfg.workers, cache_dir=cfg.cache_dir,
+                            description=f"decoding {split}", progress=progress)
+        images[split] = _place(array, device)
+        labels[split] = torch.from_numpy(folder.labels).to(device)
+    return images, labels
+
+
+# ---- model, optimizer, stopping -----------------------------------------------------------
+
+def build_session(session: Session, last: dict | None) -> None:
+    """Model with pretrained (or resumed) weights, trainable fraction, optimizer, stopping."""
+    from crystalscope.models.weights import load_pretrained
+
+    cfg, device = session.config, session.device
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.backbone, len(session.class_names), session.head)
+    if last is None:
+        session.weights_source = load_pretrained(model.backbone, cfg.backbone, cfg.weights, cfg.weights_file)
+    else:
+        model.load_state_dict(last["model_state"])
+        session.weights_source = f"resumed from {session.run_dir / 'weights' / 'last.ckpt'}"
+    n_train, n_total = set_trainable_fraction(model.backbone, cfg.trainable_fraction)
+    if device.type == "cuda":
+        model.to(device, memory_format=torch.channels_last)  # faster convolutions under bf16
+    else:
+        model.to(device)
+    session.model = model
+    session.trained = model.head if cfg.cache_features else model
+    params = [p for p in session.trained.parameters() if p.requires_grad]
+    session.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+    session.stopping = StoppingState(cfg.f1_threshold, cfg.f1_patience, cfg.patience)
+    session.shuffle_rng = torch.Generator().manual_seed(cfg.seed)
+    session.augment_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    if last is not None:
+        state = last["training"]
+        session.optimizer.load_state_dict(state["optimizer"])
+        session.stopping = StoppingState.from_dict(state["stopping"])
+        session.start_epoch = int(state["epoch"])
+        session.shuffle_rng.set_state(state["shuffle_rng"])
+        session.augment_rng.set_state(state["augment_rng"])
+    session.forward = torch.compile(session.trained, mode=cfg.compile_mode) if cfg.compile else session.trained
+    session.console.print(
+        f"{cfg.backbone}: weights {session.weights_source}; {n_train}/{n_total} backbone layers trainable; "
+        f"{len(session.class_names)} classes ({', '.join(session.class_names)}); device {device}")
+
+
+def cache_features(session: Session, progress) -> None:
+    """Replace the images in ``session.inputs`` by backbone features (``--cache-features``)."""
+    from crystalscope.training.features import split_features
+
+    cfg = session.config
+    feats, labels = split_features(session.model.backbone, session.inputs, session.labels, session.preprocessing,
+                                   batch_size=cfg.batch_size, device=session.device, augment=augment_spec(cfg),
+                                   passes=cfg.feature_passes, generator=session.augment_rng, progress=progress)
+    session.inputs, session.labels = feats, labels
+
+
+def augment_spec(cfg: TrainConfig) -> AugmentSpec:
+    return AugmentSpec(cfg.rotation, cfg.shift, cfg.zoom, cfg.hflip, cfg.vflip)
+
+
+def transforms(session: Session) -> tuple[Callable, Callable]:
+    """(train transform, eval transform) from raw batch on the device to model input."""
+    if session.config.cache_features:
+        return (lambda x: x), (lambda x: x)
+    pre, spec = session.preprocessing, augment_spec(session.config)
+    return ((lambda x: augment_batch(x, pre, spec, generator=session.augment_rng)),
+            (lambda x: normalize_on_device(x, pre)))
+
+
+# ---- checkpoints and metrics.csv ----------------------------------------------------------
+
+def checkpoint(session: Session, epoch: int, temperature: float = 1.0) -> dict:
+    """The self-describing checkpoint of the current model, with resumable training state."""
+    cfg = session.config
+    training = {"epoch": int(epoch), "optimizer": session.optimizer.state_dict(),
+                "stopping": session.stopping.to_dict(), "config": cfg.to_dict(), "seed": int(cfg.seed),
+                "shuffle_rng": session.shuffle_rng.get_state(), "augment_rng": session.augment_rng.get_state(),
+                "weights_source": session.weights_source}
+    return make_checkpoint(session.model, backbone=cfg.backbone, head=session.head,
+                           class_names=session.class_names, positive_class=session.positive_class,
+                           preprocessing=session.preprocessing, temperature=temperature, training=training)
+
+
+def metrics_columns(class_names: list[str]) -> list[str]:
+    """The metrics.csv header agreed in INTERFACES.md."""
+    per_class = [f"val_{m}_{c}" for c in class_names for m in ("precision", "recall", "f1")]
+    return (["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1"]
+            + per_class + ["val_weighted_f1", "lr", "epoch_time_s"])
+
+
+def write_metrics_row(path: Path, columns: list[str], row: dict, keep_until_epoch: int) -> None:
+    """Rewrite metrics.csv atomically with the rows of earlier epochs plus ``row``."""
+    rows = []
+    if path.is_file():
+        rows = [r for r in csv.DictReader(io.StringIO(path.read_text())) if int(r["epoch"]) <= keep_until_epoch]
+    rows.append(row)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def _metrics_row(epoch: int, train_stats: dict, val: dict, metrics: dict, lr: float, seconds: float) -> dict:
+    row = {"epoch": epoch, "train_loss": f"{train_stats['loss']:.6f}",
+           "train_accuracy": f"{train_stats['accuracy']:.6f}", "val_loss": f"{val['loss']:.6f}",
+           "val_accuracy": f"{metrics['accuracy']:.6f}", "val_macro_f1": f"{metrics['macro']['f1']:.6f}"}
+    for name, scores in metrics["per_class"].items():
+        for key in ("precision", "recall", "f1"):
+            row[f"val_{key}_{name}"] = f"{scores[key]:.6f}"
+    row.update(val_weighted_f1=f"{metrics['weighted']['f1']:.6f}", lr=f"{lr:g}", epoch_time_s=f"{seconds:.3f}")
+    return row
+
+
+# ---- the epochs ---------------------------------------------------------------------------
+
+def _progress(enabled: bool):
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), transient=True)
+
+
+def run_epoch(session: Session, epoch: int, bar) -> dict:
+    """Train one epoch, evaluate the whole val split, log, and save checkpoints."""
+    from crystalscope.evaluation.metrics import classification_metrics, format_class_lines
+
+    cfg, console = session.config, session.console
+    train_tf, eval_tf = transforms(session)
+    n_steps = -(-session.inputs["train"].shape[0] // cfg.batch_size) + -(-session.inputs["val"].shape[0] // cfg.batch_size)
+    task = bar.add_task(f"epoch {epoch}/{cfg.epochs}", total=n_steps) if bar else None
+    step = (lambda: bar.advance(task)) if bar else None
+    started = time.perf_counter()
+    train_stats = loop.train_one_epoch(session.forward, session.inputs["train"], session.labels["train"],
+                                       session.optimizer, transform=train_tf, batch_size=cfg.batch_size,
+                                       device=session.device, generator=session.shuffle_rng,
+                                       drop_last=cfg.compile, on_step=step)
+    train_seconds = time.perf_counter() - started  # .item() in train_one_epoch already synchronised
+    val = loop.evaluate(session.forward, session.inputs["val"], session.labels["val"], transform=eval_tf,
+                        batch_size=cfg.batch_size, device=session.device, on_step=step)
+    seconds = time.perf_counter() - started
+    if bar:
+        bar.remove_task(task)
+    metrics = classification_metrics(session.labels["val"].cpu().numpy(), val["logits"], session.class_names)
+    lr = session.optimizer.param_groups[0]["lr"]
+    row = _metrics_row(epoch, train_stats, val, metrics, lr, seconds)
+    write_metrics_row(session.run_dir / "metrics.csv", metrics_columns(session.class_names), row, epoch - 1)
+    improved = session.stopping.update(epoch, val["loss"], [s["f1"] for s in metrics["per_class"].values()])
+    rate = train_stats["samples"] / max(train_seconds, 1e-9)
+    console.print(f"Epoch {epoch}/{cfg.epochs} - {seconds:.1f} s (training {rate:.0f} img/s) - "
+                  f"loss: {train_stats['loss']:.4f} - accuracy: {train_stats['accuracy']:.4f} - "
+                  f"val_loss: {val['loss']:.4f} - val_accuracy: {metrics['accuracy']:.4f}"
+                  + (" (best)" if improved else ""))
+    for line in format_class_lines(metrics):
+        console.print(f"  {line}", highlight=False)
+    ckpt = checkpoint(session, epoch)
+    if improved:
+        save_checkpoint(ckpt, session.weights_dir / "best.ckpt")
+    save_checkpoint(ckpt, session.weights_dir / "last.ckpt")
+    return row
+
+
+def fit(session: Session, progress: bool) -> None:
+    """Epochs until a stopping rule fires or ``epochs`` is reached; Ctrl-C keeps last.ckpt."""
+    cfg = session.config
+    epoch = session.start_epoch
+    threads = torch.get_num_threads()
+    if cfg.cache_features and session.device.type == "cpu":
+        # head-only steps are tiny matmuls: extra threads only add sync cost (10x slower
+        # measured with 2 threads on a busy 2-core machine)
+        torch.set_num_threads(1)
+    try:
+        with _progress(progress) as bar:
+            while epoch < cfg.epochs and not session.stopping.should_stop:
+                run_epoch(session, epoch + 1, bar)
+                epoch += 1
+    except KeyboardInterrupt:
+        session.console.print(
+            f"interrupted during epoch {epoch + 1}: {session.weights_dir / 'last.ckpt'} holds epoch {epoch}; "
+            f"continue with `crystalscope train --resume {session.run_dir}`")
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    if session.stopping.should_stop:
+        session.console.print(f"stopped after epoch {epoch}: {session.stopping.reason}")
+    session.console.print(f"best epoch {session.stopping.best_epoch} (val loss {session.stopping.best_loss:.4f})")
+
+
+# ---- deliverables -------------------------------------------------------------------------
+
+def finalize(session: Session) -> dict:
+    """Best weights -> temperature on val -> test report, plots, ONNX; returns the summary."""
+    from crystalscope.evaluation.calibration import fit_temperature
+    from crystalscope.evaluation.plots import plot_training_curves
+    from crystalscope.evaluation.report import write_test_report
+
+    cfg, run_dir = session.config, session.run_dir
+    best_path = session.weights_dir / "best.ckpt"
+    best = load_checkpoint(best_path)
+    session.model.load_state_dict(best["model_state"])
+    _, eval_tf = transforms(session)
+
+    def logits(split: str) -> np.ndarray:
+        return loop.evaluate(session.trained, session.inputs[split], None, transform=eval_tf,
+                             batch_size=cfg.batch_size, device=session.device)["logits"]
+
+    temperature = fit_temperature(logits("val"), session.splits["val"].labels)
+    best["temperature"] = float(temperature)
+    save_checkpoint(best, best_path)
+    test = session.splits["test"]
+    result = write_test_report(run_dir, y_true=test.labels, logits=logits("test"), class_names=session.class_names,
+                               positive_class=session.positive_class, paths=[str(p) for p in test.paths],
+                               temperature=temperature, seed=cfg.seed,
+                               meta={"model": f"{cfg.backbone} ({best_path})", "data": str(test.root),
+                                     "best_epoch": int(best["training"]["epoch"])})
+    plot_training_curves(run_dir / "metrics.csv", run_dir / "metrics_plot.png")
+    if cfg.onnx:
+        from crystalscope.export.onnx import export_checkpoint
+
+        export = export_checkpoint(best_path, run_dir / "model.onnx", check_images=list(test.paths[:8]))
+        session.console.print(f"model.onnx: ONNX Runtime matches PyTorch (max |dp| {export['max_abs_diff']:.1e})")
+    session.console.print(f"test: accuracy {result['accuracy']:.4f}, macro F1 {result['macro']['f1']:.4f}, "
+                          f"{result['n_missed']} of {result['n_images']} missed; temperature {temperature:.3f}")
+    session.console.print(f"results in {run_dir}")
+    return {"run_dir": str(run_dir), "best_epoch": int(best["training"]["epoch"]),
+            "epochs_run": len(_read_epochs(run_dir / "metrics.csv")), "stop_reason": session.stopping.reason,
+            "temperature": float(temperature), "test": result}
+
+
+def _read_epochs(path: Path) -> list[int]:
+    return [int(r["epoch"]) for r in csv.DictReader(io.StringIO(path.read_text()))] if path.is_file() else []
+
+
+def train(config: TrainConfig, *, progress: bool = True) -> dict:
+    """Train, evaluate and export as described by ``config``; returns a summary dict.
+
+    Example:
+        >>> from crystalscope.config import load_config
+        >>> cfg = load_config(None, {"data_dir": "split", "backbone": "resnet18", "weights": "none",
+        ...                          "image_size": 64, "epochs": 2, "out": "runs/tiny"})
+        >>> train(cfg)["test"]["macro"]["f1"]  # doctest: +SKIP
+        0.98
+    """
+    from crystalscope.evaluation.report import resolve_positive_class
+
+    config.validate()
+    if config.data_dir is None:
+        raise CrystalscopeError("train: give DATA_DIR (a folder with train/, val/ and test/)")
+    run_dir = target_run_dir(config)
+    last = load_checkpoint(run_dir / "weights" / "last.ckpt") if config.resume else None
+    splits = index_split(config.data_dir)
+    class_names = splits["train"].class_names
+    if last is not None and list(last["class_names"]) != class_names:
+        raise CrystalscopeError(f"--resume {run_dir}: the data's classes ({', '.join(class_names)}) differ from "
+                                f"the run's ({', '.join(last['class_names'])})")
+    positive = resolve_positive_class(class_names, config.positive_class.lower() if config.positive_class else None)
+    device = resolve_device(config.device)
+    session = Session(config=config, run_dir=run_dir, device=device, splits=splits, class_names=class_names,
+                      positive_class=positive,
+                      preprocessing=default_preprocessing(config.backbone, config.image_size, config.resize),
+                      head=HeadSpec(hidden=list(config.head_hidden), dropout=list(config.head_dropout)))
+    # model, weights and data first: a bad backbone, offline weights or an unreadable image
+    # fail before the run folder exists, so nothing half-made is left behind
+    build_session(session, last)
+    session.inputs, session.labels = load_data(config, splits, session.preprocessing, device, progress)
+    open_run(config, run_dir)
+    if config.cache_features:
+        with _progress(progress) as bar:
+            started = time.perf_counter()
+            cache_features(session, bar)
+        session.console.print(f"backbone features cached in {time.perf_counter() - started:.1f} s")
+    fit(session, progress)
+    return finalize(session)
+
+
+# ---- evaluation of a saved model ----------------------------------------------------------
+
+def predict_logits(model: torch.nn.Module, preprocessing: Preprocessing, paths: list, device, batch_size: int = 64,
+                   *, workers: int | None = None, progress: bool = False) -> np.ndarray:
+    """Logits ``(N, C)`` for image files in order: eval mode, no augmentation.
+
+    Example:
+        >>> ckpt = load_checkpoint("runs/train/weights/best.ckpt")  # doctest: +SKIP
+        >>> predict_logits(model_from_checkpoint(ckpt), preprocessing_from_checkpoint(ckpt),
+        ...                ["CEX (1).png"], "cpu").shape  # doctest: +SKIP
+        (1, 2)
+    """
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    images = torch.from_numpy(decode_images(list(paths), preprocessing, workers=workers, progress=progress))
+    model.to(device)
+    return loop.evaluate(model, images, None, transform=lambda x: normalize_on_device(x, preprocessing),
+                         batch_size=batch_size,
+                         device=device)["logits"]
+
+
+def evaluate_checkpoint(ckpt_path: str | Path, data_dir: str | Path, out_dir: str | Path | None = None, *,
+                        batch_size: int = 64, device: str = "auto", workers: int | None = None,
+                        progress: bool = True) -> dict:
+    """Write the test report of a saved model on a folder of class folders.
+
+    Raises:
+        CrystalscopeError: unreadable checkpoint, or class folders that are not the model's classes.
+    """
+    from crystalscope.evaluation.report import write_test_report
+
+    ckpt = load_checkpoint(ckpt_path)
+    folder = index_folder(data_dir, class_names=list(ckpt["class_names"]))
+    out_dir = Path(out_dir) if out_dir else next_run_dir(name="evaluate")
+    logits = predict_logits(model_from_checkpoint(ckpt), preprocessing_from_checkpoint(ckpt), folder.paths,
+                            resolve_device(device), batch_size, workers=workers, progress=progress)
+    return write_test_report(out_dir, y_true=folder.labels, logits=logits, class_names=list(ckpt["class_names"]),
+                             positive_class=ckpt.get("positive_class"), paths=[str(p) for p in folder.paths],
+                             temperature=float(ckpt.get("temperature") or 1.0),
+                             seed=int(ckpt.get("training", {}).get("seed", 0)),
+                             meta={"model": f"{ckpt['backbone']} ({ckpt_path})", "data": str(folder.root)})
