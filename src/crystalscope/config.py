@@ -69,6 +69,7 @@ class TrainConfig:
     cache_dir: str | None = None  # None = $XDG_CACHE_HOME/crystalscope; "off" = no disk cache
     cache_features: bool = False
     feature_passes: int = 1  # train feature passes with --cache-features; passes after the first are augmented
+    cache_frozen: bool = False  # cache the frozen layers' output; train the trainable tail + head on it
     onnx: bool = True
     resume: str | None = None
 
@@ -93,7 +94,8 @@ class TrainConfig:
         if self.workers is not None and self.workers < 1:
             bad("workers", f"{self.workers} must be at least 1")
         if self.cache_features and self.trainable_fraction != 0:
-            bad("cache_features", "needs a frozen backbone; add --trainable-fraction 0")
+            bad("cache_features", "needs a frozen backbone; add --trainable-fraction 0 (or use --cache-frozen "
+                "to cache only the frozen layers and train the rest)")
         if len(self.head_hidden) != len(self.head_dropout):
             bad("head_dropout", "needs one value per head_hidden layer")
         return self

@@ -12,6 +12,15 @@ un-augmented images only, the cheapest option and the one that keeps the CPU pat
 minutes. ``feature_passes = k`` adds ``k - 1`` augmented passes over the training images
 (random affine + flips, as in end-to-end training), multiplying the training set the head
 sees by ``k`` at ``k`` times the feature cost.
+
+``--cache-frozen`` generalises this to a partly trainable backbone (``--trainable-fraction``
+> 0): :func:`split_for_caching` cuts the backbone where its first trainable layer starts; the
+frozen prefix runs once per image (its output, e.g. 192 x 5 x 5 maps for efficientnet_lite0 at
+160 px, is what gets cached) and the trainable tail plus the head are trained on those maps
+every epoch. The tail's modules are the model's own, so the trained weights land in the full
+model as usual. Frozen BatchNorm layers run in eval mode either way (see
+:func:`crystalscope.training.loop.train_mode`), so the cached maps are exactly what the full
+model computes.
 """
 
 from __future__ import annotations
@@ -21,14 +30,79 @@ from torch import nn
 
 from crystalscope.data.augment import AugmentSpec, augment_batch, normalize_on_device
 from crystalscope.data.transforms import Preprocessing
+from crystalscope.errors import CrystalscopeError
 from crystalscope.training.loop import _autocast, _batches, _to_device
+
+
+def backbone_parts(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone's children in definition order, ``nn.Sequential`` containers expanded.
+
+    For timm ResNets and EfficientNets this is also the order of ``forward``;
+    :func:`split_for_caching` checks that numerically before relying on it.
+
+    Example:
+        >>> from crystalscope.models.factory import create_backbone
+        >>> len(backbone_parts(create_backbone("resnet18")))  # conv1 bn1 act1 maxpool 8 blocks pool fc
+        14
+    """
+    parts: list[nn.Module] = []
+    for child in backbone.children():
+        parts += backbone_parts(child) if isinstance(child, nn.Sequential) else [child]
+    return parts
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def split_for_caching(model: nn.Module, image_size: int) -> tuple[nn.Module, nn.Module]:
+    """``(frozen_prefix, trained)``: what runs once per image and what trains every epoch.
+
+    With a fully frozen backbone: ``(model.backbone, model.head)``, the plain feature cache.
+    Otherwise the backbone is cut before the first part that holds a trainable parameter;
+    ``trained`` is that tail followed by the head (sharing the model's modules).
+
+    Raises:
+        CrystalscopeError: the whole backbone is trainable (nothing to cache), or the
+            backbone's forward is not the plain chain of its parts (e.g. a transformer).
+
+    Example:
+        >>> from crystalscope.models.factory import build_model, set_trainable_fraction
+        >>> model = build_model("resnet18", 2)
+        >>> _ = set_trainable_fraction(model.backbone, 0.1)
+        >>> prefix, trained = split_for_caching(model, 64)
+        >>> prefix(torch.zeros(1, 3, 64, 64)).shape
+        torch.Size([1, 512, 2, 2])
+    """
+    backbone = model.backbone
+    if not _trainable(backbone):
+        return backbone, model.head
+    parts = backbone_parts(backbone)
+    cut = next(i for i, part in enumerate(parts) if _trainable(part))
+    if cut == 0:
+        raise CrystalscopeError("--cache-frozen: every backbone layer is trainable, so nothing can be cached; "
+                                "lower --trainable-fraction")
+    was_training = backbone.training
+    backbone.eval()
+    with torch.inference_mode():
+        x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+        x = x.to(next(backbone.parameters()).device)
+        same = torch.allclose(backbone(x), nn.Sequential(*parts)(x), rtol=1e-4, atol=1e-4)
+    backbone.train(was_training)
+    if not same:
+        raise CrystalscopeError(f"--cache-frozen: this backbone's forward is not a plain chain of its layers; "
+                                "use --trainable-fraction 0 --cache-features or train without caching")
+    return nn.Sequential(*parts[:cut]), nn.Sequential(*parts[cut:], model.head)
 
 
 @torch.inference_mode()
 def backbone_features(backbone: nn.Module, images: torch.Tensor, preprocessing: Preprocessing, *,
                       batch_size: int, device: torch.device, augment: AugmentSpec | None = None,
                       generator: torch.Generator | None = None, on_step=None) -> torch.Tensor:
-    """Pooled backbone features ``float32 (N, F)`` on ``device`` for uint8 images ``(N, H, W, 3)``.
+    """Backbone outputs ``float32`` on ``device`` for uint8 images ``(N, H, W, 3)``.
+
+    Pooled features ``(N, F)`` for a whole backbone, feature maps ``(N, C, h, w)`` for the
+    frozen prefix of :func:`split_for_caching`.
 
     Example:
         >>> feats = backbone_features(model.backbone, x_uint8, pre, batch_size=64,  # doctest: +SKIP

@@ -51,7 +51,8 @@ class Session:
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # uint8 images or features
     labels: dict[str, torch.Tensor] = field(default_factory=dict)
     model: CrystalClassifier | None = None
-    trained: torch.nn.Module | None = None  # the whole model, or only its head (--cache-features)
+    trained: torch.nn.Module | None = None  # the whole model, or what follows the cached part
+    feature_extractor: torch.nn.Module | None = None  # the cached (frozen) part, with caching on
     forward: torch.nn.Module | None = None  # `trained`, possibly torch.compile'd
     optimizer: torch.optim.Optimizer | None = None
     stopping: StoppingState | None = None
@@ -160,7 +161,12 @@ def build_session(session: Session, last: dict | None) -> None:
     else:
         model.to(device)
     session.model = model
-    session.trained = model.head if cfg.cache_features else model
+    if caches_features(cfg):
+        from crystalscope.training.features import split_for_caching
+
+        session.feature_extractor, session.trained = split_for_caching(model, cfg.image_size)
+    else:
+        session.trained = model
     params = [p for p in session.trained.parameters() if p.requires_grad]
     session.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
     session.stopping = StoppingState(cfg.f1_threshold, cfg.f1_patience, cfg.patience)
@@ -179,12 +185,17 @@ def build_session(session: Session, last: dict | None) -> None:
         f"{len(session.class_names)} classes ({', '.join(session.class_names)}); device {device}")
 
 
+def caches_features(cfg: TrainConfig) -> bool:
+    """``--cache-features`` (frozen backbone) or ``--cache-frozen`` (frozen part of it)."""
+    return bool(cfg.cache_features or cfg.cache_frozen)
+
+
 def cache_features(session: Session, progress) -> None:
-    """Replace the images in ``session.inputs`` by backbone features (``--cache-features``)."""
+    """Replace the images in ``session.inputs`` by the frozen part's output (feature caching)."""
     from crystalscope.training.features import split_features
 
     cfg = session.config
-    feats, labels = split_features(session.model.backbone, session.inputs, session.labels, session.preprocessing,
+    feats, labels = split_features(session.feature_extractor, session.inputs, session.labels, session.preprocessing,
                                    batch_size=cfg.batch_size, device=session.device, augment=augment_spec(cfg),
                                    passes=cfg.feature_passes, generator=session.augment_rng, progress=progress)
     session.inputs, session.labels = feats, labels
@@ -196,7 +207,7 @@ def augment_spec(cfg: TrainConfig) -> AugmentSpec:
 
 def transforms(session: Session) -> tuple[Callable, Callable]:
     """(train transform, eval transform) from raw batch on the device to model input."""
-    if session.config.cache_features:
+    if caches_features(session.config):
         return (lambda x: x), (lambda x: x)
     pre, spec = session.preprocessing, augment_spec(session.config)
     return ((lambda x: augment_batch(x, pre, spec, generator=session.augment_rng)),
@@ -306,7 +317,7 @@ def fit(session: Session, progress: bool) -> None:
     cfg = session.config
     epoch = session.start_epoch
     threads = torch.get_num_threads()
-    if cfg.cache_features and session.device.type == "cpu":
+    if caches_features(cfg) and session.inputs["train"].dim() == 2 and session.device.type == "cpu":
         # head-only steps are tiny matmuls: extra threads only add sync cost (10x slower
         # measured with 2 threads on a busy 2-core machine)
         torch.set_num_threads(1)
@@ -405,11 +416,13 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     build_session(session, last)
     session.inputs, session.labels = load_data(config, splits, session.preprocessing, device, progress)
     open_run(config, run_dir)
-    if config.cache_features:
+    if caches_features(config):
         with _progress(progress) as bar:
             started = time.perf_counter()
             cache_features(session, bar)
-        session.console.print(f"backbone features cached in {time.perf_counter() - started:.1f} s")
+        shape = "x".join(str(d) for d in session.inputs["train"].shape[1:])
+        session.console.print(f"backbone features cached in {time.perf_counter() - started:.1f} s "
+                              f"({shape} per image)")
     fit(session, progress)
     return finalize(session)
 

@@ -1,0 +1,140 @@
+"""Smoke tests of the benchmark scripts and the --cache-frozen CPU path, at 32 px / a dozen images."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crystalscope.errors import CrystalscopeError
+from crystalscope.models.factory import build_model, set_trainable_fraction
+from crystalscope.training.features import backbone_parts, split_for_caching
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # busy 2-core test machine
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_split(tmp_path_factory) -> Path:
+    """Lines (cex) vs discs (pg), 32 px, 6+6 train, 3+3 val, 3+3 test."""
+    root = tmp_path_factory.mktemp("bench") / "split"
+    rng = np.random.default_rng(0)
+    yy, xx = np.ogrid[:32, :32]
+    for split, n in (("train", 6), ("val", 3), ("test", 3)):
+        for cls in ("CEX", "PG"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 30, (32, 32, 3), dtype=np.uint8)
+                if cls == "CEX":
+                    img[rng.choice(32, 3, replace=False), :] = 200
+                else:
+                    img[(yy - 16) ** 2 + (xx - 16) ** 2 < 60] = 250
+                Image.fromarray(img).save(root / split / cls / f"{cls} ({i + 1}).png")
+    return root
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
+def test_cached_prefix_then_trained_tail_equals_the_full_model(backbone):
+    torch.manual_seed(0)
+    model = build_model(backbone, 2).eval()
+    set_trainable_fraction(model.backbone, 0.1)
+    prefix, trained = split_for_caching(model, 32)
+    assert any(p.requires_grad for p in trained.parameters())
+    assert not any(p.requires_grad for p in prefix.parameters())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(trained(prefix(x)), model(x), atol=1e-5)
+    # the tail shares the model's modules: training it changes the model
+    assert any(t is m for t in trained.modules() for m in model.backbone.modules() if list(m.parameters(False)))
+
+
+def test_split_for_caching_frozen_backbone_is_the_plain_feature_cache():
+    model = build_model("resnet18", 2)
+    set_trainable_fraction(model.backbone, 0.0)
+    prefix, trained = split_for_caching(model, 32)
+    assert prefix is model.backbone and trained is model.head
+    assert len(backbone_parts(model.backbone)) == 14
+
+
+def test_split_for_caching_refuses_a_fully_trainable_backbone():
+    model = build_model("resnet18", 2)
+    set_trainable_fraction(model.backbone, 1.0)
+    with pytest.raises(CrystalscopeError, match="nothing can be cached"):
+        split_for_caching(model, 32)
+
+
+def test_bench_train_cache_frozen_writes_json_and_report_renders_it(tiny_split, tmp_path):
+    bench_train, report = _load("bench_train"), _load("report")
+    results = tmp_path / "results"
+    assert bench_train.main([str(tiny_split), "--name", "tiny-frozen", "--results", str(results),
+                             "--runs", str(tmp_path / "runs"),
+                             "--set", "backbone=resnet18", "--set", "weights=none", "--set", "image_size=32",
+                             "--set", "trainable_fraction=0.1", "--set", "cache_frozen=true",
+                             "--set", "feature_passes=2", "--set", "epochs=2", "--set", "batch_size=8",
+                             "--set", "lr=0.01", "--set", "onnx=false", "--set", f"cache_dir={tmp_path / 'c'}",
+                             "--f1-targets", "0.0"]) == 0
+    record = json.loads((results / "tiny-frozen.json").read_text())
+    assert record["epochs_run"] == 2 and len(record["epochs"]) == 2
+    assert record["epochs"][0]["train_images"] == 24  # 12 images x 2 feature passes
+    assert record["epochs_to_target"] == {"0.0": 1}  # every F1 >= 0 after the first epoch
+    assert record["phases_s"]["features"] > 0 and record["peak_rss_mib"] > 50
+    assert 0.0 <= record["test_macro_f1"] <= 1.0
+    assert (Path(record["run_dir"]) / "weights" / "best.ckpt").is_file()
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- BEGIN train -->\nold\n<!-- END train -->\nkeep\n")
+    assert report.main([str(results), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert "old" not in text and "keep" in text and "tiny-frozen" in text
+    assert "cached frozen part, last 0.1 trained, 2 passes" in text
+    assert "--set cache_frozen=true --set feature_passes=2" in text  # the exact command
+
+
+def test_report_ratio_uses_the_perf_ceiling():
+    report = _load("report")
+    cfg = {"device": "cuda", "backbone": "resnet101", "image_size": 224, "batch_size": 64, "compile": True,
+           "compile_mode": "reduce-overhead"}
+    assert report.ceiling_for(cfg) == 3517
+    assert report.ceiling_for({**cfg, "compile": False}) == 1400
+    assert report.ceiling_for({**cfg, "device": "cpu"}) is None
+    record = {"command": "python benchmarks/bench_train.py /d --name n --set backbone=resnet101 --set compile=true "
+                         "--set compile_mode=reduce-overhead --set out=/tmp/x"}
+    assert report.cli_equivalent(record) == ("crystalscope train /d --backbone resnet101 --compile --config C.yaml  "
+                                             "(C.yaml: compile_mode: reduce-overhead)")
+
+
+def test_bench_infer_measures_both_back_ends(tiny_split, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "bench_infer.py"), "--backbone", "resnet18", "--image-size", "32",
+         "--images", str(tiny_split / "test"), "--batch-sizes", "1,4", "--n-model", "8", "--repeats", "1",
+         "--threads", "1", "--name", "tiny-infer", "--results", str(tmp_path)],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((tmp_path / "tiny-infer.json").read_text())
+    kinds = {(r["backend"], r["mode"], r["batch_size"]) for r in record["rows"]}
+    assert {("pytorch", "model", 4), ("onnxruntime", "model", 4), ("onnxruntime", "files", 32),
+            ("pytorch", "training-eval", 1)} <= kinds
+    assert all(r["img_s"] > 0 for r in record["rows"])
+    assert record["onnx_max_abs_diff"] < 1e-4 and record["n_files"] == 6
+    assert "bench_infer.py --backbone resnet18" in record["command"]
