@@ -220,7 +220,7 @@ def evaluate(
 @user_errors
 def demo_command(
     out: Path = typer.Option(Path("demo"), "--out", help="Folder for the generated data, split, audit and run."),
-    per_class: int = typer.Option(300, "--per-class", min=10, help="Generated crops per class."),
+    per_class: int = typer.Option(1000, "--per-class", min=10, help="Generated crops per class."),
     backbone: str = typer.Option("efficientnet_lite0", "--backbone",
                                  help="timm backbone; efficientnet_lite0 has ImageNet weights offline."),
     image_size: int = typer.Option(160, "--image-size", help="Model input side in pixels (crops are ~150-230)."),

@@ -28,7 +28,7 @@ def demo_config(split_dir: Path, run_dir: Path, backbone: str, image_size: int, 
     })
 
 
-def run_demo(out: str | Path = "demo", per_class: int = 300, backbone: str = "efficientnet_lite0",
+def run_demo(out: str | Path = "demo", per_class: int = 1000, backbone: str = "efficientnet_lite0",
              image_size: int = 160, epochs: int = 30, seed: int = 0, force: bool = True,
              console: Console | None = None) -> dict:
     """Run the whole pipeline into ``out`` and return a summary with the deliverables.
