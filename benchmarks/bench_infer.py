@@ -102,7 +102,6 @@ def _training_eval_rows(model, pre, uint8: np.ndarray, batch_sizes: list[int], d
     """The training loop's own evaluation (bf16 + channels_last on CUDA) on device-resident uint8."""
     import torch
 
-    from crystalscope.data.augment import normalize_on_device
     from crystalscope.training import loop
     from crystalscope.training.run import resolve_device
 
@@ -118,7 +117,7 @@ def _training_eval_rows(model, pre, uint8: np.ndarray, batch_sizes: list[int], d
         subset = images[:min(images.shape[0], max(256, 2 * bs))]  # small batches: fewer calls suffice
 
         def run(bs=bs, subset=subset):
-            loop.evaluate(model, subset, None, transform=lambda x: normalize_on_device(x, pre),
+            loop.evaluate(model, subset, None, transform=pre.normalize_torch,
                           batch_size=bs, device=dev)  # returns numpy: synchronised
         rows.append({"backend": "pytorch", "mode": "training-eval", "batch_size": bs,
                      "img_s": _median_rate(run, subset.shape[0], repeats)})

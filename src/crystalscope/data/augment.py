@@ -11,7 +11,6 @@ The random numbers come from a seeded ``torch.Generator``, so a run is reproduci
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -19,32 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from crystalscope.data.transforms import Preprocessing
-
-
-@functools.lru_cache(maxsize=16)
-def _constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.tensor(mean, device=device).view(1, 3, 1, 1),
-            torch.tensor(std, device=device).view(1, 3, 1, 1))
-
-
-def normalize_on_device(batch: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
-    """:meth:`Preprocessing.normalize_torch` with its mean/std tensors cached per device.
-
-    Same arithmetic, bit for bit; but ``normalize_torch`` builds its constants with
-    ``torch.tensor(..., device=x.device)``, which on CUDA is a blocking host-to-device copy,
-    i.e. a host-device synchronisation in every training step.
-
-    Example:
-        >>> x = torch.zeros(2, 8, 8, 3, dtype=torch.uint8)
-        >>> normalize_on_device(x, Preprocessing(image_size=8)).shape
-        torch.Size([2, 3, 8, 8])
-    """
-    x = batch
-    if x.shape[-1] == 3 and x.shape[1] != 3:
-        x = x.permute(0, 3, 1, 2)
-    x = x.float() / 255.0
-    mean, std = _constants(preprocessing.mean, preprocessing.std, x.device)
-    return (x - mean) / std
 
 
 @dataclass(frozen=True)
@@ -105,4 +78,4 @@ def augment_batch(batch_uint8: torch.Tensor, preprocessing: Preprocessing, spec:
     theta = random_affine(x.shape[0], spec, device=x.device, generator=generator)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return normalize_on_device(x, preprocessing)
+    return preprocessing.normalize_torch(x)

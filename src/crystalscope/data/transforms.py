@@ -14,6 +14,7 @@ Two stages:
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -117,17 +118,27 @@ class Preprocessing:
 
     def normalize_torch(self, batch_uint8):
         """Torch twin of :meth:`normalize`: ``uint8 (N, H, W, 3)`` or ``(N, 3, H, W)`` tensor
-        -> float ``(N, 3, H, W)``. Same constants, same order of operations."""
-        import torch
+        -> float ``(N, 3, H, W)``. Same constants, same order of operations.
 
+        The mean/std tensors are cached per device: building them with
+        ``torch.tensor(..., device=cuda)`` every step would be a blocking host-to-device copy,
+        i.e. a host-device synchronisation in every training step.
+        """
         x = batch_uint8
         if x.shape[-1] == 3 and x.shape[1] != 3:
             x = x.permute(0, 3, 1, 2)
         x = x.float() / 255.0
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        mean, std = _torch_constants(self.mean, self.std, x.device)
         return (x - mean) / std
 
     def prepare(self, sources: Sequence) -> np.ndarray:
         """Files or PIL images -> model-ready ``float32 (N, 3, H, W)``."""
         return self.normalize(np.stack([self.resize_uint8(s) for s in sources]))
+
+
+@functools.lru_cache(maxsize=16)
+def _torch_constants(mean: tuple, std: tuple, device):
+    import torch
+
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1),
+            torch.tensor(std, device=device).view(1, 3, 1, 1))

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from crystalscope.data.augment import AugmentSpec, augment_batch, normalize_on_device
+from crystalscope.data.augment import AugmentSpec, augment_batch
 from crystalscope.data.transforms import Preprocessing
 from crystalscope.errors import CrystalscopeError
 from crystalscope.training.loop import _autocast, _batches, _to_device
@@ -113,7 +113,7 @@ def backbone_features(backbone: nn.Module, images: torch.Tensor, preprocessing: 
     for rows in _batches(images.shape[0], batch_size):
         batch = _to_device(images, rows, device)
         x = (augment_batch(batch, preprocessing, augment, generator=generator) if augment
-             else normalize_on_device(batch, preprocessing))
+             else preprocessing.normalize_torch(batch))
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device):

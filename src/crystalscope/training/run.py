@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 
 from crystalscope.config import TrainConfig, load_config, save_config
-from crystalscope.data.augment import AugmentSpec, augment_batch, normalize_on_device
+from crystalscope.data.augment import AugmentSpec, augment_batch
 from crystalscope.data.dataset import ImageFolder, decode_images, index_folder, index_split, load_images
 from crystalscope.data.transforms import Preprocessing
 from crystalscope.errors import CrystalscopeError
@@ -211,7 +211,7 @@ def transforms(session: Session) -> tuple[Callable, Callable]:
         return (lambda x: x), (lambda x: x)
     pre, spec = session.preprocessing, augment_spec(session.config)
     return ((lambda x: augment_batch(x, pre, spec, generator=session.augment_rng)),
-            (lambda x: normalize_on_device(x, pre)))
+            pre.normalize_torch)
 
 
 # ---- checkpoints and metrics.csv ----------------------------------------------------------
@@ -442,7 +442,7 @@ def predict_logits(model: torch.nn.Module, preprocessing: Preprocessing, paths: 
     device = torch.device(device) if not isinstance(device, torch.device) else device
     images = torch.from_numpy(decode_images(list(paths), preprocessing, workers=workers, progress=progress))
     model.to(device)
-    return loop.evaluate(model, images, None, transform=lambda x: normalize_on_device(x, preprocessing),
+    return loop.evaluate(model, images, None, transform=preprocessing.normalize_torch,
                          batch_size=batch_size,
                          device=device)["logits"]
 
