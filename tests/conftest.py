@@ -15,3 +15,9 @@ def real_samples() -> Path:
     if not REAL_SAMPLES.is_dir():
         pytest.skip("../shared/real_samples is not present")
     return REAL_SAMPLES
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Keep the decode cache of test runs out of the user's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
