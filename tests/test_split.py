@@ -282,3 +282,17 @@ def test_cli_split_smoke(source, tmp_path):
     assert again.exit_code == 2 and "not empty" in again.output and "Traceback" not in again.output
     bad = runner.invoke(app, ["split", str(source), str(tmp_path / "x"), "--ratios", "0.5,0.5,0.5"])
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
+
+
+def test_class_folders_that_differ_only_in_case_are_refused(tmp_path):
+    from PIL import Image
+
+    from crystalscope.data.split import split_dataset
+    from crystalscope.errors import CrystalscopeError
+
+    for folder in ("CEX", "cex", "pg"):
+        (tmp_path / "src" / folder).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "src" / folder / "a.png")
+    with pytest.raises(CrystalscopeError, match="differ only in case"):
+        split_dataset(tmp_path / "src", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crystalscope.data.images import list_images, natural_key
+from crystalscope.data.images import class_folders, list_images
 from crystalscope.data.transforms import Preprocessing
 from crystalscope.errors import CrystalscopeError
 from crystalscope.io import atomic_path
@@ -45,21 +45,6 @@ class ImageFolder:
 
     def __len__(self) -> int:
         return len(self.paths)
-
-
-def class_folders(root: str | os.PathLike) -> dict[str, Path]:
-    """``{lower-cased name: folder}`` of the non-hidden sub-folders of ``root``, sorted by name."""
-    root = Path(root)
-    if not root.is_dir():
-        raise CrystalscopeError(f"{root}: folder not found")
-    found: dict[str, Path] = {}
-    for sub in sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                      key=lambda p: natural_key(p.name)):
-        name = sub.name.lower()
-        if name in found:
-            raise CrystalscopeError(f"{root}: class folders {found[name].name!r} and {sub.name!r} differ only in case")
-        found[name] = sub
-    return dict(sorted(found.items()))
 
 
 def index_folder(root: str | os.PathLike, class_names: list[str] | None = None) -> ImageFolder:

@@ -45,6 +45,39 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
     return sorted(found, key=natural_key)
 
 
+def visible_subfolders(folder: str | os.PathLike) -> list[Path]:
+    """Non-hidden sub-folders of ``folder`` in natural order.
+
+    Hidden ones are skipped on purpose: the staging folders of an interrupted run start with
+    ``.`` and must never look like a class or a split.
+    """
+    return sorted((p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=natural_key)
+
+
+def class_folders(root: str | os.PathLike) -> dict[str, Path]:
+    """``{lower-cased name: folder}`` of the class folders in ``root``, sorted by name.
+
+    Raises:
+        CrystalscopeError: ``root`` is missing, or two folders differ only in case.
+
+    Example:
+        >>> class_folders("split/train")  # doctest: +SKIP
+        {'cex': PosixPath('split/train/cex'), 'pg': PosixPath('split/train/pg')}
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise CrystalscopeError(f"{root}: folder not found")
+    found: dict[str, Path] = {}
+    for sub in visible_subfolders(root):
+        name = sub.name.lower()
+        if name in found:
+            raise CrystalscopeError(f"{root}: class folders {found[name].name!r} and {sub.name!r} differ "
+                                    "only in case: rename one of them")
+        found[name] = sub
+    return dict(sorted(found.items()))
+
+
 def natural_key(path: str | os.PathLike):
     """Sort key that orders ``CEX (2).png`` before ``CEX (10).png``."""
     import re

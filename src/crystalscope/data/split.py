@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from crystalscope.data.images import is_image_file, natural_key
+from crystalscope.data.images import class_folders, is_image_file, natural_key, visible_subfolders
 from crystalscope.errors import CrystalscopeError
 from crystalscope.io import atomic_dir, write_json, write_text
 
@@ -78,19 +78,13 @@ def _has_images_directly(folder: Path) -> bool:
     return any(p.is_file() and is_image_file(p) for p in folder.iterdir())
 
 
-def _visible_dirs(folder: Path) -> list[Path]:
-    # staging folders of an interrupted run start with "." and must never look like a class
-    return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                  key=natural_key)
-
-
 def find_split_folders(root: Path) -> dict[str, Path] | None:
     """``{"train": ..., "val": ..., "test": ...}`` when ``root`` is a split folder, else None.
 
     A folder counts as a split folder when at least two of its sub-folders are named
     train/val/test (any case), so a two-way split is recognised too.
     """
-    found = {p.name.lower(): p for p in _visible_dirs(root) if p.name.lower() in SPLIT_NAMES}
+    found = {p.name.lower(): p for p in visible_subfolders(root) if p.name.lower() in SPLIT_NAMES}
     return found if len(found) >= 2 else None
 
 
@@ -105,12 +99,7 @@ def collect_class_files(root: Path) -> ClassFiles:
         dict_keys(['cex', 'pg'])
     """
     found = ClassFiles(root=root)
-    for class_dir in _visible_dirs(root):
-        name = class_dir.name.lower()
-        if name in found.files:
-            raise CrystalscopeError(
-                f"two class folders in '{root}' map to class '{name}' (names are case-insensitive): "
-                "rename one of them")
+    for name, class_dir in class_folders(root).items():
         images: list[Path] = []
         for path in class_dir.rglob("*"):
             if not path.is_file() or any(part.startswith(".") for part in path.relative_to(class_dir).parts):

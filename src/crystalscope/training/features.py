@@ -90,7 +90,7 @@ def split_for_caching(model: nn.Module, image_size: int) -> tuple[nn.Module, nn.
         same = torch.allclose(backbone(x), nn.Sequential(*parts)(x), rtol=1e-4, atol=1e-4)
     backbone.train(was_training)
     if not same:
-        raise CrystalscopeError(f"--cache-frozen: this backbone's forward is not a plain chain of its layers; "
+        raise CrystalscopeError("--cache-frozen: this backbone's forward is not a plain chain of its layers; "
                                 "use --trainable-fraction 0 --cache-features or train without caching")
     return nn.Sequential(*parts[:cut]), nn.Sequential(*parts[cut:], model.head)
 
