@@ -33,8 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, parse_sets, peak_rss_mib, write_result  # noqa: E402
 
 
-def _instrument(run_module, loop_module, record: dict, started: float, targets: list[float]):
-    """Wrap the run's phases; returns a function that undoes the wrapping."""
+def _instrument(run_module, loop_module, record: dict, started: float, targets: list[float], on_epoch=None):
+    """Wrap the run's phases; returns a function that undoes the wrapping.
+
+    ``on_epoch(record)`` is called after every epoch (the partial result is kept on disk).
+    """
     originals = {}
 
     def timed(module, name, key):
@@ -78,6 +81,8 @@ def _instrument(run_module, loop_module, record: dict, started: float, targets: 
             if str(target) not in record["time_to_target_s"] and min(per_class) >= target:
                 record["time_to_target_s"][str(target)] = now - started
                 record["epochs_to_target"][str(target)] = epoch
+        if on_epoch:
+            on_epoch(record)
         return row
     run_module.run_epoch = epoch_wrapper
 
@@ -93,8 +98,11 @@ def _median(values: list[float]) -> float | None:
     return values[len(values) // 2] if values else None
 
 
-def bench_train(data_dir: str, overrides: dict, *, f1_targets: list[float], threads: int | None = None) -> dict:
+def bench_train(data_dir: str, overrides: dict, *, f1_targets: list[float], threads: int | None = None,
+                on_epoch=None) -> dict:
     """Run one training and return the measurements (see the module docstring).
+
+    ``on_epoch(record)``: called with the measurements so far after every epoch.
 
     Example:
         >>> bench_train("split", {"backbone": "resnet18", "weights": "none", "image_size": 32,
@@ -112,9 +120,9 @@ def bench_train(data_dir: str, overrides: dict, *, f1_targets: list[float], thre
     cuda = run.resolve_device(cfg.device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    record = {"phases_s": {}, "epochs": [], "time_to_target_s": {}, "epochs_to_target": {}}
+    record = {"config": cfg.to_dict(), "phases_s": {}, "epochs": [], "time_to_target_s": {}, "epochs_to_target": {}}
     started = time.perf_counter()
-    restore = _instrument(run, loop, record, started, f1_targets)
+    restore = _instrument(run, loop, record, started, f1_targets, on_epoch)
     try:
         summary = run.train(cfg, progress=False)
     finally:
@@ -123,7 +131,7 @@ def bench_train(data_dir: str, overrides: dict, *, f1_targets: list[float], thre
     epochs = record["epochs"]
     rates = [e["train_img_s"] for e in epochs if "train_img_s" in e]
     record.update(
-        config=cfg.to_dict(), f1_targets=f1_targets, train_s=ended - started, whole_run_s=ended - PROCESS_START,
+        f1_targets=f1_targets, train_s=ended - started, whole_run_s=ended - PROCESS_START,
         import_s=started - PROCESS_START, epochs_run=len(epochs),
         train_img_s_median=_median(rates),
         train_img_s_after_first=_median([e["train_img_s"] for e in epochs[1:] if "train_img_s" in e]),
@@ -159,10 +167,17 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out, ignore_errors=True)
         overrides["out"] = str(out)
     targets = [float(t) for t in args.f1_targets.split(",") if t.strip()]
-    record = bench_train(args.data_dir, overrides, f1_targets=targets, threads=args.threads)
     args_given = sys.argv[1:] if argv is None else argv
-    record.update(kind="train", name=args.name, group=args.group, machine=machine_info(),
-                  command=shlex.join(["python", "benchmarks/bench_train.py", *args_given]))
+    about = dict(kind="train", name=args.name, group=args.group,
+                 command=shlex.join(["python", "benchmarks/bench_train.py", *args_given]))
+
+    def keep_partial(record: dict) -> None:
+        # a run stopped later (time limit, crash) still leaves the epochs it finished
+        write_result(args.results, args.name, {**record, **about, "partial": True,
+                                               "elapsed_s": time.perf_counter() - PROCESS_START})
+
+    record = bench_train(args.data_dir, overrides, f1_targets=targets, threads=args.threads, on_epoch=keep_partial)
+    record.update(about, machine=machine_info())
     path = write_result(args.results, args.name, record)
     e = record["epochs"]
     print(f"{args.name}: {record['epochs_run']} epochs, train {record['train_s']:.1f} s "

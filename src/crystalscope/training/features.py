@@ -25,13 +25,15 @@ model computes.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 from crystalscope.data.augment import AugmentSpec, augment_batch
 from crystalscope.data.transforms import Preprocessing
 from crystalscope.errors import CrystalscopeError
-from crystalscope.training.loop import _autocast, _batches, _to_device
+from crystalscope.training.loop import _autocast, _batches, _to_device, model_input, use_bf16
 
 
 def backbone_parts(backbone: nn.Module) -> list[nn.Module]:
@@ -95,10 +97,70 @@ def split_for_caching(model: nn.Module, image_size: int) -> tuple[nn.Module, nn.
     return nn.Sequential(*parts[:cut]), nn.Sequential(*parts[cut:], model.head)
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device`` (None when the system does not say)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def check_feature_memory(extractor: nn.Module, image_size: int, rows: dict[str, int], device: torch.device,
+                         option: str = "--cache-frozen") -> int:
+    """Fail early, with a way out, when the feature cache would not fit in memory.
+
+    The cache holds float32 outputs of ``extractor`` for ``rows[split]`` images per split
+    (the train split counted once per feature pass); while the train split's passes are
+    concatenated they exist twice. An out-of-memory kill after minutes of feature
+    extraction would lose the run, so this runs before any image is decoded.
+
+    Returns:
+        the estimated peak bytes.
+
+    Raises:
+        CrystalscopeError: the estimate exceeds 80 % of :func:`available_memory`.
+
+    Example:
+        >>> check_feature_memory(prefix, 160, {"train": 19130, "val": 3417, "test": 682},  # doctest: +SKIP
+        ...                      torch.device("cpu"))
+        441200000
+    """
+    was_training = extractor.training
+    extractor.eval()
+    with torch.inference_mode():
+        probe = torch.zeros(1, 3, image_size, image_size, device=next(extractor.parameters()).device)
+        per_image = extractor(probe)[0]
+    extractor.train(was_training)
+    image_bytes = per_image.numel() * 4
+    peak = image_bytes * (sum(rows.values()) + rows.get("train", 0))
+    free = available_memory(device)
+    if free is not None and peak > 0.8 * free:
+        shape = " x ".join(str(d) for d in per_image.shape)
+        raise CrystalscopeError(
+            f"{option}: the cached features ({shape} floats per image, {sum(rows.values()):,} images) need about "
+            f"{_size(peak)} but only {_size(free)} of {device.type} memory is free; use a smaller "
+            "--image-size, fewer --feature-passes, a lower --trainable-fraction (the cut moves later), or no caching")
+    return peak
+
+
 @torch.inference_mode()
 def backbone_features(backbone: nn.Module, images: torch.Tensor, preprocessing: Preprocessing, *,
                       batch_size: int, device: torch.device, augment: AugmentSpec | None = None,
-                      generator: torch.Generator | None = None, on_step=None) -> torch.Tensor:
+                      generator: torch.Generator | None = None, on_step=None,
+                      bf16: bool | None = None) -> torch.Tensor:
     """Backbone outputs ``float32`` on ``device`` for uint8 images ``(N, H, W, 3)``.
 
     Pooled features ``(N, F)`` for a whole backbone, feature maps ``(N, C, h, w)`` for the
@@ -108,15 +170,15 @@ def backbone_features(backbone: nn.Module, images: torch.Tensor, preprocessing: 
         >>> feats = backbone_features(model.backbone, x_uint8, pre, batch_size=64,  # doctest: +SKIP
         ...                           device=torch.device("cpu"))
     """
+    bf16 = use_bf16(device) if bf16 is None else bf16
     backbone.eval()
     chunks = []
     for rows in _batches(images.shape[0], batch_size):
         batch = _to_device(images, rows, device)
         x = (augment_batch(batch, preprocessing, augment, generator=generator) if augment
              else preprocessing.normalize_torch(batch))
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device):
+        x = model_input(x, bf16)
+        with _autocast(device, bf16):
             chunks.append(backbone(x).float())
         if on_step:
             on_step()
@@ -126,7 +188,7 @@ def backbone_features(backbone: nn.Module, images: torch.Tensor, preprocessing: 
 def split_features(backbone: nn.Module, images: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
                    preprocessing: Preprocessing, *, batch_size: int, device: torch.device,
                    augment: AugmentSpec, passes: int = 1, generator: torch.Generator | None = None,
-                   progress=None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                   progress=None, bf16: bool | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Features of every split; the train split gets ``passes - 1`` extra augmented passes.
 
     Returns:
@@ -138,7 +200,8 @@ def split_features(backbone: nn.Module, images: dict[str, torch.Tensor], labels:
         task = progress.add_task(f"features {split}", total=n_passes * -(-x.shape[0] // batch_size)) if progress else None
         step = (lambda: progress.advance(task)) if progress else None
         parts = [backbone_features(backbone, x, preprocessing, batch_size=batch_size, device=device,
-                                   augment=augment if k > 0 else None, generator=generator, on_step=step)
+                                   augment=augment if k > 0 else None, generator=generator, on_step=step,
+                                   bf16=bf16)
                  for k in range(n_passes)]
         features[split] = torch.cat(parts)
         feature_labels[split] = labels[split].repeat(n_passes)

@@ -4,8 +4,9 @@ The inputs are the decoded uint8 images of a split (or, with ``--cache-features`
 backbone's features). Batches are drawn by index from that tensor, so there is no data
 loader and no per-image Python work. On CUDA the whole split sits on the GPU when it fits
 (else in pinned host memory, copied with ``non_blocking``), steps run under bf16 autocast with
-channels_last, and loss and accuracy are accumulated ON the device and read once per epoch: no
-host-device synchronisation per step.
+channels_last (``bf16=True``, the default on CUDA; the CPU can run the same path, which is how
+the tests cover it), and loss and accuracy are accumulated ON the device and read once per
+epoch: no host-device synchronisation per step.
 """
 
 from __future__ import annotations
@@ -56,15 +57,33 @@ def _to_device(inputs: torch.Tensor, index, device: torch.device) -> torch.Tenso
     return batch
 
 
-def _autocast(device: torch.device):
+def use_bf16(device: torch.device, precision: str = "auto") -> bool:
+    """Whether steps run under bf16 autocast with channels_last: ``auto`` means on CUDA only.
+
+    Example:
+        >>> use_bf16(torch.device("cpu")), use_bf16(torch.device("cpu"), "bf16")
+        (False, True)
+    """
+    if precision == "auto":
+        return device.type == "cuda"
+    return precision == "bf16"
+
+
+def _autocast(device: torch.device, bf16: bool):
     # bf16 needs no loss scaling (unlike fp16) and is what the H200 is fastest at
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def model_input(x: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """channels_last for image batches on the bf16 path (what tensor-core convolutions want)."""
+    return x.contiguous(memory_format=torch.channels_last) if bf16 and x.dim() == 4 else x
 
 
 def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                     optimizer: torch.optim.Optimizer, *, transform: Transform, batch_size: int,
                     device: torch.device, generator: torch.Generator | None = None,
-                    drop_last: bool = False, on_step: Callable[[], None] | None = None) -> dict:
+                    drop_last: bool = False, on_step: Callable[[], None] | None = None,
+                    bf16: bool | None = None) -> dict:
     """One pass over shuffled ``inputs``; returns ``{"loss", "accuracy", "samples"}``.
 
     Args:
@@ -75,11 +94,13 @@ def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
         generator: CPU generator for the shuffle order (reproducible runs).
         drop_last: drop a trailing partial batch (keeps shapes static for ``torch.compile``).
         on_step: called after each step (progress bar); must not synchronise.
+        bf16: bf16 autocast + channels_last inputs; None = :func:`use_bf16` (on CUDA only).
 
     Example:
         >>> stats = train_one_epoch(model, x, y, opt, transform=f, batch_size=64,  # doctest: +SKIP
         ...                         device=torch.device("cpu"))
     """
+    bf16 = use_bf16(device) if bf16 is None else bf16
     train_mode(model)
     loss_fn = nn.CrossEntropyLoss()
     n = inputs.shape[0]
@@ -94,11 +115,9 @@ def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
             continue  # BatchNorm cannot train on a single sample
         index = order_on_device[rows]
         host_index = order[rows] if inputs.device != device else index
-        x = transform(_to_device(inputs, host_index, device))
+        x = model_input(transform(_to_device(inputs, host_index, device)), bf16)
         y = labels[index]
-        if x.dim() == 4 and device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device):
+        with _autocast(device, bf16):
             logits = model(x)
             loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
@@ -113,23 +132,28 @@ def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
     return {"loss": float(loss_sum.item()) / seen, "accuracy": float(correct.item()) / seen, "samples": seen}
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: a torch.compile'd model that alternates between training and
+# inference-mode calls can break under CUDA graphs (pytorch/pytorch#135892)
+@torch.no_grad()
 def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None, *, transform: Transform,
-             batch_size: int, device: torch.device, on_step: Callable[[], None] | None = None) -> dict:
+             batch_size: int, device: torch.device, on_step: Callable[[], None] | None = None,
+             bf16: bool | None = None) -> dict:
     """Logits for every input in order (eval mode, no augmentation), plus loss and accuracy.
+
+    ``bf16`` as in :func:`train_one_epoch`.
 
     Returns:
         ``{"logits": float32 np.ndarray (N, C), "loss", "accuracy"}``; loss and accuracy are
         None when ``labels`` is None.
     """
+    bf16 = use_bf16(device) if bf16 is None else bf16
     model.eval()
     chunks = []
     for rows in _batches(inputs.shape[0], batch_size):
-        x = transform(_to_device(inputs, rows, device))
-        if x.dim() == 4 and device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device):
-            chunks.append(model(x).float())
+        x = model_input(transform(_to_device(inputs, rows, device)), bf16)
+        with _autocast(device, bf16):
+            # a copy: under CUDA graphs the next call overwrites the model's output buffer
+            chunks.append(model(x).to(torch.float32, copy=True))
         if on_step:
             on_step()
     logits = torch.cat(chunks) if chunks else torch.zeros((0, 0), device=device)

@@ -48,6 +48,7 @@ class Session:
     positive_class: str | None
     preprocessing: Preprocessing
     head: HeadSpec
+    bf16: bool = False  # bf16 autocast + channels_last (``precision``; on CUDA by default)
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # uint8 images or features
     labels: dict[str, torch.Tensor] = field(default_factory=dict)
     model: CrystalClassifier | None = None
@@ -156,7 +157,7 @@ def build_session(session: Session, last: dict | None) -> None:
         model.load_state_dict(last["model_state"])
         session.weights_source = f"resumed from {session.run_dir / 'weights' / 'last.ckpt'}"
     n_train, n_total = set_trainable_fraction(model.backbone, cfg.trainable_fraction)
-    if device.type == "cuda":
+    if session.bf16:
         model.to(device, memory_format=torch.channels_last)  # faster convolutions under bf16
     else:
         model.to(device)
@@ -182,7 +183,9 @@ def build_session(session: Session, last: dict | None) -> None:
     session.forward = torch.compile(session.trained, mode=cfg.compile_mode) if cfg.compile else session.trained
     session.console.print(
         f"{cfg.backbone}: weights {session.weights_source}; {n_train}/{n_total} backbone layers trainable; "
-        f"{len(session.class_names)} classes ({', '.join(session.class_names)}); device {device}")
+        f"{len(session.class_names)} classes ({', '.join(session.class_names)}); device {device}"
+        + (" (bf16, channels_last)" if session.bf16 else "")
+        + (f"; torch.compile mode {cfg.compile_mode}" if cfg.compile else ""))
 
 
 def caches_features(cfg: TrainConfig) -> bool:
@@ -197,7 +200,8 @@ def cache_features(session: Session, progress) -> None:
     cfg = session.config
     feats, labels = split_features(session.feature_extractor, session.inputs, session.labels, session.preprocessing,
                                    batch_size=cfg.batch_size, device=session.device, augment=augment_spec(cfg),
-                                   passes=cfg.feature_passes, generator=session.augment_rng, progress=progress)
+                                   passes=cfg.feature_passes, generator=session.augment_rng, progress=progress,
+                                   bf16=session.bf16)
     session.inputs, session.labels = feats, labels
 
 
@@ -286,10 +290,10 @@ def run_epoch(session: Session, epoch: int, bar) -> dict:
     train_stats = loop.train_one_epoch(session.forward, session.inputs["train"], session.labels["train"],
                                        session.optimizer, transform=train_tf, batch_size=cfg.batch_size,
                                        device=session.device, generator=session.shuffle_rng,
-                                       drop_last=cfg.compile, on_step=step)
+                                       drop_last=cfg.compile, on_step=step, bf16=session.bf16)
     train_seconds = time.perf_counter() - started  # .item() in train_one_epoch already synchronised
     val = loop.evaluate(session.forward, session.inputs["val"], session.labels["val"], transform=eval_tf,
-                        batch_size=cfg.batch_size, device=session.device, on_step=step)
+                        batch_size=cfg.batch_size, device=session.device, on_step=step, bf16=session.bf16)
     seconds = time.perf_counter() - started
     if bar:
         bar.remove_task(task)
@@ -354,7 +358,7 @@ def finalize(session: Session) -> dict:
 
     def logits(split: str) -> np.ndarray:
         return loop.evaluate(session.trained, session.inputs[split], None, transform=eval_tf,
-                             batch_size=cfg.batch_size, device=session.device)["logits"]
+                             batch_size=cfg.batch_size, device=session.device, bf16=session.bf16)["logits"]
 
     temperature = fit_temperature(logits("val"), session.splits["val"].labels)
     best["temperature"] = float(temperature)
@@ -408,12 +412,18 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     positive = resolve_positive_class(class_names, config.positive_class.lower() if config.positive_class else None)
     device = resolve_device(config.device)
     session = Session(config=config, run_dir=run_dir, device=device, splits=splits, class_names=class_names,
-                      positive_class=positive,
+                      positive_class=positive, bf16=loop.use_bf16(device, config.precision),
                       preprocessing=default_preprocessing(config.backbone, config.image_size, config.resize),
                       head=HeadSpec(hidden=list(config.head_hidden), dropout=list(config.head_dropout)))
     # model, weights and data first: a bad backbone, offline weights or an unreadable image
     # fail before the run folder exists, so nothing half-made is left behind
     build_session(session, last)
+    if caches_features(config):
+        from crystalscope.training.features import check_feature_memory
+
+        rows = {s: len(f) * (config.feature_passes if s == "train" else 1) for s, f in splits.items()}
+        check_feature_memory(session.feature_extractor, config.image_size, rows, device,
+                             "--cache-features" if config.cache_features else "--cache-frozen")
     session.inputs, session.labels = load_data(config, splits, session.preprocessing, device, progress)
     open_run(config, run_dir)
     if caches_features(config):
