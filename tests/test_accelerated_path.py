@@ -20,6 +20,7 @@ from crystalscope.errors import CrystalscopeError
 from crystalscope.models.factory import build_model, set_trainable_fraction
 from crystalscope.training import features, loop
 from crystalscope.training.features import check_feature_memory, split_for_caching
+from crystalscope.training.steps import GraphedTrainStep, TrainStep
 from lines_and_discs import make_split
 
 RUNNER = CliRunner()
@@ -148,3 +149,64 @@ def test_compiled_training_on_cpu_runs_evaluates_and_exports(small_split, tmp_pa
     rows = (out / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3  # header + 2 epochs
     assert json.loads((out / "test_results.json").read_text())["n_images"] == 12
+
+
+# ---- the CUDA-graph training step (its static-buffer logic; the capture itself needs a GPU) ----
+
+def _two_runs_of(step_factory_a, step_factory_b, batches):
+    results = []
+    for factory in (step_factory_a, step_factory_b):
+        torch.manual_seed(0)
+        model = build_model("resnet18", 2)
+        set_trainable_fraction(model.backbone, 0.1)
+        loop.train_mode(model)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+        step = factory(model, opt)
+        torch.manual_seed(1)  # the head's dropout draws the same numbers in both runs
+        for x, y in batches:
+            step(x, y)
+        results.append((model.state_dict(), float(step.loss_sum), int(step.correct), step))
+    return results
+
+
+def test_graphed_step_without_capture_trains_exactly_like_the_eager_step():
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 2, (4,), generator=gen)) for _ in range(6)]
+    cpu = torch.device("cpu")
+    (eager_state, eager_loss, eager_correct, _), (graph_state, graph_loss, graph_correct, graphed) = _two_runs_of(
+        lambda m, o: TrainStep(m, o, cpu, bf16=False),
+        lambda m, o: GraphedTrainStep(m, o, cpu, bf16=False, capture=True),  # capture is a no-op off CUDA
+        batches)
+    assert graphed.graph is None and graphed.calls == 6 and graphed.x is not None  # 3 warm-up + static buffers
+    assert graph_loss == pytest.approx(eager_loss, rel=1e-6) and graph_correct == eager_correct
+    assert all(torch.equal(eager_state[k], graph_state[k]) for k in eager_state)
+    with pytest.raises(ValueError, match=r"batch of shape \(3, 3, 32, 32\) after capturing \(4, 3, 32, 32\)"):
+        graphed(batches[0][0][:3], batches[0][1][:3])
+
+
+def test_train_one_epoch_with_a_kept_step_drops_the_partial_batch_and_resets_the_sums():
+    model = build_model("resnet18", 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    cpu = torch.device("cpu")
+    step = GraphedTrainStep(model, opt, cpu, bf16=False)
+    x = torch.randint(0, 255, (22, 32, 32, 3), dtype=torch.uint8)
+    y = torch.randint(0, 2, (22,))
+    to_float = lambda b: b.permute(0, 3, 1, 2).contiguous().float() / 255  # noqa: E731
+    first = loop.train_one_epoch(model, x, y, opt, transform=to_float, batch_size=4, device=cpu, drop_last=True,
+                                 step=step)
+    step.loss_sum += 1e6  # left over from the last epoch: must not count in the next
+    second = loop.train_one_epoch(model, x, y, opt, transform=to_float, batch_size=4, device=cpu, drop_last=True,
+                                  step=step)
+    assert first["samples"] == second["samples"] == 20 and step.calls == 10
+    assert 0 < first["loss"] < 100 and 0 < second["loss"] < 100 and 0 <= second["accuracy"] <= 1
+
+
+def test_cuda_graphs_needs_a_gpu_and_excludes_compile(small_split, tmp_path):
+    with pytest.raises(CrystalscopeError, match="--cuda-graphs: and --compile both replace the training step"):
+        load_config(None, {"cuda_graphs": True, "compile": True})
+    out = tmp_path / "run"
+    result = RUNNER.invoke(app, ["train", str(small_split), "--backbone", "resnet18", "--weights", "none",
+                                 "--cuda-graphs", "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "--cuda-graphs: needs a CUDA GPU, and this run's device is cpu" in " ".join(result.output.split())
+    assert not out.exists()

@@ -170,6 +170,7 @@ def train(
     resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run folder from its weights/last.ckpt."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (pays off on a GPU) (default: off)."),
     compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode: default, reduce-overhead (CUDA graphs: fastest at batch 64 on a GPU) or max-autotune (default: default)."),
+    cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs", help="CUDA only: record the training step once as a CUDA graph and replay it (no compile time; drops each epoch's last partial batch) (default: off)."),
     cache_features: Optional[bool] = typer.Option(None, "--cache-features/--no-cache-features", help="Frozen backbone: compute its features once, train only the head (the fast CPU path; needs --trainable-fraction 0)."),
     cache_frozen: Optional[bool] = typer.Option(None, "--cache-frozen/--no-cache-frozen", help="Compute the frozen layers' output once and train only the trainable last layers (--trainable-fraction) + head on it (default: off)."),
     feature_passes: Optional[int] = typer.Option(None, help="With feature caching: passes over the training images, those after the first augmented (default: 1)."),
@@ -186,7 +187,7 @@ def train(
         trainable_fraction=trainable_fraction, lr=lr, batch_size=batch_size, image_size=image_size,
         resize=resize, epochs=epochs, f1_threshold=f1_threshold, f1_patience=f1_patience, patience=patience,
         positive_class=positive_class, device=device, precision=precision, seed=seed, workers=workers,
-        compile=compile, compile_mode=compile_mode,
+        compile=compile, compile_mode=compile_mode, cuda_graphs=cuda_graphs,
         cache_features=cache_features, cache_frozen=cache_frozen, feature_passes=feature_passes,
         cache_dir=cache_dir, onnx=onnx).items() if v is not None}
     if resume is not None:

@@ -67,6 +67,7 @@ class TrainConfig:
     workers: int | None = None  # image decoding threads; None = CPU count
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+    cuda_graphs: bool = False  # capture the eager training step as a CUDA graph (CUDA only, no compile time)
     cache_dir: str | None = None  # None = $XDG_CACHE_HOME/crystalscope; "off" = no disk cache
     cache_features: bool = False
     feature_passes: int = 1  # train feature passes with --cache-features; passes after the first are augmented
@@ -90,6 +91,9 @@ class TrainConfig:
         if self.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
             bad("compile_mode", f"{self.compile_mode!r} is not a torch.compile mode; use default, "
                 "reduce-overhead, max-autotune or max-autotune-no-cudagraphs")
+        if self.cuda_graphs and self.compile:
+            bad("cuda_graphs", "and --compile both replace the training step; choose one "
+                "(--compile --compile-mode reduce-overhead also uses CUDA graphs)")
         if not 0.0 <= self.trainable_fraction <= 1.0:
             bad("trainable_fraction", f"{self.trainable_fraction} must be between 0 and 1")
         for name in ("batch_size", "epochs", "image_size", "f1_patience", "patience", "feature_passes"):

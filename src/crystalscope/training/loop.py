@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from crystalscope.training.steps import TrainStep
+
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -83,7 +85,7 @@ def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
                     optimizer: torch.optim.Optimizer, *, transform: Transform, batch_size: int,
                     device: torch.device, generator: torch.Generator | None = None,
                     drop_last: bool = False, on_step: Callable[[], None] | None = None,
-                    bf16: bool | None = None) -> dict:
+                    bf16: bool | None = None, step: TrainStep | None = None) -> dict:
     """One pass over shuffled ``inputs``; returns ``{"loss", "accuracy", "samples"}``.
 
     Args:
@@ -92,23 +94,25 @@ def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
         labels: int64 class indices ``(N,)`` on ``device``.
         transform: raw batch on ``device`` -> model input (augmentation + normalisation).
         generator: CPU generator for the shuffle order (reproducible runs).
-        drop_last: drop a trailing partial batch (keeps shapes static for ``torch.compile``).
+        drop_last: drop a trailing partial batch (static shapes for ``torch.compile`` and CUDA graphs).
         on_step: called after each step (progress bar); must not synchronise.
         bf16: bf16 autocast + channels_last inputs; None = :func:`use_bf16` (on CUDA only).
+        step: what runs forward, backward and the update (e.g. a
+            :class:`~crystalscope.training.steps.GraphedTrainStep` kept across epochs); default
+            an eager :class:`~crystalscope.training.steps.TrainStep` on ``model``/``optimizer``.
 
     Example:
         >>> stats = train_one_epoch(model, x, y, opt, transform=f, batch_size=64,  # doctest: +SKIP
         ...                         device=torch.device("cpu"))
     """
     bf16 = use_bf16(device) if bf16 is None else bf16
+    step = step or TrainStep(model, optimizer, device, bf16)
+    step.reset()
     train_mode(model)
-    loss_fn = nn.CrossEntropyLoss()
     n = inputs.shape[0]
     order = torch.randperm(n, generator=generator)  # CPU generator: the same order on any device
     # one copy of the order per epoch, so indexing device-resident data needs no per-step transfer
     order_on_device = order.to(device)
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     for rows in _batches(n, batch_size, drop_last):
         if rows.stop - rows.start < 2:
@@ -117,19 +121,13 @@ def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
         host_index = order[rows] if inputs.device != device else index
         x = model_input(transform(_to_device(inputs, host_index, device)), bf16)
         y = labels[index]
-        with _autocast(device, bf16):
-            logits = model(x)
-            loss = loss_fn(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach() * y.shape[0]
-        correct += (logits.detach().argmax(1) == y).sum()
+        step(x, y)
         seen += y.shape[0]
         if on_step:
             on_step()
     seen = max(seen, 1)
-    return {"loss": float(loss_sum.item()) / seen, "accuracy": float(correct.item()) / seen, "samples": seen}
+    return {"loss": float(step.loss_sum.item()) / seen, "accuracy": float(step.correct.item()) / seen,
+            "samples": seen}
 
 
 # no_grad, not inference_mode: a torch.compile'd model that alternates between training and

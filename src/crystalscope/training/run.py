@@ -31,6 +31,7 @@ from crystalscope.models.factory import (CrystalClassifier, HeadSpec, build_mode
 from crystalscope.training import loop
 from crystalscope.training.checkpoint import (load_checkpoint, make_checkpoint, model_from_checkpoint,
                                               preprocessing_from_checkpoint, save_checkpoint)
+from crystalscope.training.steps import GraphedTrainStep, TrainStep
 from crystalscope.training.stopping import StoppingState
 
 SPLITS = ("train", "val", "test")
@@ -55,6 +56,7 @@ class Session:
     trained: torch.nn.Module | None = None  # the whole model, or what follows the cached part
     feature_extractor: torch.nn.Module | None = None  # the cached (frozen) part, with caching on
     forward: torch.nn.Module | None = None  # `trained`, possibly torch.compile'd
+    train_step: TrainStep | None = None  # kept across epochs (a captured CUDA graph); None = eager
     optimizer: torch.optim.Optimizer | None = None
     stopping: StoppingState | None = None
     start_epoch: int = 0
@@ -181,11 +183,14 @@ def build_session(session: Session, last: dict | None) -> None:
         session.shuffle_rng.set_state(state["shuffle_rng"])
         session.augment_rng.set_state(state["augment_rng"])
     session.forward = torch.compile(session.trained, mode=cfg.compile_mode) if cfg.compile else session.trained
+    if cfg.cuda_graphs:
+        session.train_step = GraphedTrainStep(session.trained, session.optimizer, device, session.bf16)
     session.console.print(
         f"{cfg.backbone}: weights {session.weights_source}; {n_train}/{n_total} backbone layers trainable; "
         f"{len(session.class_names)} classes ({', '.join(session.class_names)}); device {device}"
         + (" (bf16, channels_last)" if session.bf16 else "")
-        + (f"; torch.compile mode {cfg.compile_mode}" if cfg.compile else ""))
+        + (f"; torch.compile mode {cfg.compile_mode}" if cfg.compile else "")
+        + ("; CUDA graph training step" if cfg.cuda_graphs else ""))
 
 
 def caches_features(cfg: TrainConfig) -> bool:
@@ -290,7 +295,8 @@ def run_epoch(session: Session, epoch: int, bar) -> dict:
     train_stats = loop.train_one_epoch(session.forward, session.inputs["train"], session.labels["train"],
                                        session.optimizer, transform=train_tf, batch_size=cfg.batch_size,
                                        device=session.device, generator=session.shuffle_rng,
-                                       drop_last=cfg.compile, on_step=step, bf16=session.bf16)
+                                       drop_last=cfg.compile or cfg.cuda_graphs, on_step=step, bf16=session.bf16,
+                                       step=session.train_step)
     train_seconds = time.perf_counter() - started  # .item() in train_one_epoch already synchronised
     val = loop.evaluate(session.forward, session.inputs["val"], session.labels["val"], transform=eval_tf,
                         batch_size=cfg.batch_size, device=session.device, on_step=step, bf16=session.bf16)
@@ -411,6 +417,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
                                 f"the run's ({', '.join(last['class_names'])})")
     positive = resolve_positive_class(class_names, config.positive_class.lower() if config.positive_class else None)
     device = resolve_device(config.device)
+    if config.cuda_graphs and device.type != "cuda":
+        raise CrystalscopeError(f"--cuda-graphs: needs a CUDA GPU, and this run's device is {device.type}; "
+                                "leave it out (or use --device cuda on a machine with a GPU)")
     session = Session(config=config, run_dir=run_dir, device=device, splits=splits, class_names=class_names,
                       positive_class=positive, bf16=loop.use_bf16(device, config.precision),
                       preprocessing=default_preprocessing(config.backbone, config.image_size, config.resize),
