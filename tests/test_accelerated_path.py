@@ -20,6 +20,7 @@ from crystalscope.errors import CrystalscopeError
 from crystalscope.models.factory import build_model, set_trainable_fraction
 from crystalscope.training import features, loop
 from crystalscope.training.features import check_feature_memory, split_for_caching
+from crystalscope.training.precision import use_bf16
 from crystalscope.training.steps import GraphedTrainStep, TrainStep
 from lines_and_discs import make_split
 
@@ -42,7 +43,7 @@ def _record_forward_inputs(model: torch.nn.Module, seen: list) -> None:
 
 def test_use_bf16_follows_precision_and_device():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert [loop.use_bf16(cpu), loop.use_bf16(cuda), loop.use_bf16(cuda, "fp32"), loop.use_bf16(cpu, "bf16")] \
+    assert [use_bf16(cpu), use_bf16(cuda), use_bf16(cuda, "fp32"), use_bf16(cpu, "bf16")] \
         == [False, True, False, True]
 
 

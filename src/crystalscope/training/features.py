@@ -33,7 +33,8 @@ from torch import nn
 from crystalscope.data.augment import AugmentSpec, augment_batch
 from crystalscope.data.transforms import Preprocessing
 from crystalscope.errors import CrystalscopeError
-from crystalscope.training.loop import _autocast, _batches, _to_device, model_input, use_bf16
+from crystalscope.training.loop import _batches, _to_device
+from crystalscope.training.precision import autocast, model_input, use_bf16
 
 
 def backbone_parts(backbone: nn.Module) -> list[nn.Module]:
@@ -178,7 +179,7 @@ def backbone_features(backbone: nn.Module, images: torch.Tensor, preprocessing: 
         x = (augment_batch(batch, preprocessing, augment, generator=generator) if augment
              else preprocessing.normalize_torch(batch))
         x = model_input(x, bf16)
-        with _autocast(device, bf16):
+        with autocast(device, bf16):
             chunks.append(backbone(x).float())
         if on_step:
             on_step()

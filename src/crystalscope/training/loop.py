@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from crystalscope.training.precision import autocast, model_input, use_bf16
 from crystalscope.training.steps import TrainStep
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -57,28 +58,6 @@ def _to_device(inputs: torch.Tensor, index, device: torch.device) -> torch.Tenso
         else:
             batch = batch.to(device)
     return batch
-
-
-def use_bf16(device: torch.device, precision: str = "auto") -> bool:
-    """Whether steps run under bf16 autocast with channels_last: ``auto`` means on CUDA only.
-
-    Example:
-        >>> use_bf16(torch.device("cpu")), use_bf16(torch.device("cpu"), "bf16")
-        (False, True)
-    """
-    if precision == "auto":
-        return device.type == "cuda"
-    return precision == "bf16"
-
-
-def _autocast(device: torch.device, bf16: bool):
-    # bf16 needs no loss scaling (unlike fp16) and is what the H200 is fastest at
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
-def model_input(x: torch.Tensor, bf16: bool) -> torch.Tensor:
-    """channels_last for image batches on the bf16 path (what tensor-core convolutions want)."""
-    return x.contiguous(memory_format=torch.channels_last) if bf16 and x.dim() == 4 else x
 
 
 def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
@@ -149,7 +128,7 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None
     chunks = []
     for rows in _batches(inputs.shape[0], batch_size):
         x = model_input(transform(_to_device(inputs, rows, device)), bf16)
-        with _autocast(device, bf16):
+        with autocast(device, bf16):
             # a copy: under CUDA graphs the next call overwrites the model's output buffer
             chunks.append(model(x).to(torch.float32, copy=True))
         if on_step:

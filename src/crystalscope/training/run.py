@@ -31,6 +31,7 @@ from crystalscope.models.factory import (CrystalClassifier, HeadSpec, build_mode
 from crystalscope.training import loop
 from crystalscope.training.checkpoint import (load_checkpoint, make_checkpoint, model_from_checkpoint,
                                               preprocessing_from_checkpoint, save_checkpoint)
+from crystalscope.training.precision import use_bf16
 from crystalscope.training.steps import GraphedTrainStep, TrainStep
 from crystalscope.training.stopping import StoppingState
 
@@ -421,7 +422,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         raise CrystalscopeError(f"--cuda-graphs: needs a CUDA GPU, and this run's device is {device.type}; "
                                 "leave it out (or use --device cuda on a machine with a GPU)")
     session = Session(config=config, run_dir=run_dir, device=device, splits=splits, class_names=class_names,
-                      positive_class=positive, bf16=loop.use_bf16(device, config.precision),
+                      positive_class=positive, bf16=use_bf16(device, config.precision),
                       preprocessing=default_preprocessing(config.backbone, config.image_size, config.resize),
                       head=HeadSpec(hidden=list(config.head_hidden), dropout=list(config.head_dropout)))
     # model, weights and data first: a bad backbone, offline weights or an unreadable image

@@ -16,7 +16,7 @@ What a graph needs, and how it is met here:
   stream the capture uses (SGD allocates its momentum buffers, cuBLAS/cuDNN pick their kernels
   and workspaces); the next batch is captured and then replayed, so every batch is trained on
   exactly once, as in eager mode.
-- No autocast weight cache across the capture boundary: ``cache_enabled=False``.
+- No autocast weight cache across the capture boundary (:func:`~crystalscope.training.precision.autocast`).
 - Random numbers in the graph (dropout) come from the default CUDA generator, which graphs
   support; augmentation runs outside the graph with its own seeded generator.
 
@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from crystalscope.training.precision import autocast
 
 
 class TrainStep:
@@ -51,8 +53,7 @@ class TrainStep:
 
     def _run(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16,
-                            cache_enabled=False):
+        with autocast(self.device, self.bf16):
             logits = self.model(x)
             loss = F.cross_entropy(logits.float(), y)
         loss.backward()
