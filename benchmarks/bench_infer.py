@@ -9,7 +9,7 @@ Uses the deployment code as a user would: :class:`crystalscope.inference.predict
 - ``files``: ``Predictor.predict`` on image files (decode + resize + normalise + model +
   calibrated softmax), the ``crystalscope predict`` path;
 - ``training-eval`` (PyTorch only): the training loop's evaluation on uint8 images already
-  on the device, bf16 autocast + channels_last on CUDA; comparable to PERF.md's inference
+  on the device, channels_last, bf16 autocast on CUDA; comparable to PERF.md's inference
   ceiling.
 
 Each figure is the median of ``--repeats`` timed passes after one warm-up pass.
@@ -99,15 +99,16 @@ def bench_infer(checkpoint: Path, onnx_path: Path, images: list[Path], batch_siz
 
 
 def _training_eval_rows(model, pre, uint8: np.ndarray, batch_sizes: list[int], device: str, repeats: int) -> list:
-    """The training loop's own evaluation (bf16 + channels_last on CUDA) on device-resident uint8."""
+    """The training loop's own evaluation (channels_last; bf16 autocast on CUDA) on device-resident uint8."""
     import torch
 
     from crystalscope.training import loop
+    from crystalscope.training.precision import place_model
     from crystalscope.training.run import resolve_device
 
     dev = resolve_device(device)
+    model = place_model(model, dev)
     if dev.type == "cuda":
-        model = model.to(dev, memory_format=torch.channels_last)
         # PERF.md's inference ceiling is at batch 1024: tile the images to have enough of them
         uint8 = np.concatenate([uint8] * max(1, -(-2048 // len(uint8))))
     images = torch.from_numpy(uint8).to(dev)

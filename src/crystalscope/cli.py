@@ -164,7 +164,7 @@ def train(
     patience: Optional[int] = typer.Option(None, help="Stop when val loss has not improved for this many epochs (default: 10)."),
     positive_class: Optional[str] = typer.Option(None, help="Positive class of a binary task (default: pg when present, else the last class)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (default: auto)."),
-    precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA, fp32 on CPU), fp32, or bf16 (bf16 autocast + channels_last) (default: auto)."),
+    precision: Optional[str] = typer.Option(None, help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, or bf16 (default: auto)."),
     seed: Optional[int] = typer.Option(None, help="Random seed (model init, shuffling, augmentation) (default: 0)."),
     workers: Optional[int] = typer.Option(None, help="Image decoding threads (default: CPU count)."),
     resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run folder from its weights/last.ckpt."),

@@ -62,7 +62,7 @@ class TrainConfig:
     positive_class: str | None = None  # default: pg when present, else the last class (binary)
     # machinery
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast + channels_last)
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     seed: int = 0
     workers: int | None = None  # image decoding threads; None = CPU count
     compile: bool = False

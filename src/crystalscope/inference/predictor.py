@@ -108,12 +108,13 @@ class _TorchBackend:
     def __init__(self, path: Path | None, device: str = "auto", checkpoint: dict | None = None):
         torch = require("torch", "train")
         from crystalscope.training.checkpoint import load_checkpoint, model_from_checkpoint
+        from crystalscope.training.precision import model_input, place_model
 
         ckpt = checkpoint if checkpoint is not None else load_checkpoint(path)
-        self.torch = torch
+        self.torch, self.model_input = torch, model_input
         self.device = _torch_device(torch, device)
         try:
-            self.model = model_from_checkpoint(ckpt).to(self.device).eval()
+            self.model = place_model(model_from_checkpoint(ckpt), self.device).eval()
         except (RuntimeError, KeyError, TypeError) as exc:
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             raise CrystalscopeError(f"{path or 'checkpoint'}: weights do not match the model it describes ({first})") from None
@@ -125,7 +126,7 @@ class _TorchBackend:
         # TF32 convolutions on a GPU drift by ~1e-3: keep full fp32 so a .ckpt on CUDA still
         # agrees with its .onnx export within 1e-4
         with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-            out = self.model(torch.from_numpy(batch).to(self.device))
+            out = self.model(self.model_input(torch.from_numpy(batch).to(self.device)))
         return out.float().cpu().numpy()
 
 

@@ -178,7 +178,7 @@ def backbone_features(backbone: nn.Module, images: torch.Tensor, preprocessing: 
         batch = _to_device(images, rows, device)
         x = (augment_batch(batch, preprocessing, augment, generator=generator) if augment
              else preprocessing.normalize_torch(batch))
-        x = model_input(x, bf16)
+        x = model_input(x)
         with autocast(device, bf16):
             chunks.append(backbone(x).float())
         if on_step:

@@ -4,8 +4,8 @@ The inputs are the decoded uint8 images of a split (or, with ``--cache-features`
 backbone's features). Batches are drawn by index from that tensor, so there is no data
 loader and no per-image Python work. On CUDA the whole split sits on the GPU when it fits
 (else in pinned host memory, copied with ``non_blocking``), steps run under bf16 autocast with
-channels_last (``bf16=True``, the default on CUDA; the CPU can run the same path, which is how
-the tests cover it), and loss and accuracy are accumulated ON the device and read once per
+``bf16=True`` (the default on CUDA; the CPU can run the same path, which is how the tests cover
+it), image batches are channels_last on every device, and loss and accuracy are accumulated ON the device and read once per
 epoch: no host-device synchronisation per step.
 """
 
@@ -75,7 +75,7 @@ def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
         generator: CPU generator for the shuffle order (reproducible runs).
         drop_last: drop a trailing partial batch (static shapes for ``torch.compile`` and CUDA graphs).
         on_step: called after each step (progress bar); must not synchronise.
-        bf16: bf16 autocast + channels_last inputs; None = :func:`use_bf16` (on CUDA only).
+        bf16: bf16 autocast; None = :func:`~crystalscope.training.precision.use_bf16` (on CUDA only).
         step: what runs forward, backward and the update (e.g. a
             :class:`~crystalscope.training.steps.GraphedTrainStep` kept across epochs); default
             an eager :class:`~crystalscope.training.steps.TrainStep` on ``model``/``optimizer``.
@@ -98,7 +98,7 @@ def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
             continue  # BatchNorm cannot train on a single sample
         index = order_on_device[rows]
         host_index = order[rows] if inputs.device != device else index
-        x = model_input(transform(_to_device(inputs, host_index, device)), bf16)
+        x = model_input(transform(_to_device(inputs, host_index, device)))
         y = labels[index]
         step(x, y)
         seen += y.shape[0]
@@ -127,7 +127,7 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None
     model.eval()
     chunks = []
     for rows in _batches(inputs.shape[0], batch_size):
-        x = model_input(transform(_to_device(inputs, rows, device)), bf16)
+        x = model_input(transform(_to_device(inputs, rows, device)))
         with autocast(device, bf16):
             # a copy: under CUDA graphs the next call overwrites the model's output buffer
             chunks.append(model(x).to(torch.float32, copy=True))

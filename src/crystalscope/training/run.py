@@ -31,7 +31,7 @@ from crystalscope.models.factory import (CrystalClassifier, HeadSpec, build_mode
 from crystalscope.training import loop
 from crystalscope.training.checkpoint import (load_checkpoint, make_checkpoint, model_from_checkpoint,
                                               preprocessing_from_checkpoint, save_checkpoint)
-from crystalscope.training.precision import use_bf16
+from crystalscope.training.precision import place_model, use_bf16
 from crystalscope.training.steps import GraphedTrainStep, TrainStep
 from crystalscope.training.stopping import StoppingState
 
@@ -50,7 +50,7 @@ class Session:
     positive_class: str | None
     preprocessing: Preprocessing
     head: HeadSpec
-    bf16: bool = False  # bf16 autocast + channels_last (``precision``; on CUDA by default)
+    bf16: bool = False  # bf16 autocast (``precision``; on CUDA by default)
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # uint8 images or features
     labels: dict[str, torch.Tensor] = field(default_factory=dict)
     model: CrystalClassifier | None = None
@@ -160,10 +160,7 @@ def build_session(session: Session, last: dict | None) -> None:
         model.load_state_dict(last["model_state"])
         session.weights_source = f"resumed from {session.run_dir / 'weights' / 'last.ckpt'}"
     n_train, n_total = set_trainable_fraction(model.backbone, cfg.trainable_fraction)
-    if session.bf16:
-        model.to(device, memory_format=torch.channels_last)  # faster convolutions under bf16
-    else:
-        model.to(device)
+    place_model(model, device)
     session.model = model
     if caches_features(cfg):
         from crystalscope.training.features import split_for_caching
@@ -189,7 +186,7 @@ def build_session(session: Session, last: dict | None) -> None:
     session.console.print(
         f"{cfg.backbone}: weights {session.weights_source}; {n_train}/{n_total} backbone layers trainable; "
         f"{len(session.class_names)} classes ({', '.join(session.class_names)}); device {device}"
-        + (" (bf16, channels_last)" if session.bf16 else "")
+        + (" (bf16 autocast)" if session.bf16 else "")
         + (f"; torch.compile mode {cfg.compile_mode}" if cfg.compile else "")
         + ("; CUDA graph training step" if cfg.cuda_graphs else ""))
 
@@ -461,7 +458,7 @@ def predict_logits(model: torch.nn.Module, preprocessing: Preprocessing, paths: 
     """
     device = torch.device(device) if not isinstance(device, torch.device) else device
     images = torch.from_numpy(decode_images(list(paths), preprocessing, workers=workers, progress=progress))
-    model.to(device)
+    place_model(model, device)
     return loop.evaluate(model, images, None, transform=preprocessing.normalize_torch,
                          batch_size=batch_size,
                          device=device)["logits"]
