@@ -5,7 +5,7 @@
 # run stopped at its time limit still returns what it measured.
 #
 # On the H200 (bare machine: torch, timm, onnx, onnxruntime, sklearn, matplotlib; no internet):
-#   bash benchmarks/gpu_bench.sh                      # ~6-8 min; needs rich/typer: see DEPS below
+#   bash benchmarks/gpu_bench.sh                      # at most ~9 min (LIMIT_S); needs rich/typer: see DEPS below
 # CPU rehearsal of the same script (what was run in the session that wrote it):
 #   DEVICE=cpu PER_CLASS=24 IMAGE_SIZE=32 BACKBONE=resnet18 EPOCHS=2 BATCH=16 bash benchmarks/gpu_bench.sh
 #
