@@ -65,6 +65,13 @@ class CrystalClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features: the head's input to its last Linear layer, shape (N, D).
+
+        The one definition of "the model's features" for rejection, embedding maps and drift.
+        """
+        return self.head[:-1](self.backbone(x))
+
 
 def create_backbone(name: str) -> nn.Module:
     """A timm backbone with its classifier removed (returns pooled features)."""
