@@ -54,7 +54,8 @@ def test_export_writes_onnx_with_metadata_and_dynamic_batch(ckpt_path, real_samp
     onnx.checker.check_model(proto)
     batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param == "batch"
-    assert [o.name for o in proto.graph.output] == ["logits"]
+    assert [o.name for o in proto.graph.output] == ["logits", "features"]
+    assert meta_features_name(proto) == "features"
     meta = json.loads({p.key: p.value for p in proto.metadata_props}["crystalscope"])
     assert meta["class_names"] == ["cex", "pg"]
     assert meta["positive_class"] == "pg"
@@ -125,3 +126,7 @@ def test_cli_export_one_line_errors(tmp_path, ckpt_path):
     result = runner.invoke(app, ["export", str(ckpt_path), "--opset", "5", "--out", str(tmp_path / "m.onnx")])
     assert result.exit_code == 2 and "--opset 5" in result.output
     assert not (tmp_path / "m.onnx").exists()
+
+
+def meta_features_name(proto) -> str:
+    return json.loads({p.key: p.value for p in proto.metadata_props}["crystalscope"])["features_name"]

@@ -299,3 +299,16 @@ def test_bad_output_and_device_options_are_one_line_errors(models, real_samples,
                                  "--out", str(tmp_path / "p.csv"), "--device", "gpu"])
     assert result.exit_code == 2 and "--device 'gpu' is not a device" in result.output
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_ckpt_and_onnx_give_the_same_features(models, real_samples):
+    """The ONNX file's second output is the checkpoint's penultimate features (model.embed)."""
+    ckpt, onnx_model = Predictor.load(models["pad"]["ckpt"]), Predictor.load(models["pad"]["onnx"])
+    batch = ckpt.preprocessing.prepare(sorted(real_samples.glob("*.png")))
+    logits_t, feats_t = ckpt.logits_and_features(batch)
+    logits_o, feats_o = onnx_model.logits_and_features(batch)
+    assert feats_t.shape == feats_o.shape == (8, HeadSpec().hidden[-1])
+    assert np.abs(feats_t - feats_o).max() <= 1e-4 * max(1.0, np.abs(feats_t).max())
+    assert np.abs(logits_t - logits_o).max() <= 1e-4 * max(1.0, np.abs(logits_t).max())
+    assert np.allclose(ckpt.logits(batch), logits_t)
+    assert feats_t.std() > 0  # real, varying activations, not a constant

@@ -30,6 +30,9 @@ from crystalscope.io import atomic_path
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+#: second graph output: the penultimate features (``CrystalClassifier.embed``), for rejection,
+#: embedding maps and drift without torch
+FEATURES_NAME = "features"
 # the TorchScript exporter in torch 2.14 writes opsets 7..23; ONNX Runtime >= 1.17 reads <= 20
 MIN_OPSET, MAX_OPSET = 11, 23
 MAX_CHECK_IMAGES = 64
@@ -116,8 +119,26 @@ def onnx_metadata(ckpt: dict, preprocessing, opset: int) -> dict:
         "input_layout": "NCHW float32, RGB, (pixel/255 - mean) / std after resize",
         "output_name": OUTPUT_NAME,
         "output": "logits; probabilities = softmax(logits / temperature)",
+        "features_name": FEATURES_NAME,
+        "features": "penultimate activations (the head's input to its last Linear layer)",
         "opset": int(opset),
     }
+
+
+def _LogitsAndFeatures(model):
+    """The classifier as a module with two outputs: logits and the penultimate features."""
+    from torch import nn
+
+    class LogitsAndFeatures(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            features = self.inner.embed(x)
+            return self.inner.head[-1](features), features
+
+    return LogitsAndFeatures(model).eval()
 
 
 def _export_graph(model, image_size: int, opset: int):
@@ -135,9 +156,10 @@ def _export_graph(model, image_size: int, opset: int):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's deprecation/tracer chatter
             torch.onnx.export(
-                model, (example,), buffer, dynamo=False, opset_version=opset,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                _LogitsAndFeatures(model), (example,), buffer, dynamo=False, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME, FEATURES_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"},
+                              FEATURES_NAME: {0: "batch"}},
                 do_constant_folding=True,
             )
     except Exception as exc:

@@ -95,9 +95,19 @@ class _OnnxBackend:
         except json.JSONDecodeError:
             raise CrystalscopeError(f"{path}: the crystalscope metadata is not valid JSON; re-export the model") from None
         self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.source = path
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self.session.run(None, {self.input_name: batch})[0])
+        return np.asarray(self.session.run(self.output_names[:1], {self.input_name: batch})[0])
+
+    def logits_and_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        name = self.meta.get("features_name", "features")
+        if name not in self.output_names:
+            raise CrystalscopeError(f"{self.source}: this ONNX model has no '{name}' output (exported by an "
+                                    "older crystalscope); re-export it with `crystalscope export CHECKPOINT`")
+        logits, features = self.session.run([self.output_names[0], name], {self.input_name: batch})
+        return np.asarray(logits), np.asarray(features)
 
 
 class _TorchBackend:
@@ -122,12 +132,16 @@ class _TorchBackend:
                      ("backbone", "class_names", "positive_class", "preprocessing", "temperature")}
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.logits_and_features(batch)[0]
+
+    def logits_and_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         torch = self.torch
         # TF32 convolutions on a GPU drift by ~1e-3: keep full fp32 so a .ckpt on CUDA still
         # agrees with its .onnx export within 1e-4
         with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-            out = self.model(self.model_input(torch.from_numpy(batch).to(self.device)))
-        return out.float().cpu().numpy()
+            features = self.model.embed(self.model_input(torch.from_numpy(batch).to(self.device)))
+            logits = self.model.head[-1](features)
+        return logits.float().cpu().numpy(), features.float().cpu().numpy()
 
 
 def _torch_device(torch, device: str):
@@ -208,6 +222,18 @@ class Predictor:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw logits for a normalised float32 ``(N, 3, H, W)`` batch."""
         return self.backend.logits(np.ascontiguousarray(batch, dtype=np.float32))
+
+    def logits_and_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits ``(N, C)`` and penultimate features ``(N, D)`` for a normalised batch.
+
+        The features are ``CrystalClassifier.embed`` (PyTorch) or the ONNX file's ``features``
+        output; an ONNX file exported before that output existed raises a re-export hint.
+        """
+        return self.backend.logits_and_features(np.ascontiguousarray(batch, dtype=np.float32))
+
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        """Penultimate features ``(N, D)`` for a normalised float32 batch."""
+        return self.logits_and_features(batch)[1]
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Calibrated probabilities ``softmax(logits / temperature)`` for a normalised batch."""
