@@ -325,6 +325,36 @@ def _print_predictions(summary: dict, show: int) -> None:
                   f"-> {summary['out_csv']}", highlight=False, markup=False)
 
 
+@app.command("explain")
+@user_errors
+def explain_cmd(
+    model: Path = typer.Argument(..., help="Checkpoint (.ckpt) of a run, e.g. runs/train/weights/best.ckpt (not the .onnx)."),
+    images: List[Path] = typer.Argument(..., help="Image files and/or folders (png, jpg, jpeg, tif, tiff, bmp; any case)."),
+    out: Path = typer.Option(Path("explain"), "--out", "-o",
+                             help="Folder for <image>.cam.png overlays, explain.png (contact sheet) and explain.csv."),
+    target_class: Optional[str] = typer.Option(None, "--class",
+                                               help="Class whose evidence to show [default: each image's predicted class]."),
+    layer: Optional[str] = typer.Option(None, "--layer",
+                                        help="Module to take the feature map from, e.g. backbone.layer3 "
+                                        "[default: the backbone's last 4-D feature map before pooling]."),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Images per forward/backward pass."),
+    recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Look for images in subfolders too."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+):
+    """Grad-CAM: show where in each image the evidence for the predicted (or a chosen) class sits."""
+    from crystalscope.insight.explain import explain_images
+
+    summary = explain_images(model, images, out, target_class=target_class, layer=layer,
+                             batch_size=batch_size, device=device, recursive=recursive)
+    for row in summary["explanations"]:
+        if not row.ok:
+            typer.secho(f"{row.path}: {row.status}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"Grad-CAM at {summary['layer']}: {summary['n_ok']} overlays, {summary['n_errors']} errors "
+               f"-> {summary['out_dir']}/ (explain.png, explain.csv)")
+    if summary["n_ok"] == 0:
+        raise fail(f"none of the {summary['n_images']} files could be read as an image (reasons in {summary['csv']})", 1)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

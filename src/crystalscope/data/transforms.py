@@ -97,13 +97,30 @@ class Preprocessing:
         method = _INTERPOLATIONS[self.interpolation]
         if self.resize == "stretch":
             return img.resize((size, size), method)
-        w, h = img.size
-        scale = size / max(w, h)
-        new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+        left, top, new_w, new_h = self.content_box(img.size)
         resized = img.resize((new_w, new_h), method)
         canvas = Image.new("RGB", (size, size), (self.pad_value,) * 3)
-        canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
+        canvas.paste(resized, (left, top))
         return canvas
+
+    def content_box(self, original_size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """Where an image of ``(width, height)`` lands in the model input: ``(left, top, width, height)``.
+
+        The whole square for ``stretch``; the letterboxed area for ``pad``. The one rule for
+        this geometry, shared by :meth:`resize_image` and anything mapping model-input pixels
+        back onto the original image (Grad-CAM overlays).
+
+        Example:
+            >>> Preprocessing(image_size=100, resize="pad").content_box((200, 100))
+            (0, 25, 100, 50)
+        """
+        size = self.image_size
+        if self.resize == "stretch":
+            return 0, 0, size, size
+        w, h = original_size
+        scale = size / max(w, h)
+        new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+        return (size - new_w) // 2, (size - new_h) // 2, new_w, new_h
 
     def resize_uint8(self, source: "str | os.PathLike | Image.Image") -> np.ndarray:
         """Decode (any mode) and resize: returns ``uint8`` array ``(H, W, 3)``."""
