@@ -368,7 +368,8 @@ def explain_images(model_path: str | os.PathLike, paths: Sequence[str | os.PathL
         title = f"Grad-CAM at {layer} of {predictor.backbone}"
         if len(files) > sheet_limit:
             title += f" (first {sheet_limit} of {len(files)} images)"
-        contact_sheet(tiles, staging / SHEET_PNG, columns=min(6, len(tiles)), title=title)
+        rows = -(-len(tiles) // 6)  # at most 6 columns, rows filled evenly (8 tiles: 2 x 4)
+        contact_sheet(tiles, staging / SHEET_PNG, columns=-(-len(tiles) // rows), title=title)
         write_text(staging / EXPLAIN_CSV, _explain_csv(explanations))
     n_ok = sum(r.ok for r in explanations)
     return {"model": str(model_path), "layer": layer, "out_dir": str(out_dir),
