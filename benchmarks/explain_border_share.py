@@ -9,13 +9,14 @@ bars next to it) rather than on the crystal. Prints a Markdown table (median and
 
 Example:
     PYTHONPATH=src .venv/bin/python benchmarks/explain_border_share.py demo/run/weights/best.ckpt \\
-        "generated cex=demo/split/test/cex" "generated pg=demo/split/test/pg" \\
+        "generated cex=demo/split/test/cex" "real pg=../shared/real_samples/PG*" \\
         --layer backbone.bn2 --layer backbone.blocks.4
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import shlex
 import sys
 
@@ -38,7 +39,7 @@ def border_share(heatmap: np.ndarray, band: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
-    parser.add_argument("groups", nargs="+", help="NAME=PATH (a folder or an image; repeat)")
+    parser.add_argument("groups", nargs="+", help="NAME=PATH: a folder, an image or a glob pattern (quoted)")
     parser.add_argument("--layer", action="append", help="module name(s) [default: the default layer]")
     parser.add_argument("--band", type=float, default=0.10)
     args = parser.parse_args()
@@ -50,7 +51,7 @@ def main() -> None:
     for layer in args.layer or [None]:
         for group in args.groups:
             name, _, path = group.partition("=")
-            files = collect_images([path])
+            files = collect_images(sorted(glob.glob(path)) if glob.has_magic(path) else [path])
             results = [r for i in range(0, len(files), 16)
                        for r in explain_batch(predictor, files[i:i + 16], layer=layer)]
             shares = np.array([border_share(r.heatmap, args.band) for r in results if r.ok])
