@@ -137,8 +137,12 @@ def test_pad_area_never_reaches_the_original():
 @pytest.mark.parametrize("backbone,layer", [("resnet18", "backbone.layer4"), ("resnet101", "backbone.layer4"),
                                             ("efficientnet_lite0", "backbone.bn2")])
 def test_default_layer_is_the_last_feature_map_before_pooling(backbone, layer):
-    model = build_model(backbone, 2).eval()
+    model = build_model(backbone, 2).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     assert default_target_layer(model, image_size=32) == layer
+    # the probe forward pass leaves a model in training untouched (mode and batch-norm statistics)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 # ---- the command ------------------------------------------------------------------------

@@ -109,11 +109,13 @@ def default_target_layer(model, image_size: int = 64) -> str:
     hooks = [module.register_forward_hook(
         lambda _m, _i, out, name=name: finished.append((name, out.dim() if torch.is_tensor(out) else 0)))
         for name, module in model.backbone.named_modules() if name]
-    device = next(model.parameters()).device
+    device, was_training = next(model.parameters()).device, model.training
+    model.eval()  # the probe must not move batch-norm statistics
     try:
         with torch.no_grad():
             model.backbone.forward_features(torch.zeros(1, 3, image_size, image_size, device=device))
     finally:
+        model.train(was_training)
         for hook in hooks:
             hook.remove()
     spatial = [name for name, dim in finished if dim == 4]
@@ -247,7 +249,7 @@ def require_checkpoint(model_path: str | os.PathLike) -> None:
         return
     beside = path.parent / "weights" / "best.ckpt"
     where = (f"use {beside}" if beside.is_file()
-             else "use weights/best.ckpt in the run folder that holds this model.onnx")
+             else "use weights/best.ckpt of the run folder it was exported from")
     raise CrystalscopeError(f"{path}: explain needs the PyTorch checkpoint (.ckpt), not an ONNX export "
                             f"(Grad-CAM needs gradients); {where}")
 
@@ -274,6 +276,7 @@ def explain_batch(predictor: Predictor, items: Sequence, target_class: str | Non
 
     if predictor.backend_name != "torch":
         require_checkpoint(predictor.source)
+        raise CrystalscopeError(f"{predictor.source}: explain needs a PyTorch checkpoint (.ckpt)")
     pre = predictor.preprocessing
     target = None if target_class is None else [_class_index(predictor, target_class)] * len(items)
     results, originals, arrays = [], [], []
