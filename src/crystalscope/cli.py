@@ -333,10 +333,10 @@ def explain_cmd(
     out: Path = typer.Option(Path("explain"), "--out", "-o",
                              help="Folder for <image>.cam.png overlays, explain.png (contact sheet) and explain.csv."),
     target_class: Optional[str] = typer.Option(None, "--class",
-                                               help="Class whose evidence to show [default: each image's predicted class]."),
+                                               help="Class whose evidence to show (default: each image's predicted class)."),
     layer: Optional[str] = typer.Option(None, "--layer",
                                         help="Module to take the feature map from, e.g. backbone.layer3 "
-                                        "[default: the backbone's last 4-D feature map before pooling]."),
+                                        "(default: the backbone's last 4-D feature map before pooling)."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Images per forward/backward pass."),
     recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Look for images in subfolders too."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),

@@ -278,14 +278,15 @@ def explain_batch(predictor: Predictor, items: Sequence, target_class: str | Non
         require_checkpoint(predictor.source)
         raise CrystalscopeError(f"{predictor.source}: explain needs a PyTorch checkpoint (.ckpt)")
     pre = predictor.preprocessing
-    target = None if target_class is None else [_class_index(predictor, target_class)] * len(items)
+    chosen = None if target_class is None else _class_index(predictor, target_class)
     results, originals, arrays = [], [], []
     for i, item in enumerate(items):
         name = f"<image {offset + i}>" if isinstance(item, Image.Image) else str(item)
         results.append(Explanation(path=name))
         try:
             original = load_rgb(item)
-        except CrystalscopeError as exc:  # one bad file must not stop the others
+        except (CrystalscopeError, OSError, ValueError, Image.DecompressionBombError) as exc:
+            # one bad file must not stop the others
             results[-1].status = f"error: {_reason(exc, name)}"
             continue
         originals.append(original)
@@ -295,12 +296,12 @@ def explain_batch(predictor: Predictor, items: Sequence, target_class: str | Non
         return results
     model, device = predictor.backend.model, predictor.backend.device
     batch = model_input(torch.from_numpy(pre.normalize(np.stack(arrays))).to(device))
-    maps, logits = grad_cam(model, batch, None if target is None else target[:len(good)],
+    maps, logits = grad_cam(model, batch, None if chosen is None else [chosen] * len(good),
                             layer or default_target_layer(model, pre.image_size))
     probs = softmax(logits.astype(np.float64), predictor.temperature)
     for row, original, square, p in zip(good, originals, maps, probs):
         best = int(np.argmax(p))
-        explained = best if target is None else target[0]
+        explained = best if chosen is None else chosen
         row.predicted, row.confidence = predictor.class_names[best], float(p[best])
         row.target, row.target_probability = predictor.class_names[explained], float(p[explained])
         row.heatmap = heatmap_on_image(square, pre, original.size)
