@@ -204,9 +204,9 @@ def output_lock(out: str | os.PathLike, option: str = "--out") -> Iterator[Path]
         ...     write_text("predictions.csv", csv_text)
     """
     lock = lock_path(out)
-    lock.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):
         try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _lock_holder(lock)
@@ -215,6 +215,8 @@ def output_lock(out: str | os.PathLike, option: str = "--out") -> Iterator[Path]
                                   "wait for it, or choose another output") from None
             lock.unlink(missing_ok=True)  # a dead writer's lock
             continue
+        except OSError as exc:  # read-only, permission, full: name the output, not our lock file
+            raise OSError(exc.errno, exc.strerror, str(out)) from None
         with os.fdopen(fd, "w") as fh:
             fh.write(str(os.getpid()))
         break

@@ -150,7 +150,8 @@ def load_rgb(source: str | os.PathLike | Image.Image) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageReadError(f"{path}: not a readable image file") from None
     except Image.DecompressionBombError:
-        raise ImageReadError(f"{path}: image too large to decode safely (above {max_pixels():,} pixels)") from None
+        raise ImageReadError(f"{path}: image is far above the limit of {max_pixels():,} pixels (set "
+                             "CRYSTALSCOPE_MAX_PIXELS to raise it, or downscale the file)") from None
     except MemoryError:
         raise ImageReadError(f"{path}: not enough memory to decode this image") from None
     except (OSError, SyntaxError, ValueError) as exc:

@@ -45,7 +45,7 @@ def weights_hash(model: torch.nn.Module) -> str:
     for name, tensor in model.state_dict().items():
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}\0".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return f"sha256:{digest.hexdigest()}"
 
 
