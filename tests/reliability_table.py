@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import platform
+import re
 
 
 def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    # temporary test folders carry no information: keep the part a user would type
+    text = re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/ ]+/", "", str(text))
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def render(attacks: list[dict]) -> str:
     """The markdown page: what was tried, the outcome of each attack, and the counts."""
     tracebacks = sum(1 for a in attacks if a["traceback"])
     lost = sum(a["changed"] for a in attacks)
-    silent = sum(1 for a in attacks if a["exit"] == 0 and a.get("expect_error"))
+    # a silent success: an attack meant to be refused that exited 0 (the tests assert the code)
+    silent = sum(1 for a in attacks if a["exit"] == 0 and a["expected"] != 0)
     lines = [
         "# Reliability: attacks and their outcome",
         "",
@@ -26,6 +30,31 @@ def render(attacks: list[dict]) -> str:
         "",
         f"**Counts: {len(attacks)} attacks, tracebacks {tracebacks}, user files lost {lost}, "
         f"silent successes {silent}.**",
+        "",
+        "## Where each point of issue 10 is fixed",
+        "",
+        "| point | cause | fix (one place) |",
+        "|---|---|---|",
+        "| 1 output = input | each command checked only its own cases | `crystalscope.safety.check_output(out, inputs=...)` "
+        "in predict, export, split, audit, train, evaluate, synth |",
+        "| 2 rerun deletes files, `--out .` | `atomic_dir(force=True)` replaced any folder | folder outputs are "
+        "replaced only when every entry is the command's own (`owned`) and `--force` is given; cwd refused |",
+        "| 3 silent non-training | batch 1 skipped, `nan` passed `lr <= 0`, NaN loss ignored | `TrainConfig.validate` "
+        "(finite options, batch >= 2), trailing single image joins the previous batch, `check_finite` stops "
+        "the run before saving |",
+        "| 4 tracebacks | OSError/DecompressionBombError escaped; torch.save hid ENOSPC | CLI boundary `user_errors` + "
+        "`safety.describe_os_error`; checkpoints serialised in memory and written by Python; decoder limit |",
+        "| 5 half-written report | evaluate wrote into the final folder | `atomic_dir` staging in `evaluate_checkpoint` |",
+        "| 6 0 test images | greedy placement by deficit | `split._fill_empty_splits` (+ warning when impossible) |",
+        "| 7 leftovers | staging names carried no owner | `.NAME.<pid>.<rand>.tmp/.partial`; `safety.clean_stale` |",
+        "| 8 concurrent writers | no lock | `safety.output_lock` (`.NAME.lock` with the pid; a dead pid's lock is taken over) |",
+        "| 9 huge images | full decode before any check | `images.check_pixels` from the header (25 Mpx default) |",
+        "| 10 resume differs | global RNG (dropout) not saved; feature-cache stream restored late | "
+        "`training.record.rng_states` in last.ckpt, restored when the resumed epochs start |",
+        "| 11 ONNX metadata | resampling rules unstated | `Preprocessing.spec()` as `preprocessing_spec`; "
+        "`tests/preprocessing_reference.py` (numpy) matches Pillow bit for bit on the real samples |",
+        "",
+        "## Attacks run",
         "",
         "| attack | command | exit code | error line | files changed |",
         "|---|---|---|---|---|",

@@ -64,8 +64,8 @@ def attack(name: str, args: list[str], *, code: int, words: tuple[str, ...] = ()
     output = result.output
     error = next((line for line in output.splitlines() if line.startswith("error:")), "")
     changed = sorted(p for p, digest in before.items() if after.get(p) != digest)
-    ATTACKS.append({"attack": name, "command": shown or "crystalscope " + " ".join(str(a) for a in args),
-                    "exit": result.exit_code, "error": error, "changed": len(changed),
+    ATTACKS.append({"attack": name, "command": shown or "crystalscope " + " ".join(_short(a) for a in args),
+                    "exit": result.exit_code, "expected": code, "error": error, "changed": len(changed),
                     "traceback": "Traceback" in output or not isinstance(result.exception, (SystemExit, type(None)))})
     assert result.exit_code == code, output
     assert "Traceback" not in output and isinstance(result.exception, (SystemExit, type(None))), output
@@ -73,6 +73,16 @@ def attack(name: str, args: list[str], *, code: int, words: tuple[str, ...] = ()
         assert word in output, output
     assert not changed, f"{name}: pre-existing files changed: {changed}"
     return result
+
+
+def _short(arg) -> str:
+    """A path as the table shows it: relative to the test's temporary folder."""
+    text = str(arg)
+    marker = text.find("/pytest-")
+    if marker < 0:
+        return text
+    parts = Path(text[marker:]).parts
+    return str(Path(*parts[3:])) if len(parts) > 3 else text
 
 
 def dead_pid() -> int:
