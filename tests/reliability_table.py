@@ -8,12 +8,18 @@ import re
 
 def _cell(text: str) -> str:
     # temporary test folders carry no information: keep the part a user would type
-    text = re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/ ]+/", "", str(text))
+    text = re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/ ]+", "$TMP", str(text))
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render(attacks: list[dict]) -> str:
-    """The markdown page: what was tried, the outcome of each attack, and the counts."""
+MARKER = "<!-- end of the generated part: what follows is kept when the table is regenerated -->"
+
+
+def render(attacks: list[dict], previous: str = "") -> str:
+    """The markdown page: what was tried, the outcome of each attack, and the counts.
+
+    Whatever follows :data:`MARKER` in ``previous`` (hand-written measurements) is kept.
+    """
     tracebacks = sum(1 for a in attacks if a["traceback"])
     lost = sum(a["changed"] for a in attacks)
     # a silent success: an attack meant to be refused that exited 0 (the tests assert the code)
@@ -62,7 +68,8 @@ def render(attacks: list[dict]) -> str:
     for a in attacks:
         lines.append(f"| {_cell(a['attack'])} | `{_cell(a['command'])}` | {a['exit']} | {_cell(a['error'])} | "
                      f"{a['changed']} |")
-    return "\n".join(lines) + "\n"
+    tail = previous.split(MARKER, 1)[1] if MARKER in previous else "\n"
+    return "\n".join(lines) + "\n\n" + MARKER + tail
 
 
 def _is_root() -> bool:

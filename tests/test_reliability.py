@@ -64,7 +64,7 @@ def attack(name: str, args: list[str], *, code: int, words: tuple[str, ...] = ()
     output = result.output
     error = next((line for line in output.splitlines() if line.startswith("error:")), "")
     changed = sorted(p for p, digest in before.items() if after.get(p) != digest)
-    ATTACKS.append({"attack": name, "command": shown or "crystalscope " + " ".join(_short(a) for a in args),
+    ATTACKS.append({"attack": name, "command": shown or "crystalscope " + " ".join(str(a) for a in args),
                     "exit": result.exit_code, "expected": code, "error": error, "changed": len(changed),
                     "traceback": "Traceback" in output or not isinstance(result.exception, (SystemExit, type(None)))})
     assert result.exit_code == code, output
@@ -73,16 +73,6 @@ def attack(name: str, args: list[str], *, code: int, words: tuple[str, ...] = ()
         assert word in output, output
     assert not changed, f"{name}: pre-existing files changed: {changed}"
     return result
-
-
-def _short(arg) -> str:
-    """A path as the table shows it: relative to the test's temporary folder."""
-    text = str(arg)
-    marker = text.find("/pytest-")
-    if marker < 0:
-        return text
-    parts = Path(text[marker:]).parts
-    return str(Path(*parts[3:])) if len(parts) > 3 else text
 
 
 def dead_pid() -> int:
@@ -353,6 +343,25 @@ def test_leftovers_of_a_killed_run_are_removed(assets, tmp_path):
     assert not stale_dir.exists() and not stale_file.exists() and foreign.read_text() == "mine"
 
 
+def test_a_real_kill_9_leaves_nothing_the_next_run_does_not_remove(tmp_path):
+    import time
+
+    import crystalscope
+
+    out = tmp_path / "synth"
+    env = {**os.environ, "PYTHONPATH": str(Path(crystalscope.__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "crystalscope", "synth", str(out), "--per-class", "500",
+                             "--workers", "1", "-q"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline and not list(tmp_path.glob(".synth.*.partial/*/*/*/*")):
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no cleanup code runs
+    proc.wait()
+    assert list(tmp_path.glob(".synth.*.partial")) and (tmp_path / ".synth.lock").exists()
+    attack("synth again after kill -9 mid-write", ["synth", out, "--per-class", "2", "--workers", "1", "-q"], code=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth"]
+
+
 def test_leftover_checkpoint_tmp_is_removed_on_resume(tmp_path):
     from crystalscope.safety import clean_stale
 
@@ -470,4 +479,5 @@ def _write_table():
     if target and ATTACKS:
         from reliability_table import render
 
-        Path(target).write_text(render(ATTACKS))
+        previous = Path(target).read_text() if Path(target).is_file() else ""
+        Path(target).write_text(render(ATTACKS, previous))

@@ -39,6 +39,10 @@ from crystalscope.training.steps import GraphedTrainStep, TrainStep
 from crystalscope.training.stopping import StoppingState
 
 SPLITS = ("train", "val", "test")
+# what `train` writes into a run folder (the demo may replace only a folder of these)
+RUN_FILES = ("config.yaml", ENVIRONMENT_FILE, "metrics.csv", "metrics_plot.png", "weights", "test_results.txt",
+             "test_results.json", "confusion_matrix.png", "roc_auc.png", "calibration.png", "misclassified.csv",
+             "model.onnx")
 # what `evaluate` writes into its report folder: --force may replace only a folder of these
 REPORT_FILES = ("confusion_matrix.png", "roc_auc.png", "calibration.png", "misclassified.csv",
                 "test_results.txt", "test_results.json")
