@@ -422,6 +422,26 @@ def test_resume_continues_bit_for_bit(assets, uninterrupted, tmp_path, monkeypat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_with_cached_features_continues_bit_for_bit(assets, tmp_path, monkeypatch):
+    args = ["--trainable-fraction", "0", "--cache-features", "--feature-passes", "2", "--lr", "0.01",
+            "--batch-size", "6", "--epochs", "3"]
+    full = tmp_path / "full"
+    assert RUNNER.invoke(app, _train_args(assets["split"], full, *args)).exit_code == 0
+    real = run_module.run_epoch
+
+    def stop_before_epoch_2(session, epoch, bar):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(session, epoch, bar)
+
+    monkeypatch.setattr(run_module, "run_epoch", stop_before_epoch_2)
+    out = tmp_path / "stopped"
+    assert RUNNER.invoke(app, _train_args(assets["split"], out, *args)).exit_code == 130
+    monkeypatch.setattr(run_module, "run_epoch", real)
+    assert RUNNER.invoke(app, ["train", "--resume", str(out)]).exit_code == 0
+    assert _metrics_without_time(out) == _metrics_without_time(full)
+
+
 def test_environment_json_records_the_run(assets, uninterrupted):
     env = json.loads((uninterrupted / "environment.json").read_text())
     assert env["torch"] == torch.__version__ and env["seed"] == 0 and env["device"] == "cpu"

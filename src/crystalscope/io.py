@@ -1,4 +1,12 @@
-"""Atomic file writes: a crash never leaves a half-written file under its final name."""
+"""Atomic file writes: a crash never leaves a half-written file under its final name.
+
+Staging names carry the writer's pid (``.NAME.<pid>.<random>.tmp`` / ``.partial``) so that
+:func:`crystalscope.safety.clean_stale` can remove what a killed process left behind. An
+``OSError`` raised while writing names the final path, not the hidden staging one, so the
+CLI's one-line message ("no space left on device while writing runs/a/x.png") points at the
+file the user asked for. Decide *whether* a path may be written with
+:func:`crystalscope.safety.claim_output` first.
+"""
 
 from __future__ import annotations
 
