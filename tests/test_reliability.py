@@ -280,6 +280,8 @@ def test_huge_images_are_skipped_with_their_reason(assets, tmp_path):
     assert any("above the limit" in s for s in split_json["skipped_unreadable"]), result.output
     attack("audit with a 20000x20000 PNG", ["audit", source, "--out", tmp_path / "audit", "-q"], code=0,
            roots=(source,))
+    reasons = json.loads((tmp_path / "audit" / "audit.json").read_text())["unreadable_errors"]
+    assert any("above the limit" in reason for reason in reasons.values()), reasons
     big = huge_png(tmp_path / "big.png", 12000, 12000)
     attack("predict a 12000x12000 PNG", ["predict", assets["onnx"], big, "--out", tmp_path / "p.csv"], code=1,
            words=("could be read",), roots=(assets["root"],))
