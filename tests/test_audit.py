@@ -204,7 +204,7 @@ def test_out_dir_safety(dataset, tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("x")
-    with pytest.raises(CrystalscopeError, match="holds no earlier audit"):
+    with pytest.raises(CrystalscopeError, match="did not write"):
         audit_dataset(dataset["root"], out_dir=busy, progress=False)
     out = tmp_path / "again"
     audit_dataset(dataset["root"], out_dir=out, progress=False)

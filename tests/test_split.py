@@ -191,11 +191,16 @@ def test_force_replaces_and_refusal_without_it(source, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    with pytest.raises(CrystalscopeError, match="not empty.*--force"):
+    for force in (False, True):  # a user's file is never deleted, not even with --force
+        with pytest.raises(CrystalscopeError, match="not empty.*did not write.*old.txt"):
+            split_dataset(source, out, force=force, progress=False)
+    assert (out / "old.txt").read_text() == "old"
+    (out / "old.txt").unlink()
+    split_dataset(source, out, progress=False)
+    with pytest.raises(CrystalscopeError, match="earlier output.*--force"):
         split_dataset(source, out, progress=False)
-    assert (out / "old.txt").exists()
-    split_dataset(source, out, force=True, progress=False)
-    assert not (out / "old.txt").exists() and (out / "split.csv").exists()
+    split_dataset(source, out, force=True, progress=False)  # an earlier split is ours to replace
+    assert (out / "split.csv").exists()
 
 
 def test_hardlink_and_symlink_modes(source, tmp_path):
@@ -252,9 +257,9 @@ def test_bad_sources_give_one_line_errors(source, tmp_path):
     (source / "CEX").rename(single / "CEX")
     with pytest.raises(CrystalscopeError, match=r"only one class folder \(cex\)"):
         split_dataset(single, tmp_path / "out", progress=False)
-    with pytest.raises(CrystalscopeError, match="overlaps the source"):
+    with pytest.raises(CrystalscopeError, match="is inside the input"):
         split_dataset(source, source / "split", progress=False)
-    with pytest.raises(CrystalscopeError, match="overlaps the source"):
+    with pytest.raises(CrystalscopeError, match="contains the input"):
         split_dataset(source, tmp_path, force=True, progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -279,7 +284,7 @@ def test_cli_split_smoke(source, tmp_path):
     assert "cex" in result.output and "28 (70.0%)" in result.output
     assert "kept together" in result.output
     again = runner.invoke(app, ["split", str(source), str(tmp_path / "out")])
-    assert again.exit_code == 2 and "not empty" in again.output and "Traceback" not in again.output
+    assert again.exit_code == 2 and "--force" in again.output and "Traceback" not in again.output
     bad = runner.invoke(app, ["split", str(source), str(tmp_path / "x"), "--ratios", "0.5,0.5,0.5"])
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
 

@@ -143,11 +143,15 @@ def test_non_empty_out_dir_is_refused_without_force(tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    with pytest.raises(CrystalscopeError, match=r"busy is not empty.*--force"):
-        synth.generate(out, per_class=3, workers=1, progress=False)
+    for force in (False, True):  # a user's file is never deleted, not even with --force
+        with pytest.raises(CrystalscopeError, match=r"busy is not empty.*did not write"):
+            synth.generate(out, per_class=3, workers=1, progress=False, force=force)
     assert (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()
+    synth.generate(out, per_class=3, workers=1, progress=False)
+    with pytest.raises(CrystalscopeError, match=r"earlier output.*--force"):
+        synth.generate(out, per_class=3, workers=1, progress=False)
     synth.generate(out, per_class=3, workers=1, progress=False, force=True)
-    assert not (out / "keep.txt").exists()
     assert len(list(out.rglob("*.png"))) == 6
 
 
@@ -201,7 +205,7 @@ def test_cli_bad_option_and_busy_folder_give_one_line_errors(tmp_path):
     (busy / "f").write_text("x")
     refused = runner.invoke(app, ["synth", str(busy), "--per-class", "2", "-q"])
     assert refused.exit_code == 2
-    assert f"error: OUT_DIR {busy} is not empty" in refused.output and "--force" in refused.output
+    assert f"error: OUT_DIR {busy} is not empty" in refused.output and "did not write" in refused.output
 
 
 def test_pg_sizes_never_mimic_the_cex_size():

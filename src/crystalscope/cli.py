@@ -35,16 +35,27 @@ def fail(message: str, code: int = 2) -> "typer.Exit":
 
 
 def user_errors(func):
-    """Turn expected mistakes into a one-line message and a non-zero exit code."""
+    """The CLI's one error boundary: expected mistakes and faults become one line and an exit code.
+
+    ``CrystalscopeError`` (bad input; exit 2, or its own code) and file-system faults (disk full,
+    read-only, permission denied: exit 1, described by :func:`crystalscope.safety.describe_os_error`)
+    never show a traceback. Every command decorates itself with it.
+    """
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        from crystalscope.safety import describe_os_error
+
         try:
             return func(*args, **kwargs)
         except CrystalscopeError as exc:
             raise fail(str(exc), exc.exit_code) from None
         except KeyboardInterrupt:
             raise fail("interrupted", 130) from None
+        except OSError as exc:
+            raise fail(describe_os_error(exc), 1) from None
+        except MemoryError:
+            raise fail("out of memory: lower --batch-size or --workers, or use smaller images", 1) from None
 
     return wrapper
 
@@ -205,15 +216,19 @@ def evaluate(
     checkpoint: Path = typer.Argument(..., help="A crystalscope checkpoint, e.g. runs/train/weights/best.ckpt."),
     data_dir: Path = typer.Argument(..., help="Folder of class folders (names must be the model's classes), e.g. SPLIT/test."),
     out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: runs/evaluate, runs/evaluate2, ...)."),
-    batch_size: int = typer.Option(64, help="Images per forward pass."),
+    batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     workers: Optional[int] = typer.Option(None, help="Image decoding threads (default: CPU count)."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier report in --out (only a folder "
+                               "holding nothing but report files)."),
 ):
     """Write the test report (txt, json, plots, misclassified.csv) of a saved model on a folder."""
     from crystalscope.training.run import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, data_dir, out, batch_size=batch_size, device=device, workers=workers,
-                                 progress=sys.stderr.isatty())
+                                 progress=sys.stderr.isatty(), force=force)
+    if result.get("meta", {}).get("warning"):
+        typer.secho(f"warning: {result['meta']['warning']}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"accuracy {result['accuracy']:.4f}, macro F1 {result['macro']['f1']:.4f}, "
                f"{result['n_missed']} of {result['n_images']} missed")
     for name, s in result["per_class"].items():

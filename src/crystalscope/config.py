@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,11 @@ class TrainConfig:
         if self.cuda_graphs and self.compile:
             bad("cuda_graphs", "and --compile both replace the training step; choose one "
                 "(--compile --compile-mode reduce-overhead also uses CUDA graphs)")
+        for name in ("lr", "momentum", "trainable_fraction", "f1_threshold", "rotation", "shift", "zoom"):
+            if not math.isfinite(float(getattr(self, name))):
+                bad(name, f"{getattr(self, name)} is not a finite number")
+        if not 0.0 <= self.momentum < 1.0:
+            bad("momentum", f"{self.momentum} must be in [0, 1)")
         if not 0.0 <= self.trainable_fraction <= 1.0:
             bad("trainable_fraction", f"{self.trainable_fraction} must be between 0 and 1")
         for name in ("batch_size", "epochs", "image_size", "f1_patience", "patience", "feature_passes"):
@@ -101,6 +107,9 @@ class TrainConfig:
                 bad(name, f"{getattr(self, name)} must be at least 1")
         if self.lr <= 0:
             bad("lr", f"{self.lr} must be positive")
+        if int(self.batch_size) < 2:
+            # BatchNorm cannot normalise one image: every step would be skipped and nothing learnt
+            bad("batch_size", f"{self.batch_size} is too small: BatchNorm needs at least 2 images per step")
         if self.workers is not None and self.workers < 1:
             bad("workers", f"{self.workers} must be at least 1")
         if self.cache_features and self.trainable_fraction != 0:

@@ -60,6 +60,11 @@ def run_demo(out: str | Path = "demo", per_class: int = 1000, backbone: str = "e
     if run_dir.exists():
         import shutil
 
+        from crystalscope.safety import check_output
+        from crystalscope.training.run import RUN_FILES
+
+        # only an earlier demo run is removed; a folder holding a user's file is refused
+        check_output(run_dir, kind="folder", force=True, owned=(*RUN_FILES, "predictions.csv"))
         shutil.rmtree(run_dir)
     summary = train(demo_config(split_dir, run_dir, backbone, image_size, epochs, seed))
     console.rule("5/5 predict: ONNX Runtime on the test images")

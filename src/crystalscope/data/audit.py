@@ -657,20 +657,25 @@ def plot_intensity(records: Sequence[ImageRecord], classes: Sequence[str], out_p
 # ---- the audit ---------------------------------------------------------------------------
 
 
+AUDIT_FILES = ("audit.json", "audit.md", "sizes.png", "intensity.png")
+
+
 def default_audit_dir(data_dir: str | os.PathLike) -> Path:
     """``./audit-<name of DATA_DIR>``: outside the data, so a report never becomes a class folder."""
     return Path.cwd() / f"audit-{Path(data_dir).resolve().name}"
 
 
 def _check_out_dir(out_dir: Path, source: AuditSource) -> None:
+    from crystalscope.safety import check_output
+
     out = out_dir.resolve()
     if source.layout != "split" and out.is_relative_to(source.class_root.resolve()):
         raise CrystalscopeError(
             f"--out '{out_dir}' is inside the class folders of '{source.data_dir}', where it would be "
             "read as a class next time: choose a folder outside it")
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "audit.json").exists():
-        raise CrystalscopeError(
-            f"--out '{out_dir}' exists, is not empty and holds no earlier audit: choose another folder")
+    # an earlier audit (nothing but the files an audit writes) is replaced, as documented;
+    # a folder holding anything else is refused, never emptied
+    check_output(out_dir, inputs=[source.data_dir], kind="folder", force=True, owned=AUDIT_FILES)
 
 
 def _relative(path: Path, base: Path) -> str:
@@ -705,6 +710,7 @@ def audit_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike | None
         (0.9995, 0)
     """
     from crystalscope.io import atomic_dir, write_json, write_text
+    from crystalscope.safety import claim_output
 
     started = time.perf_counter()
     source = discover_source(data_dir)
@@ -723,7 +729,8 @@ def audit_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     result["out_dir"] = str(out_dir)
     result["workers"] = workers
     result["timings"] = {k: round(v, 2) for k, v in timings.items()}
-    with atomic_dir(out_dir, force=True) as staging:
+    with claim_output(out_dir, inputs=[source.data_dir], kind="folder", force=True, owned=AUDIT_FILES), \
+            atomic_dir(out_dir, force=True) as staging:
         plot_sizes(records, source.classes, staging / "sizes.png")
         plot_intensity(records, source.classes, staging / "intensity.png")
         result["run_time_s"] = round(time.perf_counter() - started, 2)

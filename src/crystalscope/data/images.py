@@ -12,11 +12,15 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from crystalscope.errors import CrystalscopeError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+DEFAULT_MAX_PIXELS = 25_000_000
+EXIF_ORIENTATION = 0x0112
+# our own limit is checked from the header first; Pillow's bomb check stays as a second line
+Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, DEFAULT_MAX_PIXELS)
 
 
 class ImageReadError(CrystalscopeError):
@@ -134,24 +138,71 @@ def load_rgb(source: str | os.PathLike | Image.Image) -> Image.Image:
         (151, 151)
     """
     if isinstance(source, Image.Image):
-        return to_rgb(source)
+        return to_rgb(upright(source))
     path = Path(source)
     try:
         with Image.open(path) as img:
+            check_pixels(img.size, path)  # from the header: a huge image is refused before any decode
             img.load()  # forces a full decode so truncated files fail here, not later
-            return to_rgb(img)
+            return to_rgb(upright(img))
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found") from None
     except UnidentifiedImageError:
         raise ImageReadError(f"{path}: not a readable image file") from None
+    except Image.DecompressionBombError:
+        raise ImageReadError(f"{path}: image is far above the limit of {max_pixels():,} pixels (set "
+                             "CRYSTALSCOPE_MAX_PIXELS to raise it, or downscale the file)") from None
+    except MemoryError:
+        raise ImageReadError(f"{path}: not enough memory to decode this image") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{path}: corrupt or truncated image ({exc})") from None
 
 
+def max_pixels() -> int:
+    """The largest image (width x height) any command decodes: 25 Mpx, or ``$CRYSTALSCOPE_MAX_PIXELS``.
+
+    Why: the crops are ~150-230 px and a full microscope frame a few Mpx; a 12000 x 12000 PNG
+    would cost ~1.5 GB of memory per decoding worker. Refusing it from the header keeps every
+    command's memory bounded (a too-large file is an error row in predict, a skipped file with
+    its reason in split and audit).
+    """
+    try:
+        return max(1, int(os.environ.get("CRYSTALSCOPE_MAX_PIXELS", DEFAULT_MAX_PIXELS)))
+    except ValueError:
+        return DEFAULT_MAX_PIXELS
+
+
+def check_pixels(size: tuple[int, int], path: str | os.PathLike) -> None:
+    """Raise :class:`ImageReadError` when ``size`` (w, h) is above :func:`max_pixels`."""
+    width, height = size
+    if width * height > max_pixels():
+        raise ImageReadError(f"{path}: image is {width} x {height} pixels, above the limit of {max_pixels():,} "
+                             "(set CRYSTALSCOPE_MAX_PIXELS to raise it, or downscale the file)")
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag (a phone or camera JPEG stored sideways) once, here.
+
+    Example:
+        >>> upright(Image.new("RGB", (4, 2))).size
+        (4, 2)
+    """
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a broken EXIF block must not make a readable image unreadable
+        return img
+    return ImageOps.exif_transpose(img) if orientation not in (0, 1) else img
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) from the file header without a full decode."""
+    """(width, height) from the file header without a full decode (after EXIF orientation)."""
     with Image.open(path) as img:
-        return img.size
+        w, h = img.size
+        try:
+            turned = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+        except Exception:
+            turned = False
+        return (h, w) if turned else (w, h)
 
 
 def iter_readable(paths: Iterable[Path]):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import errno
 import io
+import math
 import os
 import random
 import re
@@ -29,6 +30,7 @@ from typing import Callable, Iterable, Sequence
 from crystalscope.data.images import class_folders, is_image_file, natural_key, visible_subfolders
 from crystalscope.errors import CrystalscopeError
 from crystalscope.io import atomic_dir, write_json, write_text
+from crystalscope.safety import check_output, claim_output
 
 SPLIT_NAMES = ("train", "val", "test")
 DEFAULT_RATIOS = (0.70, 0.25, 0.05)
@@ -130,7 +132,9 @@ def parse_ratios(ratios: str | Sequence[float]) -> tuple[float, float, float]:
     if len(values) != 3:
         raise CrystalscopeError(
             f"--ratios '{text}' needs three numbers (train,val,test), e.g. 0.70,0.25,0.05")
-    if any(v < 0 or v != v for v in values):
+    if any(not math.isfinite(v) for v in values):
+        raise CrystalscopeError(f"--ratios '{text}' has a value that is not a finite number: use e.g. 0.70,0.25,0.05")
+    if any(v < 0 for v in values):
         raise CrystalscopeError(f"--ratios '{text}' has a negative value: every ratio must be >= 0")
     if abs(sum(values) - 1.0) > 1e-6:
         raise CrystalscopeError(f"--ratios '{text}' sum to {sum(values):g}, not 1: e.g. 0.70,0.25,0.05")
@@ -224,14 +228,16 @@ def make_group_key(group_by: str | GroupKey, records, class_of: dict[Path, str],
 
 
 def assign_splits(files_by_class: dict[str, list[Path]], group_key: GroupKey,
-                  ratios: Sequence[float], seed: int) -> dict[Path, str]:
+                  ratios: Sequence[float], seed: int, warnings: list[str] | None = None) -> dict[Path, str]:
     """Assign every file to a split, whole groups at a time, stratified per class.
 
     Per class, groups are shuffled with a seed derived from ``seed`` and the class name (so
     adding a class never reshuffles another), then placed largest first into the split that
     is furthest below its target; singletons fill the gaps, so a split by file hits the
     targets exactly and a grouped split within about one group. A group that spans classes
-    (a duplicate filed under two labels) follows the split its first class gave it.
+    (a duplicate filed under two labels) follows the split its first class gave it. A class
+    with at least one group per non-zero split gets a group in each (a small class must not
+    end with 0 test images); otherwise a line naming the class and the split goes to ``warnings``.
 
     Example:
         >>> assign_splits({"a": [Path("1"), Path("2")], "b": [Path("3"), Path("4")]},
@@ -248,6 +254,7 @@ def assign_splits(files_by_class: dict[str, list[Path]], group_key: GroupKey,
         order.sort(key=lambda item: -len(item[1]))  # stable: the shuffle breaks ties
         targets = split_targets(len(files_by_class[class_name]), ratios)
         counts = [0] * len(SPLIT_NAMES)
+        placed: list[list[str]] = [[] for _ in SPLIT_NAMES]
         for gid, members in order:
             if gid in fixed:
                 index = fixed[gid]
@@ -255,27 +262,42 @@ def assign_splits(files_by_class: dict[str, list[Path]], group_key: GroupKey,
                 deficits = [t - c if r > 0 else float("-inf") for t, c, r in zip(targets, counts, ratios)]
                 index = deficits.index(max(deficits))
                 fixed[gid] = index
+                placed[index].append(gid)
             counts[index] += len(members)
+        _fill_empty_splits(class_name, groups, placed, ratios, fixed, warnings)
+        for gid, members in groups.items():
             for path in members:
-                assignment[path] = SPLIT_NAMES[index]
+                assignment[path] = SPLIT_NAMES[fixed[gid]]
     return assignment
+
+
+def _fill_empty_splits(class_name: str, groups: dict[str, list[Path]], placed: list[list[str]],
+                       ratios: Sequence[float], fixed: dict[str, int], warnings: list[str] | None) -> None:
+    """Move the smallest group of the fullest split into each non-zero split left empty."""
+    for index, ratio in enumerate(ratios):
+        if ratio <= 0 or placed[index]:
+            continue
+        donors = [i for i in range(len(placed)) if len(placed[i]) > 1]
+        if not donors:
+            if warnings is not None:
+                warnings.append(f"class {class_name!r} has too few groups ({len(groups)}) to give the "
+                                f"{SPLIT_NAMES[index]} split any image: it has 0 there")
+            continue
+        donor = max(donors, key=lambda i: len(placed[i]))
+        gid = min(reversed(placed[donor]), key=lambda g: len(groups[g]))  # smallest, last placed on ties
+        placed[donor].remove(gid)
+        placed[index].append(gid)
+        fixed[gid] = index
 
 
 # ---- writing the split -------------------------------------------------------------------
 
 
+OWNED = (*SPLIT_NAMES, "split.csv", "split.json")  # what a split writes: --force may replace only these
+
+
 def _check_out_dir(out_dir: Path, source: Path, root: Path, force: bool) -> None:
-    out = out_dir.resolve()
-    for folder in {source.resolve(), root.resolve()}:
-        if out == folder or out.is_relative_to(folder) or folder.is_relative_to(out):
-            raise CrystalscopeError(
-                f"OUT_DIR '{out_dir}' overlaps the source '{source}': choose a folder outside it "
-                "(the source is never modified)")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CrystalscopeError(f"OUT_DIR '{out_dir}' is a file: choose a folder")
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise CrystalscopeError(
-            f"OUT_DIR '{out_dir}' is not empty: choose another folder or pass --force to replace it")
+    check_output(out_dir, inputs=[source, root], kind="folder", force=force, owned=OWNED, option="OUT_DIR")
 
 
 def _destination_names(class_dir: Path, files: Sequence[Path]) -> dict[Path, str]:
@@ -387,9 +409,10 @@ def split_dataset(source: str | os.PathLike, out_dir: str | os.PathLike,
     readable_records = [r for r in records if r.readable]
     class_of = {p: c for c, paths in files.items() for p in paths}
     group_key = make_group_key(group_by, readable_records, class_of, progress, workers)
-    assignment = assign_splits(files, group_key, ratios, seed)
+    warnings: list[str] = []
+    assignment = assign_splits(files, group_key, ratios, seed, warnings)
     return _write_split(out_dir, root, files, found, records, assignment, group_key,
-                        dict(ratios=list(ratios), seed=seed, mode=mode, force=force,
+                        dict(ratios=list(ratios), seed=seed, mode=mode, force=force, warnings=warnings,
                              group_by=group_by if isinstance(group_by, str) else "custom"), progress)
 
 
@@ -418,7 +441,8 @@ def _write_split(out_dir: Path, root: Path, files: dict[str, list[Path]], found:
         "skipped_unreadable": [f"{r.path}: {r.error}" for r in records if not r.readable],
         "split_csv": str(out_dir / "split.csv"),
     }
-    with atomic_dir(out_dir, force=options["force"]) as staging:
+    with claim_output(out_dir, inputs=[root], kind="folder", force=options["force"], owned=OWNED,
+                      option="OUT_DIR"), atomic_dir(out_dir, force=options["force"]) as staging:
         for split_name in SPLIT_NAMES:
             for class_name in counts:
                 (staging / split_name / class_name).mkdir(parents=True, exist_ok=True)
@@ -458,4 +482,6 @@ def print_split_summary(summary: dict, console=None) -> None:
                        ("unreadable images", "skipped_unreadable")):
         if summary[key]:
             console.print(f"skipped {len(summary[key])} {label}: {_first_few(summary[key])}", markup=False)
+    for warning in summary.get("warnings", []):
+        console.print(f"warning: {warning}", markup=False, style="yellow")
     console.print(f"wrote {summary['split_csv']}", markup=False)

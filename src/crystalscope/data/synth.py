@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from crystalscope.errors import CrystalscopeError
 from crystalscope.io import atomic_dir
+from crystalscope.safety import check_output, claim_output
 
 #: Real file counts of the Kaggle download (``archive/cropped/cropped/{cex,pg}``).
 REAL_COUNTS = {"cex": 6860, "pg": 6804}
@@ -47,6 +48,7 @@ FILE_PREFIX = {"cex": "CEX", "pg": "PG"}
 #: Sub-folder of OUT_DIR that mirrors the unzipped Kaggle archive.
 KAGGLE_SUBDIR = Path("cropped") / "cropped"
 MANIFEST_NAME = "synth_manifest.csv"
+OWNED = ("cropped", MANIFEST_NAME)  # what generate() writes: --force may replace only these
 MANIFEST_COLUMNS = ("path", "class", "crystal_id", "view")
 PG_GROUP_SIZES = (3, 4, 5)
 
@@ -468,11 +470,7 @@ def _check_options(out_dir: Path, per_class: int | None, seed: int, difficulty: 
             f"--difficulty {difficulty!r} is not known: use one of {', '.join(DIFFICULTIES)}")
     if workers is not None and int(workers) < 1:
         raise CrystalscopeError(f"--workers {workers} must be 1 or more")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CrystalscopeError(f"OUT_DIR {out_dir} is a file: choose a folder path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise CrystalscopeError(
-            f"OUT_DIR {out_dir} is not empty: choose another folder or pass --force to replace it")
+    check_output(out_dir, kind="folder", force=force, owned=OWNED, option="OUT_DIR")
 
 
 def _run_chunks(jobs: list, total_files: int, workers: int, progress: bool) -> list[tuple]:
@@ -540,7 +538,8 @@ def generate(out_dir: str | os.PathLike, per_class: int | None = None, seed: int
     chunks = _chunks(tasks, files_per_chunk=48)
     workers = min(int(workers or os.cpu_count() or 1), len(chunks))
     started = time.perf_counter()
-    with atomic_dir(out_dir, force=force) as staging:
+    with claim_output(out_dir, kind="folder", force=force, owned=OWNED, option="OUT_DIR"), \
+            atomic_dir(out_dir, force=force) as staging:
         for class_name in REAL_COUNTS:
             (staging / KAGGLE_SUBDIR / class_name).mkdir(parents=True)
         jobs = [(str(staging), chunk, int(seed), difficulty) for chunk in chunks]

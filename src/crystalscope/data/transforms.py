@@ -90,6 +90,53 @@ class Preprocessing:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 
+    def spec(self) -> dict:
+        """Everything a client in another language needs to reproduce the input exactly.
+
+        Stored in the ONNX metadata (``preprocessing_spec``). Tested by a plain-numpy
+        re-implementation that reads only this dict (tests/test_reliability.py).
+
+        Example:
+            >>> Preprocessing(image_size=64).spec()["resize"]["filter"]
+            'bilinear'
+        """
+        filters = {"nearest": "nearest (no antialias)", "bilinear": "bilinear", "bicubic": "bicubic",
+                   "lanczos": "lanczos"}
+        return {
+            "version": 1,
+            "decode": {
+                "alpha": "composite onto opaque black (0,0,0), then drop alpha (RGBA, LA, PA and palette with transparency)",
+                "greyscale": "copy the grey value into R, G and B (modes L and 1)",
+                "high_bit_depth": "16/32-bit integer: value * 255 / 65535 when any value > 255 else value; "
+                                  "float: value * 255 when max <= 1; then round half to even, clip 0..255",
+                "exif_orientation": "applied (EXIF tag 0x0112) before anything else",
+                "max_pixels": "images above the decoder's pixel limit are refused, not resized",
+            },
+            "resize": {
+                "library": f"Pillow {Image.__version__} Image.resize (reducing_gap=None)",
+                "policy": self.resize, "filter": filters[self.interpolation],
+                "kernel": {"bilinear": "triangle, support 1", "bicubic": "Keys cubic a=-0.5, support 2",
+                           "lanczos": "Lanczos-3, support 3", "nearest": "nearest"}[self.interpolation],
+                "antialias": "yes: when downscaling, the kernel is stretched by the scale factor (support * scale)"
+                             if self.interpolation != "nearest" else "no",
+                "pixel_centre": "half-pixel: output x samples input (x + 0.5) * in_size / out_size, "
+                                "tap weights filter((tap - centre + 0.5) / max(scale, 1)), normalised to sum 1; "
+                                "taps from int(centre - support + 0.5) to int(centre + support + 0.5), clamped to the image",
+                "passes": "separable: horizontal pass first, then vertical; a pass is skipped when that side is "
+                          "unchanged",
+                "arithmetic": "8-bit fixed point: weights * 2**22 rounded half away from zero, each pass "
+                              "accumulates from 2**21, shifts right by 22 and clips to 0..255 (uint8 between passes)",
+                "scaled_size": ("stretch: image_size x image_size" if self.resize == "stretch" else
+                                "pad: scale = image_size / max(w, h); new side = max(1, round_half_even(side * scale)) "
+                                "in float64"),
+                "pad_offset": "left = (image_size - new_w) // 2, top = (image_size - new_h) // 2 (floor)",
+                "pad_value": f"{self.pad_value} on the 0..255 scale, same in R, G, B, before normalisation",
+            },
+            "normalize": {"order": "x = uint8 / 255 (float32); x = (x - mean) / std per channel; HWC -> CHW",
+                          "mean": list(self.mean), "std": list(self.std), "channels": "RGB",
+                          "dtype": "float32", "layout": "NCHW"},
+        }
+
     # -- stage 1: geometry ---------------------------------------------------------------
     def resize_image(self, img: Image.Image) -> Image.Image:
         """RGB PIL image -> square RGB PIL image of ``image_size``."""

@@ -79,8 +79,10 @@ def export_checkpoint(checkpoint: str | os.PathLike | dict, out_path: str | os.P
 
     from crystalscope.data.transforms import Preprocessing
 
-    if out_path.is_dir():
-        raise CrystalscopeError(f"--out {out_path} is a folder: give a file name such as model.onnx")
+    from crystalscope.safety import check_output, output_lock
+
+    # never onto the checkpoint or a check image (export best.ckpt --out best.ckpt)
+    check_output(out_path, inputs=[None if isinstance(checkpoint, dict) else checkpoint, *(check_images or [])])
     preprocessing = Preprocessing.from_dict(ckpt["preprocessing"])
     try:
         model = model_from_checkpoint(ckpt)
@@ -95,7 +97,7 @@ def export_checkpoint(checkpoint: str | os.PathLike | dict, out_path: str | os.P
     import onnx
 
     try:
-        with atomic_path(out_path) as tmp:
+        with output_lock(out_path), atomic_path(out_path) as tmp:
             onnx.save(proto, str(tmp))
             max_diff = parity_check(model, tmp, batch, float(ckpt.get("temperature") or 1.0), atol)
     except OSError as exc:
@@ -113,6 +115,7 @@ def onnx_metadata(ckpt: dict, preprocessing, opset: int) -> dict:
         "class_names": list(ckpt["class_names"]),
         "positive_class": ckpt.get("positive_class"),
         "preprocessing": preprocessing.to_dict(),
+        "preprocessing_spec": preprocessing.spec(),  # exact enough for a client in another language
         "temperature": float(ckpt.get("temperature") or 1.0),
         "input_name": INPUT_NAME,
         "input_shape": ["batch", 3, size, size],

@@ -375,18 +375,20 @@ def predict_paths(model_path: str | os.PathLike, paths: Sequence[str | os.PathLi
         >>> s["counts"]  # doctest: +SKIP
         {'cex': 3, 'pg': 4}
     """
-    if Path(out_csv).is_dir():
-        raise CrystalscopeError(f"--out {out_csv} is a folder: give a file name such as predictions.csv")
-    predictor = Predictor.load(model_path, device=device)
-    files = collect_images(paths, recursive=recursive)
-    if progress and len(files) > batch_size:
-        predictions = _predict_with_progress(predictor, files, batch_size)
-    else:
-        predictions = predictor.predict(files, batch_size=batch_size)
-    try:
-        write_text(out_csv, predictions_csv(predictions, predictor.class_names))
-    except OSError as exc:
-        raise CrystalscopeError(f"--out {out_csv}: cannot write the CSV ({exc.strerror or exc})") from None
+    from crystalscope.safety import claim_output
+
+    # the one output rule: never onto the model or an input image; one writer at a time
+    with claim_output(out_csv, inputs=[model_path, *paths], kind="file"):
+        predictor = Predictor.load(model_path, device=device)
+        files = collect_images(paths, recursive=recursive)
+        if progress and len(files) > batch_size:
+            predictions = _predict_with_progress(predictor, files, batch_size)
+        else:
+            predictions = predictor.predict(files, batch_size=batch_size)
+        try:
+            write_text(out_csv, predictions_csv(predictions, predictor.class_names))
+        except OSError as exc:
+            raise CrystalscopeError(f"--out {out_csv}: cannot write the CSV ({exc.strerror or exc})") from None
     counts = {c: 0 for c in predictor.class_names}
     for p in predictions:
         if p.ok:

@@ -9,6 +9,7 @@ state) is stored under ``"training"`` so ``--resume`` can continue.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 
 from crystalscope.data.transforms import Preprocessing
 from crystalscope.errors import CrystalscopeError
-from crystalscope.io import atomic_path
+from crystalscope.io import write_bytes
 from crystalscope.models.factory import CrystalClassifier, HeadSpec, build_model
 
 FORMAT = "crystalscope-checkpoint/1"
@@ -41,10 +42,15 @@ def make_checkpoint(model: CrystalClassifier, *, backbone: str, head: HeadSpec, 
 
 
 def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> Path:
-    """Write atomically: an interrupted save never leaves a broken file under ``path``."""
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
-    return Path(path)
+    """Write atomically: an interrupted save never leaves a broken file under ``path``.
+
+    Serialised in memory first and written by Python: ``torch.save`` to a path reports a full
+    disk as ``RuntimeError: basic_ios::clear: iostream error``; a Python write raises
+    ``OSError(ENOSPC)`` naming the file, which the CLI turns into "no space left on device".
+    """
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    return write_bytes(path, buffer.getbuffer())
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

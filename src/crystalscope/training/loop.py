@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from crystalscope.errors import CrystalscopeError
 from crystalscope.training.precision import autocast, model_input, use_bf16
 from crystalscope.training.steps import TrainStep
 
@@ -40,10 +41,17 @@ def train_mode(model: nn.Module) -> nn.Module:
     return model
 
 
-def _batches(n: int, batch_size: int, drop_last: bool = False):
-    """Slices ``[start, stop)`` over ``n`` rows; ``drop_last`` drops a trailing partial batch."""
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
+def _batches(n: int, batch_size: int, drop_last: bool = False, min_rows: int = 1):
+    """Slices ``[start, stop)`` over ``n`` rows; ``drop_last`` drops a trailing partial batch.
+
+    A trailing batch smaller than ``min_rows`` joins the one before it (BatchNorm cannot
+    train on a single image, and skipping it would silently leave that image out).
+    """
+    starts = list(range(0, n, batch_size))
+    if not drop_last and len(starts) > 1 and n - starts[-1] < min_rows:
+        starts.pop()
+    for i, start in enumerate(starts):
+        stop = starts[i + 1] if i + 1 < len(starts) else n
         if drop_last and stop - start < batch_size:
             return
         yield slice(start, stop)
@@ -93,9 +101,9 @@ def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
     # one copy of the order per epoch, so indexing device-resident data needs no per-step transfer
     order_on_device = order.to(device)
     seen = 0
-    for rows in _batches(n, batch_size, drop_last):
+    for rows in _batches(n, batch_size, drop_last, min_rows=2):
         if rows.stop - rows.start < 2:
-            continue  # BatchNorm cannot train on a single sample
+            continue  # only when the whole split is one image: refused before training starts
         index = order_on_device[rows]
         host_index = order[rows] if inputs.device != device else index
         x = model_input(transform(_to_device(inputs, host_index, device)))
@@ -104,7 +112,9 @@ def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
         seen += y.shape[0]
         if on_step:
             on_step()
-    seen = max(seen, 1)
+    if seen == 0:
+        raise CrystalscopeError(f"no training step could run: {n} training images do not fill one batch of "
+                                f"{batch_size}; lower --batch-size")
     return {"loss": float(step.loss_sum.item()) / seen, "accuracy": float(step.correct.item()) / seen,
             "samples": seen}
 

@@ -25,17 +25,27 @@ from crystalscope.data.augment import AugmentSpec, augment_batch
 from crystalscope.data.dataset import ImageFolder, decode_images, index_folder, index_split, load_images
 from crystalscope.data.transforms import Preprocessing
 from crystalscope.errors import CrystalscopeError
-from crystalscope.io import write_text
+from crystalscope.io import atomic_dir, write_json, write_text
+from crystalscope.safety import check_output, claim_output
 from crystalscope.models.factory import (CrystalClassifier, HeadSpec, build_model, default_preprocessing,
                                          set_trainable_fraction)
 from crystalscope.training import loop
 from crystalscope.training.checkpoint import (load_checkpoint, make_checkpoint, model_from_checkpoint,
                                               preprocessing_from_checkpoint, save_checkpoint)
 from crystalscope.training.precision import place_model, use_bf16
+from crystalscope.training.record import (ENVIRONMENT_FILE, data_hash, environment_record, restore_rng_states,
+                                          rng_states, weights_hash)
 from crystalscope.training.steps import GraphedTrainStep, TrainStep
 from crystalscope.training.stopping import StoppingState
 
 SPLITS = ("train", "val", "test")
+# what `train` writes into a run folder (the demo may replace only a folder of these)
+RUN_FILES = ("config.yaml", ENVIRONMENT_FILE, "metrics.csv", "metrics_plot.png", "weights", "test_results.txt",
+             "test_results.json", "confusion_matrix.png", "roc_auc.png", "calibration.png", "misclassified.csv",
+             "model.onnx")
+# what `evaluate` writes into its report folder: --force may replace only a folder of these
+REPORT_FILES = ("confusion_matrix.png", "roc_auc.png", "calibration.png", "misclassified.csv",
+                "test_results.txt", "test_results.json")
 
 
 @dataclass
@@ -64,6 +74,9 @@ class Session:
     shuffle_rng: torch.Generator | None = None
     augment_rng: torch.Generator | None = None
     weights_source: str = ""
+    initial_weights: str = ""  # content hash of the weights training started from
+    data_hashes: dict[str, str] = field(default_factory=dict)  # split -> content hash
+    resume_rng: dict | None = None  # global RNG states to restore when the resumed epochs start
     console: Console = field(default_factory=lambda: Console(soft_wrap=True))  # no hard wraps in paths
 
     @property
@@ -98,17 +111,21 @@ def target_run_dir(config: TrainConfig) -> Path:
     if config.resume:
         return Path(config.resume)
     run_dir = Path(config.out) if config.out else next_run_dir()
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.is_dir() and any(p for p in run_dir.iterdir() if not p.name.startswith(".")):
         raise CrystalscopeError(f"--out {run_dir}: folder exists and is not empty; choose another "
                                 f"--out or continue it with --resume {run_dir}")
+    check_output(run_dir, inputs=[config.data_dir, config.weights_file], kind="folder")
     return run_dir
 
 
-def open_run(config: TrainConfig, run_dir: Path) -> TrainConfig:
-    """Create (or reopen with ``--resume``) the run folder and save the resolved config."""
+def open_run(config: TrainConfig, run_dir: Path, environment: dict | None = None) -> TrainConfig:
+    """Create (or reopen with ``--resume``) the run folder; save the resolved config and
+    the reproducibility record ``environment.json``."""
     (run_dir / "weights").mkdir(parents=True, exist_ok=True)
     config.out = str(run_dir)
     save_config(config, run_dir / "config.yaml")
+    if environment is not None:
+        write_json(run_dir / ENVIRONMENT_FILE, environment)
     return config
 
 
@@ -156,9 +173,11 @@ def build_session(session: Session, last: dict | None) -> None:
     model = build_model(cfg.backbone, len(session.class_names), session.head)
     if last is None:
         session.weights_source = load_pretrained(model.backbone, cfg.backbone, cfg.weights, cfg.weights_file)
+        session.initial_weights = weights_hash(model)
     else:
         model.load_state_dict(last["model_state"])
-        session.weights_source = f"resumed from {session.run_dir / 'weights' / 'last.ckpt'}"
+        session.weights_source = last["training"].get("weights_source") or "unknown"
+        session.initial_weights = last["training"].get("initial_weights_sha256", "")
     n_train, n_total = set_trainable_fraction(model.backbone, cfg.trainable_fraction)
     place_model(model, device)
     session.model = model
@@ -179,7 +198,11 @@ def build_session(session: Session, last: dict | None) -> None:
         session.stopping = StoppingState.from_dict(state["stopping"])
         session.start_epoch = int(state["epoch"])
         session.shuffle_rng.set_state(state["shuffle_rng"])
-        session.augment_rng.set_state(state["augment_rng"])
+        if not caches_features(cfg):
+            # with feature caching the augment stream is only used to build the cached features,
+            # which a resumed run rebuilds from the start: keep it freshly seeded
+            session.augment_rng.set_state(state["augment_rng"])
+        session.resume_rng = state.get("rng")
     session.forward = torch.compile(session.trained, mode=cfg.compile_mode) if cfg.compile else session.trained
     if cfg.cuda_graphs:
         session.train_step = GraphedTrainStep(session.trained, session.optimizer, device, session.bf16)
@@ -229,7 +252,8 @@ def checkpoint(session: Session, epoch: int, temperature: float = 1.0) -> dict:
     training = {"epoch": int(epoch), "optimizer": session.optimizer.state_dict(),
                 "stopping": session.stopping.to_dict(), "config": cfg.to_dict(), "seed": int(cfg.seed),
                 "shuffle_rng": session.shuffle_rng.get_state(), "augment_rng": session.augment_rng.get_state(),
-                "weights_source": session.weights_source}
+                "weights_source": session.weights_source, "rng": rng_states(),
+                "initial_weights_sha256": session.initial_weights, "data_sha256": dict(session.data_hashes)}
     return make_checkpoint(session.model, backbone=cfg.backbone, head=session.head,
                            class_names=session.class_names, positive_class=session.positive_class,
                            preprocessing=session.preprocessing, temperature=temperature, training=training)
@@ -301,8 +325,9 @@ def run_epoch(session: Session, epoch: int, bar) -> dict:
     seconds = time.perf_counter() - started
     if bar:
         bar.remove_task(task)
-    metrics = classification_metrics(session.labels["val"].cpu().numpy(), val["logits"], session.class_names)
     lr = session.optimizer.param_groups[0]["lr"]
+    check_finite(session, epoch, train_stats["loss"], val["loss"])
+    metrics = classification_metrics(session.labels["val"].cpu().numpy(), val["logits"], session.class_names)
     row = _metrics_row(epoch, train_stats, val, metrics, lr, seconds)
     write_metrics_row(session.run_dir / "metrics.csv", metrics_columns(session.class_names), row, epoch - 1)
     improved = session.stopping.update(epoch, val["loss"], [s["f1"] for s in metrics["per_class"].values()])
@@ -320,6 +345,28 @@ def run_epoch(session: Session, epoch: int, bar) -> dict:
     return row
 
 
+class TrainingDiverged(CrystalscopeError):
+    """The loss became NaN or infinite: the run stops, keeping the last good checkpoint."""
+
+    exit_code = 1
+
+
+def check_finite(session: Session, epoch: int, train_loss: float, val_loss: float) -> None:
+    """Stop the run (before this epoch's checkpoints are saved) when a loss is not finite.
+
+    Raises:
+        TrainingDiverged: naming the epoch, the learning rate and what was kept.
+    """
+    if np.isfinite(train_loss) and np.isfinite(val_loss):
+        return
+    cfg = session.config
+    kept = (f"{session.weights_dir / 'last.ckpt'} keeps epoch {epoch - 1}" if epoch > 1 else
+            "no checkpoint was saved")
+    raise TrainingDiverged(f"training diverged in epoch {epoch}: the {'training' if not np.isfinite(train_loss) else 'val'} "
+                           f"loss is {train_loss if not np.isfinite(train_loss) else val_loss}; lower --lr "
+                           f"(now {cfg.lr:g}) or raise --batch-size (now {cfg.batch_size}); {kept}")
+
+
 def fit(session: Session, progress: bool) -> None:
     """Epochs until a stopping rule fires or ``epochs`` is reached; Ctrl-C keeps last.ckpt."""
     cfg = session.config
@@ -329,6 +376,8 @@ def fit(session: Session, progress: bool) -> None:
         # head-only steps are tiny matmuls: extra threads only add sync cost (10x slower
         # measured with 2 threads on a busy 2-core machine)
         torch.set_num_threads(1)
+    # a resumed run continues the uninterrupted one's random stream (dropout, ...) exactly
+    restore_rng_states(session.resume_rng)
     try:
         with _progress(progress) as bar:
             while epoch < cfg.epochs and not session.stopping.should_stop:
@@ -401,12 +450,19 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         >>> train(cfg)["test"]["macro"]["f1"]  # doctest: +SKIP
         0.98
     """
-    from crystalscope.evaluation.report import resolve_positive_class
-
     config.validate()
     if config.data_dir is None:
         raise CrystalscopeError("train: give DATA_DIR (a folder with train/, val/ and test/)")
     run_dir = target_run_dir(config)
+    # the one output rule: never inside the data; one writer per run folder; stale .tmp removed
+    with claim_output(run_dir, inputs=[config.data_dir, config.weights_file], kind="folder",
+                      resume=bool(config.resume)):
+        return _train_into(config, run_dir, progress)
+
+
+def _train_into(config: TrainConfig, run_dir: Path, progress: bool) -> dict:
+    from crystalscope.evaluation.report import resolve_positive_class
+
     last = load_checkpoint(run_dir / "weights" / "last.ckpt") if config.resume else None
     splits = index_split(config.data_dir)
     class_names = splits["train"].class_names
@@ -432,7 +488,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         check_feature_memory(session.feature_extractor, config.image_size, rows, device,
                              "--cache-features" if config.cache_features else "--cache-frozen")
     session.inputs, session.labels = load_data(config, splits, session.preprocessing, device, progress)
-    open_run(config, run_dir)
+    session.data_hashes = {name: data_hash(folder.root, folder.paths) for name, folder in splits.items()}
+    open_run(config, run_dir, environment_record(seed=config.seed, device=device, data_hashes=session.data_hashes,
+                                                 initial_weights=session.initial_weights,
+                                                 weights_source=session.weights_source))
     if caches_features(config):
         with _progress(progress) as bar:
             started = time.perf_counter()
@@ -466,7 +525,7 @@ def predict_logits(model: torch.nn.Module, preprocessing: Preprocessing, paths: 
 
 def evaluate_checkpoint(ckpt_path: str | Path, data_dir: str | Path, out_dir: str | Path | None = None, *,
                         batch_size: int = 64, device: str = "auto", workers: int | None = None,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, force: bool = False) -> dict:
     """Write the test report of a saved model on a folder of class folders.
 
     Raises:
@@ -474,13 +533,42 @@ def evaluate_checkpoint(ckpt_path: str | Path, data_dir: str | Path, out_dir: st
     """
     from crystalscope.evaluation.report import write_test_report
 
+    if int(batch_size) < 1:
+        raise CrystalscopeError(f"--batch-size {batch_size} must be at least 1")
+    out_dir = Path(out_dir) if out_dir else next_run_dir(name="evaluate")
+    check_output(out_dir, inputs=[ckpt_path, data_dir], kind="folder", force=force, owned=REPORT_FILES)
     ckpt = load_checkpoint(ckpt_path)
     folder = index_folder(data_dir, class_names=list(ckpt["class_names"]))
-    out_dir = Path(out_dir) if out_dir else next_run_dir(name="evaluate")
+    warning = training_data_warning(ckpt, folder)
     logits = predict_logits(model_from_checkpoint(ckpt), preprocessing_from_checkpoint(ckpt), folder.paths,
                             resolve_device(device), batch_size, workers=workers, progress=progress)
-    return write_test_report(out_dir, y_true=folder.labels, logits=logits, class_names=list(ckpt["class_names"]),
-                             positive_class=ckpt.get("positive_class"), paths=[str(p) for p in folder.paths],
-                             temperature=float(ckpt.get("temperature") or 1.0),
-                             seed=int(ckpt.get("training", {}).get("seed", 0)),
-                             meta={"model": f"{ckpt['backbone']} ({ckpt_path})", "data": str(folder.root)})
+    meta = {"model": f"{ckpt['backbone']} ({ckpt_path})", "data": str(folder.root)}
+    if warning:
+        meta["warning"] = warning
+    # the report folder appears under its final name only when complete (a full disk leaves nothing)
+    with claim_output(out_dir, inputs=[ckpt_path, data_dir], kind="folder", force=force, owned=REPORT_FILES), \
+            atomic_dir(out_dir, force=True) as staging:
+        return write_test_report(staging, y_true=folder.labels, logits=logits, class_names=list(ckpt["class_names"]),
+                                 positive_class=ckpt.get("positive_class"), paths=[str(p) for p in folder.paths],
+                                 temperature=float(ckpt.get("temperature") or 1.0),
+                                 seed=int(ckpt.get("training", {}).get("seed", 0)),
+                                 meta=meta)
+
+
+def training_data_warning(ckpt: dict, folder: ImageFolder) -> str | None:
+    """A warning when ``folder`` holds exactly the images of the model's train or val split.
+
+    Example:
+        >>> training_data_warning(load_checkpoint("best.ckpt"), index_folder("split/train"))  # doctest: +SKIP
+        'these are the images the model was trained on (split train): the scores say nothing about new images'
+    """
+    hashes = ckpt.get("training", {}).get("data_sha256") or {}
+    seen = {h: name for name, h in hashes.items() if name in ("train", "val")}
+    if not seen:
+        return None
+    name = seen.get(data_hash(folder.root, folder.paths))
+    if name is None:
+        return None
+    what = "trained on" if name == "train" else "selected and calibrated on"
+    return (f"{folder.root} holds the very images the model was {what} (its {name} split): "
+            "these scores say nothing about new images; evaluate on the test split")

@@ -1,0 +1,284 @@
+"""The one output-safety rule every command that writes follows.
+
+A plant tool must never lose a user's file. Every command that writes (``synth``, ``split``,
+``audit``, ``train``, ``evaluate``, ``export``, ``predict``, and any command added later) asks
+:func:`claim_output` before it writes, and writes through :mod:`crystalscope.io`:
+
+1. **Never onto an input.** An output that is, contains or is inside any input (a model, a
+   data folder, an image) is refused with one line (exit 2): ``predict m.onnx imgs --out
+   m.onnx`` cannot turn the model into a CSV.
+2. **Never delete what we did not write.** A file output may replace an earlier file of the
+   same name. A folder output (run folder, report folder, dataset) is either new/empty, or it
+   is replaced only when every entry in it is one the command writes (``owned``) *and* the
+   user passed ``--force``; a folder holding anything else is refused. The current folder
+   and its parents are never an output folder.
+3. **Leftovers are cleaned.** :func:`crystalscope.io.atomic_path` and
+   :func:`crystalscope.io.atomic_dir` stage under hidden names that carry the writer's process
+   id (``.NAME.<pid>.<random>.tmp`` / ``.partial``); a later claim removes those of processes
+   that no longer run (e.g. after ``kill -9``).
+4. **One writer per output.** A lock file ``.NAME.lock`` (holding the pid) beside the output
+   makes a second process writing the same output fail at once with one line, instead of
+   one result set silently replacing the other. A lock left by a dead process is taken over.
+
+Adopting it in a new command (monitor, serve, explain, ...)::
+
+    from crystalscope.safety import claim_output
+
+    with claim_output(out, inputs=[model, data_dir], kind="folder", force=force,
+                      owned=REPORT_FILES) as out:
+        with atomic_dir(out, force=True) as staging:   # claim_output already decided
+            ...write into staging...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from crystalscope.errors import CrystalscopeError
+
+# staging names of crystalscope.io: .NAME.<pid>.<random>.tmp|.partial and .NAME.old-<pid>
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.(?:tmp|partial)$|^\.(?P<old>.+)\.old-(?P<oldpid>\d+)$")
+
+
+class OutputError(CrystalscopeError):
+    """An output path that would overwrite an input or delete a user's files."""
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(os.path.abspath(Path(path).expanduser())).resolve()
+
+
+def _overlap(out: Path, inp: Path) -> str | None:
+    """How ``out`` collides with ``inp`` (resolved paths), or None."""
+    if out == inp:
+        return "is"
+    if inp.is_relative_to(out):
+        return "contains"
+    if out.is_relative_to(inp):
+        return "is inside"
+    return None
+
+
+def check_output(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (),
+                 kind: str = "file", force: bool = False, owned: Sequence[str] | None = None,
+                 option: str = "--out", resume: bool = False) -> Path:
+    """Refuse an output path that would destroy an input or a user's files (see module doc).
+
+    Args:
+        out: the output file or folder.
+        inputs: every file or folder the command reads (None entries are ignored).
+        kind: ``"file"`` (one file, replaced atomically) or ``"folder"`` (a run/report/data folder).
+        force: for folders, allow replacing an earlier output of this command.
+        owned: for folders, the entry names this command writes (``None``: any existing
+            non-empty folder is refused, e.g. a training run folder).
+        option: the option name used in the error message.
+        resume: for folders, the command continues its own earlier output in place
+            (``train --resume``): the content is not checked.
+
+    Returns:
+        ``out`` as a Path.
+
+    Raises:
+        OutputError: one line naming the option, the path and what to do.
+
+    Example:
+        >>> check_output("preds.csv", inputs=["model.onnx", "imgs"])  # doctest: +SKIP
+        PosixPath('preds.csv')
+    """
+    path = Path(out)
+    target = _resolved(path)
+    for item in inputs:
+        if item is None:
+            continue
+        how = _overlap(target, _resolved(item))
+        if how:
+            raise OutputError(f"{option} {path} {how} the input {item}: the command would overwrite what it "
+                              "reads; choose an output path outside every input")
+    if kind == "file":
+        _check_file(path, target, option)
+    elif kind == "folder":
+        _check_folder(path, target, force, owned, option, resume)
+    else:  # pragma: no cover - programming error
+        raise ValueError(f"kind must be 'file' or 'folder', not {kind!r}")
+    return path
+
+
+def _check_file(path: Path, target: Path, option: str) -> None:
+    if target.is_dir():
+        raise OutputError(f"{option} {path} is a folder: give a file name")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{option} {path}: {parent} is a file, not a folder; choose another path")
+
+
+def _check_folder(path: Path, target: Path, force: bool, owned: Sequence[str] | None, option: str,
+                  resume: bool = False) -> None:
+    cwd = _resolved(Path.cwd())
+    if cwd.is_relative_to(target):
+        raise OutputError(f"{option} {path} is the current folder or one above it: give a new sub-folder "
+                          f"name, e.g. {option} out")
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{option} {path} is a file: give a folder path")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{option} {path}: {parent} is a file, not a folder; choose another path")
+    if resume or not target.is_dir():
+        return
+    entries = [p.name for p in target.iterdir() if not _LEFTOVER.match(p.name)]
+    if not entries:
+        return
+    foreign = sorted(set(entries) - set(owned)) if owned is not None else sorted(entries)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise OutputError(f"{option} {path} is not empty and holds files crystalscope did not write there "
+                          f"({shown}): choose a new folder; nothing was changed")
+    if not force:
+        raise OutputError(f"{option} {path} holds an earlier output: pass --force to replace it "
+                          "(swapped in only once the new one is complete)")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Remove staging leftovers (``.tmp``/``.partial``/``.old-``) of crystalscope processes that
+    no longer run; returns what was removed. Files of other programs are never touched.
+
+    Example:
+        >>> clean_stale("runs/train/weights")  # doctest: +SKIP
+        [PosixPath('runs/train/weights/.last.ckpt.4242.k3j2.tmp')]
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in list(folder.iterdir()):
+        match = _LEFTOVER.match(entry.name)
+        if match:
+            pid = int(match.group("pid") or match.group("oldpid"))
+            if not _alive(pid):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
+        elif recursive and entry.is_dir() and not entry.is_symlink() and not entry.name.startswith("."):
+            removed += clean_stale(entry, recursive=False)
+    return removed
+
+
+def lock_path(out: str | os.PathLike) -> Path:
+    """The lock file of an output: ``.NAME.lock`` beside it."""
+    target = Path(out)
+    return target.parent / f".{target.name or 'out'}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike, option: str = "--out") -> Iterator[Path]:
+    """Hold an exclusive lock on ``out`` while the body writes it.
+
+    Raises:
+        OutputError: another running crystalscope process holds the lock.
+
+    Example:
+        >>> with output_lock("predictions.csv"):  # doctest: +SKIP
+        ...     write_text("predictions.csv", csv_text)
+    """
+    lock = lock_path(out)
+    for _ in range(2):
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None and _alive(holder):
+                raise OutputError(f"{option} {out} is being written by another crystalscope process (pid {holder}): "
+                                  "wait for it, or choose another output") from None
+            lock.unlink(missing_ok=True)  # a dead writer's lock
+            continue
+        except OSError as exc:  # read-only, permission, full: name the output, not our lock file
+            raise OSError(exc.errno, exc.strerror, str(out)) from None
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        break
+    else:  # pragma: no cover - a race lost twice
+        raise OutputError(f"{option} {out}: could not take the lock {lock}")
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _lock_holder(lock: Path) -> int | None:
+    try:
+        text = lock.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+@contextlib.contextmanager
+def claim_output(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (),
+                 kind: str = "file", force: bool = False, owned: Sequence[str] | None = None,
+                 option: str = "--out", resume: bool = False) -> Iterator[Path]:
+    """:func:`check_output`, then clean stale leftovers and hold :func:`output_lock` while writing.
+
+    Example:
+        >>> with claim_output("preds.csv", inputs=["model.onnx", "imgs"]) as out:  # doctest: +SKIP
+        ...     write_text(out, csv_text)
+    """
+    path = check_output(out, inputs=inputs, kind=kind, force=force, owned=owned, option=option, resume=resume)
+    with output_lock(path, option):
+        clean_stale(_existing_parent(path))
+        if kind == "folder":
+            clean_stale(path, recursive=True)
+        yield path
+
+
+def _existing_parent(path: Path) -> Path:
+    parent = _resolved(path).parent
+    while not parent.exists():
+        parent = parent.parent
+    return parent
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for a file-system fault: the cause in words and the path.
+
+    Example:
+        >>> describe_os_error(OSError(errno.ENOSPC, "No space left on device", "runs/a/x.png"))
+        'no space left on device while writing runs/a/x.png: free some space or choose another --out'
+    """
+    where = exc.filename or "a file"
+    causes = {
+        errno.ENOSPC: f"no space left on device while writing {where}: free some space or choose another --out",
+        errno.EDQUOT: f"disk quota exceeded while writing {where}: free some space or choose another --out",
+        errno.EROFS: f"read-only file system: cannot write {where}; choose a writable --out",
+        errno.EACCES: f"permission denied: {where}; choose a folder you can write to (or fix its permissions)",
+        errno.EPERM: f"operation not permitted: {where}; choose a folder you can write to",
+        errno.ENOTDIR: f"{where}: a path component is a file, not a folder",
+        errno.EISDIR: f"{where} is a folder where a file was expected",
+        errno.ENOENT: f"{where}: no such file or folder",
+        errno.EEXIST: f"{where} already exists",
+        errno.EMFILE: f"too many open files while reading {where}: lower --workers",
+    }
+    return causes.get(exc.errno, f"{where}: {exc.strerror or exc}")
