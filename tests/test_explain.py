@@ -173,9 +173,12 @@ def test_explain_writes_overlays_sheet_and_csv(checkpoints, tmp_path, backbone):
             assert np.asarray(overlay).std() > 5
     with Image.open(out / SHEET_PNG) as sheet:
         assert sheet.width >= 3 * 150 and np.asarray(sheet).std() > 5
-    # a rerun replaces the earlier explain, and --class picks the class to explain
+    # a rerun needs --force to replace the earlier explain, and --class picks the class to explain
+    refused = CliRunner().invoke(app, ["explain", str(checkpoints[backbone]), str(images / "pg"),
+                                       "--out", str(out), "--class", "cex"])
+    assert refused.exit_code == 2 and "--force" in refused.output
     again = CliRunner().invoke(app, ["explain", str(checkpoints[backbone]), str(images / "pg"),
-                                     "--out", str(out), "--class", "cex"])
+                                     "--out", str(out), "--class", "cex", "--force"])
     assert again.exit_code == 0, again.output
     assert [r["target"] for r in read_csv(out / EXPLAIN_CSV)] == ["cex"]
     assert not (out / rows["CEX (1).png"]["overlay"]).exists()
@@ -205,7 +208,8 @@ def test_bad_outputs_and_options_are_one_line_errors(checkpoints, tmp_path):
     (other / "notes.txt").write_text("keep me too")
     ckpt, image = str(checkpoints["resnet18"]), str(tmp_path / "a.png")
     cases = [(["--out", str(taken)], "is a file"),
-             (["--out", str(other)], "holds no earlier explain"),
+             (["--out", str(other)], "crystalscope did not write"),
+             (["--out", str(tmp_path / "a.png")], "is the input"),
              (["--out", str(tmp_path / "x"), "--class", "cat"], "--class 'cat'"),
              (["--out", str(tmp_path / "y"), "--layer", "backbone.fc"], "4-D feature map")]
     for extra, message in cases:

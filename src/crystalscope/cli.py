@@ -355,12 +355,14 @@ def explain_cmd(
     batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Images per forward/backward pass."),
     recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Look for images in subfolders too."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier explain folder at --out "
+                               "(a folder holding anything else is never replaced)."),
 ):
     """Grad-CAM: show where in each image the evidence for the predicted (or a chosen) class sits."""
     from crystalscope.insight.explain import explain_images
 
     summary = explain_images(model, images, out, target_class=target_class, layer=layer,
-                             batch_size=batch_size, device=device, recursive=recursive)
+                             batch_size=batch_size, device=device, recursive=recursive, force=force)
     for row in summary["explanations"]:
         if not row.ok:
             typer.secho(f"{row.path}: {row.status}", fg=typer.colors.YELLOW, err=True)

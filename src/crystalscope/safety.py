@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import os
 import re
 import shutil
@@ -75,8 +76,8 @@ def check_output(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike |
         inputs: every file or folder the command reads (None entries are ignored).
         kind: ``"file"`` (one file, replaced atomically) or ``"folder"`` (a run/report/data folder).
         force: for folders, allow replacing an earlier output of this command.
-        owned: for folders, the entry names this command writes (``None``: any existing
-            non-empty folder is refused, e.g. a training run folder).
+        owned: for folders, the entry names (or ``fnmatch`` patterns) this command writes
+            (``None``: any existing non-empty folder is refused, e.g. a training run folder).
         option: the option name used in the error message.
         resume: for folders, the command continues its own earlier output in place
             (``train --resume``): the content is not checked.
@@ -137,7 +138,8 @@ def _check_folder(path: Path, target: Path, force: bool, owned: Sequence[str] | 
     entries = [p.name for p in target.iterdir() if not _LEFTOVER.match(p.name)]
     if not entries:
         return
-    foreign = sorted(set(entries) - set(owned)) if owned is not None else sorted(entries)
+    # owned names may be patterns (explain's ``*.cam.png``): one per input image
+    foreign = sorted(e for e in entries if owned is None or not any(fnmatch.fnmatchcase(e, o) for o in owned))
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise OutputError(f"{option} {path} is not empty and holds files crystalscope did not write there "

@@ -43,6 +43,7 @@ from crystalscope.evaluation.calibration import softmax
 from crystalscope.evaluation.sheets import Tile, contact_sheet
 from crystalscope.inference.predictor import Predictor, collect_images
 from crystalscope.io import atomic_dir, write_text
+from crystalscope.safety import claim_output
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ logger = logging.getLogger(__name__)
 SHEET_PNG = "explain.png"
 EXPLAIN_CSV = "explain.csv"
 OVERLAY_SUFFIX = ".cam.png"
+#: what an explain folder holds, so a rerun with --force may replace it and nothing else
+OWNED = (SHEET_PNG, EXPLAIN_CSV, f"*{OVERLAY_SUFFIX}")
 CSV_COLUMNS = ["path", "predicted", "confidence", "target", "target_probability", "overlay", "status"]
 
 
@@ -328,11 +331,12 @@ def _reason(exc: Exception, name: str) -> str:
 def explain_images(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike],
                    out_dir: str | os.PathLike = "explain", *, target_class: str | None = None,
                    layer: str | None = None, batch_size: int = 16, device: str = "auto",
-                   recursive: bool = True, sheet_limit: int = 64) -> dict:
+                   recursive: bool = True, sheet_limit: int = 64, force: bool = False) -> dict:
     """Write a Grad-CAM overlay per image, ``explain.csv`` and the contact sheet ``explain.png``.
 
     The folder is built beside ``out_dir`` and swapped in only when complete; an existing
-    ``out_dir`` is replaced only when it holds an earlier ``explain.csv``. Unreadable images
+    ``out_dir`` is replaced only when it holds nothing but an earlier explain's files and
+    ``force`` is given (:func:`crystalscope.safety.claim_output`). Unreadable images
     become CSV rows with ``status = error: <reason>`` and grey tiles; the others go on.
 
     Returns:
@@ -347,10 +351,15 @@ def explain_images(model_path: str | os.PathLike, paths: Sequence[str | os.PathL
     if batch_size < 1:
         raise CrystalscopeError(f"--batch-size {batch_size} must be 1 or more")
     require_checkpoint(model_path)
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir)
-    predictor = Predictor.load(model_path, device=device)
-    files = collect_images(paths, recursive=recursive)
+    with claim_output(out_dir, inputs=[model_path, *paths], kind="folder", force=force,
+                      owned=OWNED) as out_dir:
+        predictor = Predictor.load(model_path, device=device)
+        files = collect_images(paths, recursive=recursive)
+        return _explain_files(predictor, model_path, files, out_dir, target_class, layer, batch_size, sheet_limit)
+
+
+def _explain_files(predictor, model_path, files, out_dir: Path, target_class, layer, batch_size: int,
+                   sheet_limit: int) -> dict:
     if target_class is not None:
         _class_index(predictor, target_class)  # fail before any work
     layer = layer or default_target_layer(predictor.backend.model, predictor.preprocessing.image_size)
@@ -380,14 +389,6 @@ def explain_images(model_path: str | os.PathLike, paths: Sequence[str | os.PathL
             "sheet": str(out_dir / SHEET_PNG), "csv": str(out_dir / EXPLAIN_CSV),
             "n_images": len(explanations), "n_ok": n_ok, "n_errors": len(explanations) - n_ok,
             "explanations": explanations}
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CrystalscopeError(f"--out {out_dir} is a file: give a folder for the overlays")
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / EXPLAIN_CSV).is_file():
-        raise CrystalscopeError(f"--out {out_dir} exists, is not empty and holds no earlier explain: "
-                                "choose another folder")
 
 
 def _overlay_name(path: Path, used: set[str]) -> str:
