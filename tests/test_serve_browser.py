@@ -1,0 +1,100 @@
+"""End to end in a real browser: Debian's chromium driven by Playwright opens the page of a real
+`crystalscope serve` process, picks the real sample crops, and checks the rows and the CSV.
+
+The browser is Debian's ``chromium`` package (Playwright's own download cannot reach the
+network here). When it is missing the test skips and says so loudly; CI installs it first and
+sets CRYSTALSCOPE_REQUIRE_BROWSER=1, which turns any such skip into a failure.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from crystalscope import Predictor
+from crystalscope.inference.predictor import predictions_csv
+from tiny_onnx import tiny_onnx_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from serve_common import CHROMIUM_ARGS, LOOPBACK, free_loopback_port, start_server, stop_server  # noqa: E402
+
+
+def _browser_or_skip() -> str:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    problem = None
+    if chromium is None:
+        problem = "Debian's chromium is not installed (apt-get install -y chromium; .ci/run does it)"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            problem = "playwright is not installed (pip install -e '.[dev]')"
+    if problem is None:
+        return chromium
+    if os.environ.get("CRYSTALSCOPE_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"BROWSER TEST CANNOT RUN: {problem}")
+    message = f"BROWSER TEST SKIPPED: {problem}"
+    warnings.warn(message)
+    print(f"\n!!! {message} !!!", file=sys.stderr)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    model = tiny_onnx_model(tmp_path_factory.mktemp("browser-model"))
+    port = free_loopback_port()
+    proc = start_server(model, port)
+    yield model, f"http://{LOOPBACK}:{port}"
+    stop_server(proc)
+
+
+def test_page_labels_dropped_crops_and_downloads_predicts_csv(served, real_samples, tmp_path):
+    chromium = _browser_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    model, base = served
+    crops = sorted(real_samples.glob("*.png"))
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("lab notes, not a picture")
+    requested: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone-width screen
+            page.on("request", lambda request: requested.append(request.url))
+            page.goto(base + "/")
+            page.wait_for_function("document.getElementById('model').dataset.classes === 'cex,pg'", timeout=20_000)
+            page.set_input_files("#files", [str(p) for p in crops] + [str(not_an_image)])
+            page.wait_for_selector(".row", timeout=5_000)
+            page.wait_for_function("document.querySelectorAll('.row').length === 9 && "
+                                   "!document.querySelector('.row.pending')", timeout=30_000)
+            names = page.eval_on_selector_all(".row .name", "els => els.map(e => e.textContent)")
+            predicted = page.eval_on_selector_all(".row .predicted", "els => els.map(e => e.textContent)")
+            failed = page.eval_on_selector_all(".row.failed .status", "els => els.map(e => e.textContent)")
+            thumbnails = page.eval_on_selector_all(".row img", "els => els.filter(e => e.naturalWidth > 0).length")
+            assert not page.evaluate("document.documentElement.scrollWidth > window.innerWidth")
+            with page.expect_download(timeout=10_000) as download:
+                page.click("#download")
+            downloaded = Path(download.value.path()).read_text()
+        finally:
+            browser.close()
+    assert names == [p.name for p in crops] + ["notes.png"]
+    assert thumbnails == len(crops)  # the browser cannot draw the text file
+    expected = Predictor.load(model).predict(crops)
+    assert predicted == [p.predicted for p in expected]
+    assert len(failed) == 1 and failed[0].startswith("error: not a PNG")
+    # the page's CSV is predict's CSV for these files (file names as uploaded), plus the error row
+    for p in expected:
+        p.path = Path(p.path).name
+    rows = list(csv.reader(io.StringIO(downloaded)))
+    assert downloaded.startswith(predictions_csv(expected, ["cex", "pg"]))
+    assert rows[-1][0] == "notes.png" and rows[-1][-1].startswith("error: not a PNG")
+    assert requested and all(url.startswith(base + "/") or url.startswith("blob:") or url.startswith("data:")
+                             for url in requested), requested
