@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -28,14 +29,16 @@ def free_loopback_port() -> int:
 def start_server(model: str | os.PathLike, port: int, *extra: str, timeout_s: float = 90.0) -> subprocess.Popen:
     """Run `crystalscope serve MODEL --host 127.0.0.1 --port PORT` and wait until /api/health answers."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
+    # the log goes to a file: an unread pipe fills up (64 KiB of access log) and stalls the server
+    log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen([sys.executable, "-m", "crystalscope", "serve", str(model), "--host", LOOPBACK,
-                             "--port", str(port), *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                             "--port", str(port), *extra], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
     deadline = time.monotonic() + timeout_s
     url = f"http://{LOOPBACK}:{port}/api/health"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}: {proc.stdout.read()}")
+            raise RuntimeError(f"the server exited with {proc.returncode}: {stop_server(proc)}")
         try:
             with urllib.request.urlopen(url, timeout=2) as answer:
                 if answer.status == 200:
@@ -55,7 +58,10 @@ def stop_server(proc: subprocess.Popen) -> str:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
-    return proc.stdout.read() if proc.stdout else ""
+    proc.log.seek(0)
+    text = proc.log.read()
+    proc.log.close()
+    return text
 
 
 def rss_mib(pid: int) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import shutil
 import sys
@@ -98,3 +99,19 @@ def test_page_labels_dropped_crops_and_downloads_predicts_csv(served, real_sampl
     assert rows[-1][0] == "notes.png" and rows[-1][-1].startswith("error: not a PNG")
     assert requested and all(url.startswith(base + "/") or url.startswith("blob:") or url.startswith("data:")
                              for url in requested), requested
+
+
+def test_load_script_reports_zero_errors_on_loopback(served, real_samples, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import serve_load
+
+    model, _ = served
+    out = tmp_path / "load.json"
+    code = serve_load.main([str(model), "--images", str(real_samples), "--clients", "3", "--requests", "12",
+                            "--images-per-request", "2", "--rounds", "1", "--timeout", "20", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert code == 0 and result["errors_total"] == 0
+    assert result["rounds"][0]["requests_ok"] == 12
+    assert result["images_per_s"]["median"] == pytest.approx(2 * result["req_per_s"]["median"])
+    assert result["p99_ms"]["median"] >= result["p50_ms"]["median"] > 0
+    assert result["rss_before_mib"] > 0
