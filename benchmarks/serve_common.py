@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -43,6 +44,9 @@ def start_server(model: str | os.PathLike, port: int, *extra: str, timeout_s: fl
             with urllib.request.urlopen(url, timeout=2) as answer:
                 if answer.status == 200:
                     return proc
+        except urllib.error.HTTPError as refused:
+            if refused.code == 401:  # started with --token: it answers, and refuses us
+                return proc
         except OSError:
             time.sleep(0.2)
     stop_server(proc)

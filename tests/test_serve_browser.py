@@ -48,8 +48,13 @@ def _browser_or_skip() -> str:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    model = tiny_onnx_model(tmp_path_factory.mktemp("browser-model"))
+def tiny_model(tmp_path_factory) -> Path:
+    return tiny_onnx_model(tmp_path_factory.mktemp("browser-model"))
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model):
+    model = tiny_model
     port = free_loopback_port()
     proc = start_server(model, port)
     yield model, f"http://{LOOPBACK}:{port}"
@@ -72,6 +77,7 @@ def test_page_labels_dropped_crops_and_downloads_predicts_csv(served, real_sampl
             page.on("request", lambda request: requested.append(request.url))
             page.goto(base + "/")
             page.wait_for_function("document.getElementById('model').dataset.classes === 'cex,pg'", timeout=20_000)
+            assert page.is_hidden("#token-form") and page.is_hidden("#notice")  # no token needed here
             page.set_input_files("#files", [str(p) for p in crops] + [str(not_an_image)])
             page.wait_for_selector(".row", timeout=5_000)
             page.wait_for_function("document.querySelectorAll('.row').length === 9 && "
@@ -81,6 +87,12 @@ def test_page_labels_dropped_crops_and_downloads_predicts_csv(served, real_sampl
             failed = page.eval_on_selector_all(".row.failed .status", "els => els.map(e => e.textContent)")
             thumbnails = page.eval_on_selector_all(".row img", "els => els.filter(e => e.naturalWidth > 0).length")
             assert not page.evaluate("document.documentElement.scrollWidth > window.innerWidth")
+            # how a rejected row looks (the model here has no rejection: feed the page's own renderer)
+            page.evaluate("showResult(addRow(new File(['x'], 'cat.png')), {status: 'rejected: far from the "
+                          "training images', predicted: 'cex', confidence: 0.9, probabilities: {cex: 0.9, pg: 0.1}})")
+            assert page.inner_text(".row.rejected .flag") == "rejected"
+            assert "far from the training images" in page.inner_text(".row.rejected .status")
+            page.evaluate("document.querySelector('.row.rejected').remove()")
             with page.expect_download(timeout=10_000) as download:
                 page.click("#download")
             downloaded = Path(download.value.path()).read_text()
@@ -115,3 +127,27 @@ def test_load_script_reports_zero_errors_on_loopback(served, real_samples, tmp_p
     assert result["images_per_s"]["median"] == pytest.approx(2 * result["req_per_s"]["median"])
     assert result["p99_ms"]["median"] >= result["p50_ms"]["median"] > 0
     assert result["rss_before_mib"] > 0
+
+
+def test_page_asks_for_the_token_and_then_works(tiny_model, real_samples):
+    chromium = _browser_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    port = free_loopback_port()
+    proc = start_server(tiny_model, port, "--token", "t0ken-for-test")
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+            page = browser.new_page()
+            page.goto(f"http://{LOOPBACK}:{port}/")
+            page.wait_for_selector("#token-form", state="visible", timeout=20_000)
+            assert "token" in page.inner_text("#model")
+            page.fill("#token", "t0ken-for-test")
+            page.click("#token-form button")
+            page.wait_for_function("document.getElementById('model').dataset.classes === 'cex,pg'", timeout=20_000)
+            page.set_input_files("#files", [str(real_samples / "PG (567).png")])
+            page.wait_for_selector(".row:not(.pending) .predicted", timeout=20_000)
+            assert page.inner_text(".row .predicted") in ("cex", "pg")
+            browser.close()
+    finally:
+        stop_server(proc)
