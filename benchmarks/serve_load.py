@@ -114,7 +114,9 @@ def main(argv=None) -> int:
             print(json.dumps(result), flush=True)
     finally:
         stop_server(server)
-    summary = {"model": str(args.model), "clients": args.clients, "requests": args.requests,
+    summary = {"kind": "serve-load", "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "command": " ".join(["python", "benchmarks/serve_load.py", *(argv if argv is not None else sys.argv[1:])]),
+               "model": str(args.model), "clients": args.clients, "requests": args.requests,
                "images_per_request": k, "timeout_s": args.timeout, "cpus": os.cpu_count(),
                "load_1min": round(os.getloadavg()[0], 2), "rss_before_mib": round(rss_before, 1),
                "errors_total": sum(r["errors"] for r in rounds), "rounds": rounds}
