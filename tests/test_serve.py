@@ -111,6 +111,17 @@ def test_mixed_batch_gives_an_error_row_like_predict(client, real_samples):
     assert csv_rows[1]["status"] == rows[1]["status"] and csv_rows[1]["p_cex"] == ""
 
 
+@pytest.mark.parametrize("fmt, mode", [("PNG", "I;16"), ("TIFF", "L"), ("JPEG", "CMYK"), ("BMP", "P")])
+def test_every_accepted_format_and_mode_is_labelled(client, predictor, fmt, mode):
+    picture = Image.new(mode, (50, 40), 200)
+    buffer = io.BytesIO()
+    picture.save(buffer, format=fmt)
+    row = client.post("/api/predict", files=[upload("x", buffer.getvalue())]).json()["results"][0]
+    buffer.seek(0)
+    expected = predictor.predict([Image.open(buffer)])[0]
+    assert row["status"] == "ok" and row["probabilities"] == pytest.approx(expected.probabilities, abs=1e-9)
+
+
 # ---- the other endpoints ---------------------------------------------------------------------
 
 

@@ -25,6 +25,7 @@ from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -51,6 +52,10 @@ def create_app(predictor: Predictor, limits: ServeLimits | None = None, token: s
         'ok'
     """
     limits = limits or ServeLimits()
+    # one prediction before the first request: starts the decoding threads once (not raced by
+    # concurrent first requests) and takes ONNX Runtime's first-run cost out of user latency
+    side = predictor.preprocessing.image_size
+    predictor.predict([Image.new("RGB", (side, side))])
     # our own /docs page: FastAPI's default one loads Swagger UI from a CDN
     app = FastAPI(title="crystalscope", version=__version__, docs_url=None, redoc_url=None,
                   description="Label crystal images with a crystalscope model.")
@@ -84,11 +89,11 @@ def _add_api_routes(app: FastAPI, predictor: Predictor, limits: ServeLimits) -> 
 
     @app.post("/api/predict", summary="Label uploaded images (multipart field `files`, repeated)")
     async def predict(files: List[UploadFile] = File(..., description="Images (PNG, JPEG, TIFF, BMP)."),
-                      format: str = Query("json", pattern="^(json|csv)$",
-                                          description="`json` (results and CSV text) or `csv` (the CSV file).")):
+                      answer_format: str = Query("json", alias="format", pattern="^(json|csv)$",
+                                                 description="`json` (results and CSV text) or `csv` (the CSV file).")):
         predictions = await predict_uploads(predictor, files, limits)
         csv_text = predictions_csv(predictions, predictor.class_names)
-        if format == "csv":
+        if answer_format == "csv":
             return Response(csv_text, media_type="text/csv",
                             headers={"Content-Disposition": 'attachment; filename="predictions.csv"'})
         return {"results": [prediction_json(p) for p in predictions], "csv": csv_text}
