@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -233,6 +234,12 @@ def test_binding_beyond_loopback_needs_a_token(onnx_model):
     check_bind("0.0.0.0", 8000, "s3cret")
     result = CliRunner().invoke(cli_app, ["serve", str(onnx_model), "--host", "0.0.0.0"])
     assert result.exit_code == 2 and "error: --host 0.0.0.0" in result.output
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        result = CliRunner().invoke(cli_app, ["serve", str(onnx_model), "--port", port])
+    assert result.exit_code == 2 and f"--port {port}: cannot listen there" in result.output
     result = CliRunner().invoke(cli_app, ["serve", str(onnx_model.with_suffix(".missing"))])
     assert result.exit_code == 2 and "model file not found" in result.output
 

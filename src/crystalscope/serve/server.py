@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import ipaddress
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 
 from crystalscope.errors import CrystalscopeError, require
@@ -50,6 +52,22 @@ def check_bind(host: str, port: int, token: str | None, workers: int = 1) -> Non
         raise CrystalscopeError(f"--workers {workers} must be 1 or more")
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another program holds, with a one-line error instead of uvicorn's exit.
+
+    Raises:
+        CrystalscopeError: ``host:port`` cannot be bound (in use, or an address not on this machine).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as exc:
+            raise CrystalscopeError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); "
+                                    "choose another --port") from None
+
+
 def build_app(model: str | os.PathLike, limits: ServeLimits, token: str | None = None, device: str = "auto"):
     """Load ``model`` (a .onnx, or a .ckpt when torch is installed) and build the app.
 
@@ -84,12 +102,14 @@ def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, w
         require("python_multipart", "serve")  # FastAPI needs it to read uploads; raises the one-line error
     limits = limits or ServeLimits()
     check_bind(host, port, token, workers)
-    app = build_app(model, limits, token, device)
+    check_port_free(host, port)
+    app = build_app(model, limits, token, device)  # a bad model file fails here, before the port opens
     logger.info("serving %s: open http://%s:%d/ (API docs at /docs); Ctrl+C stops", model, host, port)
     if workers == 1:
         uvicorn.run(app, host=host, port=port, log_level="info")
         return
+    del app  # each worker process loads its own copy
     os.environ[SETTINGS_ENV] = json.dumps({"model": str(Path(model).resolve()), "token": token, "device": device,
-                                           "limits": {k: getattr(limits, k) for k in limits.__dataclass_fields__}})
+                                           "limits": dataclasses.asdict(limits)})
     uvicorn.run("crystalscope.serve.server:app_from_environment", factory=True, host=host, port=port,
                 workers=workers, log_level="info")
