@@ -48,6 +48,12 @@ def _browser_or_skip() -> str:
 
 
 @pytest.fixture(scope="module")
+def chromium() -> str:
+    """Path of Debian's chromium; skips loudly (or fails in CI) before any server starts."""
+    return _browser_or_skip()
+
+
+@pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     return tiny_onnx_model(tmp_path_factory.mktemp("browser-model"))
 
@@ -61,8 +67,7 @@ def served(tiny_model):
     stop_server(proc)
 
 
-def test_page_labels_dropped_crops_and_downloads_predicts_csv(served, real_samples, tmp_path):
-    chromium = _browser_or_skip()
+def test_page_labels_dropped_crops_and_downloads_predicts_csv(chromium, served, real_samples, tmp_path):
     from playwright.sync_api import sync_playwright
 
     model, base = served
@@ -129,8 +134,7 @@ def test_load_script_reports_zero_errors_on_loopback(served, real_samples, tmp_p
     assert result["rss_before_mib"] > 0
 
 
-def test_page_asks_for_the_token_and_then_works(tiny_model, real_samples):
-    chromium = _browser_or_skip()
+def test_page_asks_for_the_token_and_then_works(chromium, tiny_model, real_samples):
     from playwright.sync_api import sync_playwright
 
     port = free_loopback_port()
