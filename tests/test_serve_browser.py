@@ -8,6 +8,7 @@ sets CRYSTALSCOPE_REQUIRE_BROWSER=1, which turns any such skip into a failure.
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -134,7 +135,19 @@ def test_load_script_reports_zero_errors_on_loopback(served, real_samples, tmp_p
     assert result["rss_before_mib"] > 0
 
 
-def test_page_asks_for_the_token_and_then_works(chromium, tiny_model, real_samples):
+DROP_FILES = """(files) => {
+  const transfer = new DataTransfer();
+  for (const f of files) {
+    const bytes = Uint8Array.from(atob(f.b64), (c) => c.charCodeAt(0));
+    transfer.items.add(new File([bytes], f.name, { type: "image/png" }));
+  }
+  const zone = document.getElementById("drop");
+  zone.dispatchEvent(new DragEvent("dragover", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+  zone.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+}"""
+
+
+def test_page_asks_for_the_token_then_labels_dropped_files(chromium, tiny_model, real_samples):
     from playwright.sync_api import sync_playwright
 
     port = free_loopback_port()
@@ -149,9 +162,14 @@ def test_page_asks_for_the_token_and_then_works(chromium, tiny_model, real_sampl
             page.fill("#token", "t0ken-for-test")
             page.click("#token-form button")
             page.wait_for_function("document.getElementById('model').dataset.classes === 'cex,pg'", timeout=20_000)
-            page.set_input_files("#files", [str(real_samples / "PG (567).png")])
-            page.wait_for_selector(".row:not(.pending) .predicted", timeout=20_000)
-            assert page.inner_text(".row .predicted") in ("cex", "pg")
+            # this time a real drop event on the drop zone, with the crops' bytes in its DataTransfer
+            crops = [real_samples / "PG (567).png", real_samples / "CEX (2).png"]
+            page.evaluate(DROP_FILES, [{"name": p.name, "b64": base64.b64encode(p.read_bytes()).decode()}
+                                       for p in crops])
+            page.wait_for_function("document.querySelectorAll('.row').length === 2 && "
+                                   "!document.querySelector('.row.pending')", timeout=20_000)
+            predicted = page.eval_on_selector_all(".row .predicted", "els => els.map(e => e.textContent)")
+            assert predicted == [p.predicted for p in Predictor.load(tiny_model).predict(crops)]
             browser.close()
     finally:
         stop_server(proc)
