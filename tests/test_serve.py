@@ -43,7 +43,7 @@ def predictor(onnx_model) -> Predictor:
 @pytest.fixture
 def client(predictor) -> TestClient:
     return TestClient(create_app(predictor, ServeLimits(max_request_bytes=2_000_000, max_files=8,
-                                                        max_pixels=1_000_000)))
+                                                        max_pixels=1_000_000, max_request_pixels=1_500_000)))
 
 
 def png_bytes(size=(40, 30), value=90) -> bytes:
@@ -133,7 +133,8 @@ def test_model_endpoint_describes_the_model_and_its_file(client, onnx_model):
     assert info["preprocessing"]["image_size"] == 32
     assert info["temperature"] == pytest.approx(TEMPERATURE)
     assert info["sha256"] == hashlib.sha256(onnx_model.read_bytes()).hexdigest()
-    assert info["limits"] == {"max_request_bytes": 2_000_000, "max_files": 8, "max_pixels": 1_000_000}
+    assert info["limits"] == {"max_request_bytes": 2_000_000, "max_files": 8, "max_pixels": 1_000_000,
+                              "max_request_pixels": 1_500_000}
     assert "rejection" in info
 
 
@@ -180,6 +181,13 @@ def test_empty_file_and_empty_form_are_refused(client):
 def test_too_many_pixels_is_refused_before_decoding(client):
     assert_refused(client.post("/api/predict", files=[upload("huge.png", png_bytes((1001, 1000)))]),
                    413, "huge.png", "1001x1000")
+
+
+def test_too_many_pixels_in_one_request_is_refused(client):
+    each = png_bytes((1000, 800))  # 0.8 MP: under the per-image limit, two are over the request's
+    assert client.post("/api/predict", files=[upload("a.png", each)]).status_code == 200
+    assert_refused(client.post("/api/predict", files=[upload("a.png", each), upload("b.png", each)]),
+                   413, "1,500,000 pixels together")
 
 
 def test_oversized_request_is_refused(client):

@@ -337,6 +337,8 @@ def serve_cmd(
     max_request_mb: float = typer.Option(32.0, "--max-request-mb", help="Largest request body (all files), MiB."),
     max_files: int = typer.Option(64, "--max-files", help="Most images in one request."),
     max_pixels: int = typer.Option(25_000_000, "--max-pixels", help="Most pixels (width x height) in one image."),
+    max_request_pixels: int = typer.Option(100_000_000, "--max-request-pixels",
+                                           help="Most pixels of all images in one request (bounds its memory)."),
     device: str = typer.Option("auto", "--device", help="For .ckpt models: auto, cpu or cuda (ONNX runs on the CPU)."),
 ):
     """Serve a web page (drop images, get labels and a CSV) and a REST API (/api/predict, /docs)."""
@@ -347,7 +349,7 @@ def serve_cmd(
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     limits = ServeLimits(max_request_bytes=int(max_request_mb * 1024 * 1024), max_files=max_files,
-                         max_pixels=max_pixels)
+                         max_pixels=max_pixels, max_request_pixels=max_request_pixels)
     serve(model, host=host, port=port, workers=workers, token=token, limits=limits, device=device)
 
 

@@ -113,6 +113,7 @@ async def predict_uploads(predictor: Predictor, files: List[UploadFile], limits:
     rows: list[Prediction] = []
     images, image_rows = [], []
     errors: list[UploadError] = []
+    pixels = 0
     for index, upload in enumerate(files):
         name = display_name(upload.filename, index)
         data = await upload.read()
@@ -120,6 +121,10 @@ async def predict_uploads(predictor: Predictor, files: List[UploadFile], limits:
             images.append(await run_in_threadpool(decode_upload, data, name, limits))
             image_rows.append(len(rows))
             rows.append(Prediction(path=name))
+            pixels += images[-1].width * images[-1].height
+            if pixels > limits.max_request_pixels:  # checked per file: at most one image beyond the limit is held
+                raise HTTPException(413, f"the images of this request hold over {limits.max_request_pixels:,} "
+                                         "pixels together; send fewer images per request")
         except UploadError as exc:
             errors.append(exc)
             rows.append(Prediction(path=name, status=f"error: {str(exc)[len(name) + 2:]}"))

@@ -29,6 +29,9 @@ class ServeLimits:
         max_request_bytes: the whole request body (all files together).
         max_files: images per request.
         max_pixels: width x height of one image, checked before decoding.
+        max_request_pixels: all images of one request together. Decoded RGB costs 3 bytes a
+            pixel, so this bounds a request's memory whatever the files compress to (64 small
+            PNGs of 25 MP each would otherwise decode to 4.8 GB).
 
     Example:
         >>> ServeLimits(max_files=8).max_files
@@ -38,9 +41,10 @@ class ServeLimits:
     max_request_bytes: int = 32 * 1024 * 1024
     max_files: int = 64
     max_pixels: int = 25_000_000
+    max_request_pixels: int = 100_000_000
 
     def __post_init__(self):
-        for name in ("max_request_bytes", "max_files", "max_pixels"):
+        for name in ("max_request_bytes", "max_files", "max_pixels", "max_request_pixels"):
             if int(getattr(self, name)) < 1:
                 option = "--" + name.replace("_", "-")
                 raise CrystalscopeError(f"{option} {getattr(self, name)} must be 1 or more")
