@@ -362,8 +362,12 @@ def predictions_csv(predictions: Sequence[Prediction], class_names: Sequence[str
 
 def predict_paths(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike],
                   out_csv: str | os.PathLike = "predictions.csv", batch_size: int = 32,
-                  recursive: bool = True, progress: bool = True, device: str = "auto") -> dict:
+                  recursive: bool = True, progress: bool = True, device: str = "auto",
+                  sheet: str | os.PathLike | None = None) -> dict:
     """Label every image under ``paths`` with ``model_path`` and write the CSV atomically.
+
+    With ``sheet``, also a PNG contact sheet of the images with their predicted class,
+    confidence and status (:func:`crystalscope.evaluation.sheets.prediction_sheet`).
 
     Returns a summary: ``model``, ``backend``, ``out_csv``, ``class_names``, ``n_images``,
     ``n_ok``, ``n_errors``, ``counts`` (predicted class -> count) and ``predictions``.
@@ -377,6 +381,8 @@ def predict_paths(model_path: str | os.PathLike, paths: Sequence[str | os.PathLi
     """
     if Path(out_csv).is_dir():
         raise CrystalscopeError(f"--out {out_csv} is a folder: give a file name such as predictions.csv")
+    if sheet is not None and (Path(sheet).is_dir() or Path(sheet).suffix.lower() != ".png"):
+        raise CrystalscopeError(f"--sheet {sheet}: give a .png file name such as predictions.png")
     predictor = Predictor.load(model_path, device=device)
     files = collect_images(paths, recursive=recursive)
     if progress and len(files) > batch_size:
@@ -387,6 +393,13 @@ def predict_paths(model_path: str | os.PathLike, paths: Sequence[str | os.PathLi
         write_text(out_csv, predictions_csv(predictions, predictor.class_names))
     except OSError as exc:
         raise CrystalscopeError(f"--out {out_csv}: cannot write the CSV ({exc.strerror or exc})") from None
+    if sheet is not None:
+        from crystalscope.evaluation.sheets import prediction_sheet
+
+        try:
+            prediction_sheet(predictions, sheet, title=f"{Path(model_path).name} ({predictor.backend_name})")
+        except OSError as exc:
+            raise CrystalscopeError(f"--sheet {sheet}: cannot write the PNG ({exc.strerror or exc})") from None
     counts = {c: 0 for c in predictor.class_names}
     for p in predictions:
         if p.ok:
@@ -396,7 +409,7 @@ def predict_paths(model_path: str | os.PathLike, paths: Sequence[str | os.PathLi
         "model": str(model_path), "backend": predictor.backend_name, "out_csv": str(out_csv),
         "class_names": predictor.class_names, "temperature": predictor.temperature,
         "n_images": len(predictions), "n_ok": n_ok, "n_errors": len(predictions) - n_ok,
-        "counts": counts, "predictions": predictions,
+        "counts": counts, "predictions": predictions, "sheet": str(sheet) if sheet is not None else None,
     }
 
 
