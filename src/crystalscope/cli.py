@@ -408,6 +408,9 @@ def drift_cmd(
                                          "[default: ImageNet efficientnet_lite0 features, offline]."),
     out: Path = typer.Option(Path("drift"), "--out", "-o", help="Report folder: drift.csv, drift.json, drift.png, "
                              "drift_foreign.png."),
+    groups: Optional[Path] = typer.Option(None, "--groups", help="CSV with path and crystal_id or group columns: "
+                                          "views of one crystal in the reference [default: the split.csv or "
+                                          "synth_manifest.csv next to REFERENCE, if any]."),
     rate: float = typer.Option(0.01, "--rate", help="False-flag rate: share of reference-like images flagged."),
     neighbours: int = typer.Option(10, "--neighbours", min=1, help="k of the k-nearest-neighbour distance."),
     permutations: int = typer.Option(500, "--permutations", min=1, help="Permutations of the MMD test."),
@@ -425,7 +428,8 @@ def drift_cmd(
 
     settings = DriftSettings(false_flag_rate=rate, neighbours=neighbours, permutations=permutations, seed=seed)
     with _progress_callback("features") as on_progress:
-        summary = drift_report(reference, new, out, model=model, settings=settings, image_size=image_size,
+        summary = drift_report(reference, new, out, model=model, settings=settings, groups_csv=groups,
+                               image_size=image_size,
                                batch_size=batch_size, device=device, on_progress=on_progress)
     _print_drift(summary, out)
 

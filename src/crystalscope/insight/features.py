@@ -92,7 +92,8 @@ class ImageNetFeatures:
         self.device = self.torch.device(device)
         self.model = model.to(self.device).eval()
         self.preprocessing: Preprocessing = default_preprocessing(IMAGENET_BACKBONE, image_size, "stretch")
-        self.name = f"ImageNet {IMAGENET_BACKBONE} at {image_size} px ({weights})"
+        self.weights = weights
+        self.name = f"ImageNet {IMAGENET_BACKBONE} at {image_size} px"
 
     def features(self, batch: np.ndarray) -> np.ndarray:
         """Global-pooled features ``(N, 1280)`` for a normalised ``float32 (N, 3, H, W)`` batch."""
