@@ -85,7 +85,8 @@ def write_probe_sets(crops: Path, out: Path, per_set: int = 20, seed: int = 0) -
         side = int(min(photo.size) * rng.uniform(0.3, 1.0))
         x, y = (int(rng.integers(0, photo.size[k] - side + 1)) for k in (0, 1))
         photo.crop((x, y, x + side, y + side)).resize((SIDE, SIDE)).save(folders["photo"] / f"photo_{i:03d}.png")
-    for i, path in enumerate(list_images(crops)[:per_set]):
+    crystals = list_images(crops)
+    for i, path in enumerate(crystals[::max(1, len(crystals) // per_set)][:per_set]):  # spread over the classes
         crop = load_rgb(path)
         crop.filter(ImageFilter.GaussianBlur(BLUR_RADIUS)).save(folders["blurred"] / f"blurred_{i:03d}.png")
         dark = (np.asarray(crop, dtype=np.float32) * DARKEN).astype(np.uint8)

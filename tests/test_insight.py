@@ -162,6 +162,10 @@ def test_predict_sheet_draws_every_image_and_the_rejected_flag(tiny_model, real_
     drawn = np.asarray(prediction_sheet(rows, tmp_path / "flags.png"))
     assert tuple(drawn[20, 2]) == COLOURS["rejected"] and tuple(drawn[20, 162]) == COLOURS["ok"]
     assert tuple(drawn[20, 322]) == COLOURS["error"]
+    # capped: the rejected and unreadable rows come first
+    capped = np.asarray(prediction_sheet(rows[::-1], tmp_path / "capped.png", limit=2))
+    assert capped.shape[1] == 2 * 160
+    assert {tuple(capped[60, 2]), tuple(capped[60, 162])} == {COLOURS["rejected"], COLOURS["error"]}
 
 
 def test_predict_sheet_bad_name_is_a_one_line_error(tiny_model, real_samples, tmp_path):

@@ -295,12 +295,14 @@ def predict_cmd(
     show: int = typer.Option(20, "--show", min=0, help="Rows to print in the terminal table."),
     sheet: Optional[Path] = typer.Option(None, "--sheet", help="Also write a PNG contact sheet of the images "
                                          "with predicted class, confidence and status (e.g. predictions.png)."),
+    sheet_max: int = typer.Option(96, "--sheet-max", min=1, help="Most images on the sheet; beyond it the "
+                                  "rejected, unreadable and least confident come first."),
 ):
     """Label images with a checkpoint or an ONNX model; unreadable files get error rows."""
     from crystalscope.inference.predictor import predict_paths
 
     summary = predict_paths(model, paths, out, batch_size=batch_size, recursive=recursive,
-                            progress=True, device=device, sheet=sheet)
+                            progress=True, device=device, sheet=sheet, sheet_max=sheet_max)
     _print_predictions(summary, show)
     if summary["n_ok"] == 0:
         raise fail(f"none of the {summary['n_images']} files could be read as an image (reasons in {out})", 1)

@@ -165,8 +165,8 @@ def misclassified_sheet(paths: Sequence[str], true_names: Sequence[str], predict
                   f"pred {predicted_names[i]} {float(confidences[i]):.3f}", "wrong") for i in order]
     total = f" of {n_images}" if n_images is not None else ""
     if not tiles:
-        title = f"no test image misclassified (0{total})"
-    else:
-        title = f"{len(paths)}{total} test images misclassified" + (
-            f", the {limit} most confident shown" if len(paths) > limit else ", most confident first")
+        title = f"0{total} misclassified"
+    else:  # short: a sheet of two images is only 320 px wide
+        title = f"{len(paths)}{total} misclassified" + (
+            f", {limit} most confident shown" if len(paths) > limit else ", most confident first")
     return contact_sheet(tiles, out_png, columns=8, title=title)

@@ -363,11 +363,12 @@ def predictions_csv(predictions: Sequence[Prediction], class_names: Sequence[str
 def predict_paths(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike],
                   out_csv: str | os.PathLike = "predictions.csv", batch_size: int = 32,
                   recursive: bool = True, progress: bool = True, device: str = "auto",
-                  sheet: str | os.PathLike | None = None) -> dict:
+                  sheet: str | os.PathLike | None = None, sheet_max: int = 96) -> dict:
     """Label every image under ``paths`` with ``model_path`` and write the CSV atomically.
 
     With ``sheet``, also a PNG contact sheet of the images with their predicted class,
-    confidence and status (:func:`crystalscope.evaluation.sheets.prediction_sheet`).
+    confidence and status (:func:`crystalscope.evaluation.sheets.prediction_sheet`); beyond
+    ``sheet_max`` images it shows the rejected, unreadable and least confident ones.
 
     Returns a summary: ``model``, ``backend``, ``out_csv``, ``class_names``, ``n_images``,
     ``n_ok``, ``n_errors``, ``counts`` (predicted class -> count) and ``predictions``.
@@ -383,6 +384,8 @@ def predict_paths(model_path: str | os.PathLike, paths: Sequence[str | os.PathLi
         raise CrystalscopeError(f"--out {out_csv} is a folder: give a file name such as predictions.csv")
     if sheet is not None and (Path(sheet).is_dir() or Path(sheet).suffix.lower() != ".png"):
         raise CrystalscopeError(f"--sheet {sheet}: give a .png file name such as predictions.png")
+    if sheet_max < 1:
+        raise CrystalscopeError(f"--sheet-max {sheet_max}: must be 1 or more")
     predictor = Predictor.load(model_path, device=device)
     files = collect_images(paths, recursive=recursive)
     if progress and len(files) > batch_size:
@@ -397,7 +400,8 @@ def predict_paths(model_path: str | os.PathLike, paths: Sequence[str | os.PathLi
         from crystalscope.evaluation.sheets import prediction_sheet
 
         try:
-            prediction_sheet(predictions, sheet, title=f"{Path(model_path).name} ({predictor.backend_name})")
+            prediction_sheet(predictions, sheet, limit=sheet_max,
+                             title=f"{Path(model_path).name} ({predictor.backend_name})")
         except OSError as exc:
             raise CrystalscopeError(f"--sheet {sheet}: cannot write the PNG ({exc.strerror or exc})") from None
     counts = {c: 0 for c in predictor.class_names}
