@@ -6,6 +6,8 @@ import csv
 import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -268,3 +270,41 @@ def test_drift_errors_are_one_line(generated, tmp_path):
         result = runner.invoke(app, ["drift", *args, "--out", str(tmp_path / "out"), "--image-size", str(SMALL)])
         assert result.exit_code == 2 and expected in result.output and "Traceback" not in result.output, result.output
     assert not (tmp_path / "out" / "drift.json").exists()
+
+
+NO_TORCH = """
+import importlib.abc, sys
+BLOCKED = set(sys.argv[1].split(","))
+
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is blocked in this test")
+
+sys.meta_path.insert(0, Blocked())
+from crystalscope.cli import main
+sys.argv = ["crystalscope", *sys.argv[2:]]
+try:
+    main()
+except SystemExit as exc:
+    print("exit", exc.code)
+print("leaked", sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))
+"""
+
+
+def test_onnx_drift_needs_no_torch_and_predict_sheet_no_matplotlib(tiny_model, generated, real_samples, tmp_path):
+    """A plant PC with the onnx extra (+ matplotlib for the map) runs drift; the sheet needs Pillow only."""
+
+
+    runs = [("torch,torchvision,timm,sklearn,scipy",
+             ["drift", str(generated["ref"]), str(generated["uniform"]), "--model", str(tiny_model["onnx"]),
+              "--out", str(tmp_path / "drift"), "--permutations", "20"]),
+            ("torch,torchvision,timm,sklearn,scipy,matplotlib",
+             ["predict", str(tiny_model["onnx"]), str(real_samples), "--out", str(tmp_path / "p.csv"),
+              "--sheet", str(tmp_path / "sheet.png")])]
+    for blocked, args in runs:
+        proc = subprocess.run([sys.executable, "-c", NO_TORCH, blocked, *args], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "COLUMNS": "200"})
+        assert "exit 0" in proc.stdout and "leaked []" in proc.stdout, proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "drift" / "drift.json").read_text())["sets"]["uniform"]["n_images"] == 8
+    picture_ok(tmp_path / "sheet.png", (8 * 160, 160))
