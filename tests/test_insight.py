@@ -294,8 +294,6 @@ print("leaked", sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))
 
 def test_onnx_drift_needs_no_torch_and_predict_sheet_no_matplotlib(tiny_model, generated, real_samples, tmp_path):
     """A plant PC with the onnx extra (+ matplotlib for the map) runs drift; the sheet needs Pillow only."""
-
-
     runs = [("torch,torchvision,timm,sklearn,scipy",
              ["drift", str(generated["ref"]), str(generated["uniform"]), "--model", str(tiny_model["onnx"]),
               "--out", str(tmp_path / "drift"), "--permutations", "20"]),
