@@ -210,7 +210,7 @@ def evaluate(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     workers: Optional[int] = typer.Option(None, help="Image decoding threads (default: CPU count)."),
 ):
-    """Write the test report (txt, json, plots, misclassified.csv) of a saved model on a folder."""
+    """Write the test report (txt, json, plots, misclassified.csv/.png) of a saved model on a folder."""
     from crystalscope.training.run import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, data_dir, out, batch_size=batch_size, device=device, workers=workers,
@@ -247,7 +247,7 @@ def demo_command(
                   f"accuracy {test.get('accuracy', float('nan')):.4f} on {test.get('n_images', '?')} images; "
                   f"whole demo {result['seconds']:.0f} s")
     console.print(f"deliverables in {run_dir}/: test_results.txt, test_results.json, metrics.csv, "
-                  "metrics_plot.png, confusion_matrix.png, roc_auc.png, calibration.png, misclassified.csv, "
+                  "metrics_plot.png, confusion_matrix.png, roc_auc.png, calibration.png, misclassified.csv, misclassified.png, "
                   "weights/best.ckpt, model.onnx, predictions.csv")
     console.print(f"dataset audit in {Path(result['out']) / 'audit'}/audit.md")
 
