@@ -337,16 +337,13 @@ def drift_report(reference: str | os.PathLike, new: Sequence[str | os.PathLike],
     held_d, held_j = held_out_distances(ref_unit, settings.neighbours, groups)
     threshold, note = flag_threshold(held_d, settings.false_flag_rate)
     held = {key: (d, j) for key, d, j in zip(ref_keys, held_d, held_j)}
-    results, rows = {}, [(p, REFERENCE_SET, d, bool(d > threshold), ref_paths[j]) for p, d, j in zip(ref_paths, held_d, held_j)]
-    units = {}
+    rows = [(p, REFERENCE_SET, d, bool(d > threshold), ref_paths[j]) for p, d, j in zip(ref_paths, held_d, held_j)]
+    results, units = {}, {}
     for name, files in sets.items():
         paths, distances, nearest, unit = _set_rows(files, by_file, ref_unit, ref_paths, held, settings.neighbours)
         rows += [(p, name, d, bool(d > threshold), n) for p, d, n in zip(paths, distances, nearest)]
-        own_groups = reference_groups(files[0].parent) if files else None
-        independent = one_per_group(read_groups(own_groups, paths) if own_groups else None, len(paths))
-        results[name] = _set_summary(distances, threshold, ref_unit[one_per_group(groups, len(ref_unit))],
-                                     unit, independent, settings)
-        results[name]["groups_csv"] = str(own_groups) if own_groups else None
+        results[name] = _set_summary(files, paths, distances, unit, threshold,
+                                     ref_unit[one_per_group(groups, len(ref_unit))], settings)
         units[name] = (paths, unit, distances)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -391,15 +388,17 @@ def one_per_group(groups: Sequence[str] | None, n: int) -> np.ndarray:
     return np.asarray(keep, dtype=int)
 
 
-def _set_summary(distances: np.ndarray, threshold: float, ref_unit: np.ndarray, unit: np.ndarray,
-                 independent: np.ndarray, settings: DriftSettings) -> dict:
-    """Flag count over all images; the interval and the MMD test over ``independent`` rows (one
-    view per crystal when the groups are known), against the reference's independent rows ``ref_unit``."""
+def _set_summary(files: list[Path], paths: list[str], distances: np.ndarray, unit: np.ndarray, threshold: float,
+                 ref_independent: np.ndarray, settings: DriftSettings) -> dict:
+    """Flag count over all images; the interval and the MMD test (against ``ref_independent``)
+    over one view per crystal when the folder's own groups file is found."""
+    own_groups = reference_groups(files[0].parent) if files else None
+    independent = one_per_group(read_groups(own_groups, paths) if own_groups else None, len(paths))
     n, flagged = len(distances), int((distances > threshold).sum())
     ci = wilson_interval(int((distances[independent] > threshold).sum()), len(independent))
-    mmd = mmd_test(ref_unit, unit[independent], settings.permutations, settings.seed) if len(independent) >= 2 else None
+    mmd = mmd_test(ref_independent, unit[independent], settings.permutations, settings.seed) if len(independent) >= 2 else None
     return {"n_images": n, "n_flagged": flagged, "flagged_fraction": flagged / n if n else None,
-            "n_independent": int(len(independent)),
+            "n_independent": int(len(independent)), "groups_csv": str(own_groups) if own_groups else None,
             "flagged_ci95": list(ci), "distance_quantiles": _quantiles(distances), "mmd": mmd,
             "verdict": verdict(ci, mmd["p_value"] if mmd else 1.0, settings.false_flag_rate) if n else "no images"}
 
