@@ -355,7 +355,7 @@ def embed_cmd(
     out: Path = typer.Option(Path("embedding"), "--out", "-o", help="Report folder: embedding.png, "
                              "embedding.csv (path,true,predicted,cluster,x,y), embedding.json."),
     clusters: Optional[int] = typer.Option(None, "--clusters", "-k", min=1, help="k-means clusters "
-                                           "[default: the K in 2..8 with the best silhouette]."),
+                                           "(default: the K in 2..8 with the best silhouette)."),
     projection: str = typer.Option("pca", "--projection", help="pca, or umap (needs `pip install umap-learn`)."),
     groups: Optional[Path] = typer.Option(None, "--groups", help="CSV with path and crystal_id or group columns "
                                           "(synth_manifest.csv, split.csv): measure whether views of one crystal "
@@ -407,12 +407,12 @@ def drift_cmd(
                                      "folder means its train/)."),
     new: List[Path] = typer.Argument(..., help="Folders (or files) of new images; each is judged as one set."),
     model: Optional[Path] = typer.Option(None, "--model", help="Use this .ckpt/.onnx model's penultimate features "
-                                         "[default: ImageNet efficientnet_lite0 features, offline]."),
+                                         "(default: ImageNet efficientnet_lite0 features, offline)."),
     out: Path = typer.Option(Path("drift"), "--out", "-o", help="Report folder: drift.csv, drift.json, drift.png, "
                              "drift_foreign.png."),
     groups: Optional[Path] = typer.Option(None, "--groups", help="CSV with path and crystal_id or group columns: "
-                                          "views of one crystal in the reference [default: the split.csv or "
-                                          "synth_manifest.csv next to REFERENCE, if any]."),
+                                          "views of one crystal in the reference (default: the split.csv or "
+                                          "synth_manifest.csv next to REFERENCE, if any)."),
     rate: float = typer.Option(0.01, "--rate", help="False-flag rate: share of reference-like images flagged."),
     neighbours: int = typer.Option(10, "--neighbours", min=1, help="k of the k-nearest-neighbour distance."),
     permutations: int = typer.Option(500, "--permutations", min=1, help="Permutations of the MMD test."),
@@ -420,7 +420,7 @@ def drift_cmd(
                                    "(not used with --model)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (an .onnx model runs on the CPU)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the reference folds and the permutations."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the MMD test's sampling and permutations."),
 ):
     """How far are new images from the reference? Per-image flags, per-folder MMD test, a map.
 

@@ -145,7 +145,7 @@ def prediction_sheet(predictions: Sequence, out_png: str | os.PathLike, *, limit
             kind, middle = "error", "unreadable"
         else:
             kind = "rejected" if row.status.startswith("rejected") else "ok"
-            middle = f"{row.predicted} {row.confidence:.3f}"
+            middle = f"{row.predicted} {row.confidence:.3f}" if row.confidence is not None else str(row.predicted or "")
         picture = None if kind == "error" else load_thumbnail(row.path)
         tiles.append(Tile(picture, f"{_short(Path(row.path).name)}\n{middle}\n{_short(row.status)}", kind))
     return contact_sheet(tiles, out_png, title=title)
