@@ -112,7 +112,7 @@ def contact_sheet(tiles: Sequence[Tile], out_png: str | os.PathLike | None = Non
 
 def _short(text: str, width: int = 22) -> str:
     """Fit a caption line in a cell: keep the end of a file name, where its number is."""
-    return text if len(text) <= width else "…" + text[-(width - 1):]
+    return text if len(text) <= width else "..." + text[-(width - 3):]
 
 
 def prediction_sheet(predictions: Sequence, out_png: str | os.PathLike, *, limit: int = 96,
