@@ -74,7 +74,7 @@ def feature_run(split, cache_dir, tmp_path_factory) -> Path:
 
 DELIVERABLES = ["config.yaml", "metrics.csv", "weights/best.ckpt", "weights/last.ckpt", "test_results.txt",
                 "test_results.json", "confusion_matrix.png", "roc_auc.png", "calibration.png",
-                "misclassified.csv", "metrics_plot.png", "model.onnx"]
+                "misclassified.csv", "misclassified.png", "metrics_plot.png", "model.onnx"]
 
 
 def test_run_writes_every_deliverable(e2e_run):

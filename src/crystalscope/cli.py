@@ -7,6 +7,7 @@ exit code. Heavy libraries (torch, timm, onnxruntime) are imported inside the co
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -222,7 +223,7 @@ def evaluate(
     force: bool = typer.Option(False, "--force", help="Replace an earlier report in --out (only a folder "
                                "holding nothing but report files)."),
 ):
-    """Write the test report (txt, json, plots, misclassified.csv) of a saved model on a folder."""
+    """Write the test report (txt, json, plots, misclassified.csv/.png) of a saved model on a folder."""
     from crystalscope.training.run import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, data_dir, out, batch_size=batch_size, device=device, workers=workers,
@@ -261,7 +262,7 @@ def demo_command(
                   f"accuracy {test.get('accuracy', float('nan')):.4f} on {test.get('n_images', '?')} images; "
                   f"whole demo {result['seconds']:.0f} s")
     console.print(f"deliverables in {run_dir}/: test_results.txt, test_results.json, metrics.csv, "
-                  "metrics_plot.png, confusion_matrix.png, roc_auc.png, calibration.png, misclassified.csv, "
+                  "metrics_plot.png, confusion_matrix.png, roc_auc.png, calibration.png, misclassified.csv, misclassified.png, "
                   "weights/best.ckpt, model.onnx, predictions.csv")
     console.print(f"dataset audit in {Path(result['out']) / 'audit'}/audit.md")
 
@@ -307,12 +308,16 @@ def predict_cmd(
     recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Look for images in subfolders too."),
     device: str = typer.Option("auto", "--device", help="For .ckpt models: auto, cpu or cuda (ONNX runs on the CPU)."),
     show: int = typer.Option(20, "--show", min=0, help="Rows to print in the terminal table."),
+    sheet: Optional[Path] = typer.Option(None, "--sheet", help="Also write a PNG contact sheet of the images "
+                                         "with predicted class, confidence and status (e.g. predictions.png)."),
+    sheet_max: int = typer.Option(96, "--sheet-max", min=1, help="Most images on the sheet; beyond it the "
+                                  "rejected, unreadable and least confident come first."),
 ):
     """Label images with a checkpoint or an ONNX model; unreadable files get error rows."""
     from crystalscope.inference.predictor import predict_paths
 
     summary = predict_paths(model, paths, out, batch_size=batch_size, recursive=recursive,
-                            progress=True, device=device)
+                            progress=True, device=device, sheet=sheet, sheet_max=sheet_max)
     _print_predictions(summary, show)
     if summary["n_ok"] == 0:
         raise fail(f"none of the {summary['n_images']} files could be read as an image (reasons in {out})", 1)
@@ -338,6 +343,137 @@ def _print_predictions(summary: dict, show: int) -> None:
     counts = ", ".join(f"{c}: {n}" for c, n in summary["counts"].items())
     console.print(f"{summary['n_images']} images: {counts}; errors: {summary['n_errors']} "
                   f"-> {summary['out_csv']}", highlight=False, markup=False)
+    if summary.get("sheet"):
+        console.print(f"contact sheet -> {summary['sheet']}", highlight=False, markup=False)
+
+
+# ---- insight commands (embed, drift) -------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _progress_callback(description: str):
+    """A transient rich bar on stderr, driven by a library's ``on_progress(done, total)``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+@app.command("embed")
+@user_errors
+def embed_cmd(
+    model: Path = typer.Argument(..., help="Trained model: a .ckpt checkpoint or an exported .onnx."),
+    folder: Path = typer.Argument(..., help="Folder of images, or of class folders (then the true class is shown)."),
+    out: Path = typer.Option(Path("embedding"), "--out", "-o", help="Report folder: embedding.png, "
+                             "embedding.csv (path,true,predicted,cluster,x,y), embedding.json."),
+    clusters: Optional[int] = typer.Option(None, "--clusters", "-k", min=1, help="k-means clusters "
+                                           "(default: the K in 2..8 with the best silhouette)."),
+    projection: str = typer.Option("pca", "--projection", help="pca, or umap (needs `pip install umap-learn`)."),
+    groups: Optional[Path] = typer.Option(None, "--groups", help="CSV with path and crystal_id or group columns "
+                                          "(synth_manifest.csv, split.csv): measure whether views of one crystal "
+                                          "sit together."),
+    per_cluster: int = typer.Option(4, "--per-cluster", min=1, max=8, help="Thumbnails per cluster on the map."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per forward pass."),
+    device: str = typer.Option("auto", "--device", help="For .ckpt models: auto, cpu or cuda."),
+    seed: int = typer.Option(0, "--seed", help="Seed of k-means (and UMAP)."),
+):
+    """Map a model's penultimate features of every image in 2-D, with k-means clusters and thumbnails."""
+    from crystalscope.insight.embedding import embed_folder
+
+    with _progress_callback("features") as on_progress:
+        summary = embed_folder(model, folder, out, clusters=clusters, projection=projection, groups_csv=groups,
+                               per_cluster=per_cluster, batch_size=batch_size, device=device, seed=seed,
+                               on_progress=on_progress)
+    _print_embedding(summary, out)
+
+
+def _print_embedding(summary: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    clusters = summary["clusters"]
+    table = Table(title=f"{summary['n_images']} images, k-means k={clusters['k']} ({clusters['chosen_by']})",
+                  title_justify="left")
+    for column in ("cluster", "images", "true", "predicted"):
+        table.add_column(column)
+    for row in clusters["composition"]:
+        table.add_row(str(row["cluster"]), str(row["n"]), ", ".join(f"{k} {v}" for k, v in row["true"].items()),
+                      ", ".join(f"{k} {v}" for k, v in row["predicted"].items()))
+    console = Console()
+    console.print(table)
+    explained = summary["projection"]["explained"]
+    if explained:
+        console.print(f"PCA: {100 * explained[0]:.1f} % + {100 * explained[1]:.1f} % of the variance on the map")
+    cohesion = (summary.get("view_cohesion") or {}).get("features")
+    if cohesion:
+        console.print(f"views of one crystal: mean cosine distance {cohesion['within_group_mean']:.3f} vs "
+                      f"{cohesion['all_pairs_mean']:.3f} for all pairs; nearest neighbour is a view of the same "
+                      f"crystal for {100 * cohesion['nearest_same_group']:.0f} % ({cohesion['n_groups']} crystals)")
+    console.print(f"-> {out}/embedding.png, embedding.csv, embedding.json", highlight=False, markup=False)
+
+
+@app.command("drift")
+@user_errors
+def drift_cmd(
+    reference: Path = typer.Argument(..., help="Folder of reference images (e.g. the training data; a split "
+                                     "folder means its train/)."),
+    new: List[Path] = typer.Argument(..., help="Folders (or files) of new images; each is judged as one set."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Use this .ckpt/.onnx model's penultimate features "
+                                         "(default: ImageNet efficientnet_lite0 features, offline)."),
+    out: Path = typer.Option(Path("drift"), "--out", "-o", help="Report folder: drift.csv, drift.json, drift.png, "
+                             "drift_foreign.png."),
+    groups: Optional[Path] = typer.Option(None, "--groups", help="CSV with path and crystal_id or group columns: "
+                                          "views of one crystal in the reference (default: the split.csv or "
+                                          "synth_manifest.csv next to REFERENCE, if any)."),
+    rate: float = typer.Option(0.01, "--rate", help="False-flag rate: share of reference-like images flagged."),
+    neighbours: int = typer.Option(10, "--neighbours", min=1, help="k of the k-nearest-neighbour distance."),
+    permutations: int = typer.Option(500, "--permutations", min=1, help="Permutations of the MMD test."),
+    image_size: int = typer.Option(224, "--image-size", min=8, help="Input side of the ImageNet features "
+                                   "(not used with --model)."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (an .onnx model runs on the CPU)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the MMD test's sampling and permutations."),
+):
+    """How far are new images from the reference? Per-image flags, per-folder MMD test, a map.
+
+    Exits 0 whenever the report is complete; the verdict is in the report.
+    """
+    from crystalscope.insight.drift import DriftSettings, drift_report
+
+    settings = DriftSettings(false_flag_rate=rate, neighbours=neighbours, permutations=permutations, seed=seed)
+    with _progress_callback("features") as on_progress:
+        summary = drift_report(reference, new, out, model=model, settings=settings, groups_csv=groups,
+                               image_size=image_size,
+                               batch_size=batch_size, device=device, on_progress=on_progress)
+    _print_drift(summary, out)
+
+
+def _print_drift(summary: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(f"drift against {summary['reference']} ({summary['n_reference']} images; "
+                             f"{summary['features']})"), title_justify="left")
+    for column in ("set", "images", "flagged", "95 % interval", "MMD²", "p", "verdict"):
+        table.add_column(column)
+    for name, s in summary["sets"].items():
+        low, high = s["flagged_ci95"]
+        mmd = s["mmd"] or {}
+        table.add_row(Text(name), str(s["n_images"]), f"{s['n_flagged']} ({100 * (s['flagged_fraction'] or 0):.1f} %)",
+                      f"{100 * low:.1f}-{100 * high:.1f} %", f"{mmd.get('mmd2', float('nan')):.4f}",
+                      f"{mmd.get('p_value', float('nan')):.3g}", s["verdict"])
+    console = Console()
+    console.print(table)
+    console.print(f"threshold {summary['threshold']:.4f} (cosine distance, "
+                  f"{100 * summary['settings']['false_flag_rate']:g} % of held-out reference images above it)",
+                  highlight=False)
+    if summary["threshold_note"]:
+        console.print(f"note: {summary['threshold_note']}", highlight=False, markup=False)
+    console.print(f"-> {out}/drift.csv, drift.json, drift.png, drift_foreign.png", highlight=False, markup=False)
 
 
 @app.command("explain")

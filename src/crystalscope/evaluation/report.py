@@ -7,7 +7,8 @@
   before/after temperature scaling;
 - ``test_results.json``: the same numbers, machine-readable;
 - ``confusion_matrix.png``, ``roc_auc.png``, ``calibration.png``;
-- ``misclassified.csv``: ``path,true,predicted,confidence`` with class names.
+- ``misclassified.csv``: ``path,true,predicted,confidence`` with class names;
+- ``misclassified.png``: a contact sheet of those images, most confident mistakes first.
 
 Label index ``i`` is ``class_names[i]`` everywhere. (The reference study passed
 ``target_names=['PG', 'CEX']`` while index 0 was its CEX folder, so every row was misnamed.)
@@ -28,11 +29,12 @@ from crystalscope.evaluation.calibration import (expected_calibration_error, rel
 from crystalscope.evaluation.metrics import (bootstrap_intervals, check_predictions,
                                              classification_metrics, confusion_matrix,
                                              format_class_lines)
+from crystalscope.evaluation.sheets import misclassified_sheet
 from crystalscope.io import write_json, write_text
 
 ECE_BINS = 15
 REPORT_FILES = ("test_results.txt", "test_results.json", "confusion_matrix.png", "roc_auc.png",
-                "calibration.png", "misclassified.csv")
+                "calibration.png", "misclassified.csv", "misclassified.png")
 
 
 def _finite_or_none(value) -> float | None:
@@ -230,7 +232,7 @@ def _build_result(y_true, logits, probs, class_names, positive_class, roc, tempe
 def write_test_report(out_dir, *, y_true, logits, class_names, positive_class, paths,
                       temperature: float = 1.0, n_bootstrap: int = 1000, seed: int = 0,
                       meta: dict | None = None) -> dict:
-    """Write the full test report (txt, json, three PNGs, misclassified.csv) into ``out_dir``.
+    """Write the full test report (txt, json, four PNGs, misclassified.csv) into ``out_dir``.
 
     Args:
         out_dir: folder to write into (created if needed); each file is written atomically.
@@ -288,6 +290,10 @@ def write_test_report(out_dir, *, y_true, logits, class_names, positive_class, p
         out_dir / "calibration.png")
     write_text(out_dir / "misclassified.csv", _misclassified_csv(paths, y_true, y_pred, probs,
                                                                  names))
+    wrong = np.flatnonzero(y_true != y_pred)
+    misclassified_sheet([paths[i] for i in wrong], [names[y_true[i]] for i in wrong],
+                        [names[y_pred[i]] for i in wrong], [probs[i, y_pred[i]] for i in wrong],
+                        out_dir / "misclassified.png", n_images=int(y_true.size))
     write_text(out_dir / "test_results.txt", _report_text(result, sklearn_report))
     write_json(out_dir / "test_results.json", _strict_json(result))
     return _strict_json(result)

@@ -362,8 +362,13 @@ def predictions_csv(predictions: Sequence[Prediction], class_names: Sequence[str
 
 def predict_paths(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike],
                   out_csv: str | os.PathLike = "predictions.csv", batch_size: int = 32,
-                  recursive: bool = True, progress: bool = True, device: str = "auto") -> dict:
+                  recursive: bool = True, progress: bool = True, device: str = "auto",
+                  sheet: str | os.PathLike | None = None, sheet_max: int = 96) -> dict:
     """Label every image under ``paths`` with ``model_path`` and write the CSV atomically.
+
+    With ``sheet``, also a PNG contact sheet of the images with their predicted class,
+    confidence and status (:func:`crystalscope.evaluation.sheets.prediction_sheet`); beyond
+    ``sheet_max`` images it shows the rejected, unreadable and least confident ones.
 
     Returns a summary: ``model``, ``backend``, ``out_csv``, ``class_names``, ``n_images``,
     ``n_ok``, ``n_errors``, ``counts`` (predicted class -> count) and ``predictions``.
@@ -375,20 +380,23 @@ def predict_paths(model_path: str | os.PathLike, paths: Sequence[str | os.PathLi
         >>> s["counts"]  # doctest: +SKIP
         {'cex': 3, 'pg': 4}
     """
-    from crystalscope.safety import claim_output
+    from crystalscope.safety import check_output, claim_output
 
+    if sheet is not None and Path(sheet).suffix.lower() != ".png":
+        raise CrystalscopeError(f"--sheet {sheet}: give a .png file name such as predictions.png")
+    if sheet_max < 1:
+        raise CrystalscopeError(f"--sheet-max {sheet_max}: must be 1 or more")
     # the one output rule: never onto the model or an input image; one writer at a time
     with claim_output(out_csv, inputs=[model_path, *paths], kind="file"):
+        if sheet is not None:
+            check_output(sheet, inputs=[model_path, out_csv, *paths], kind="file", option="--sheet")
         predictor = Predictor.load(model_path, device=device)
         files = collect_images(paths, recursive=recursive)
         if progress and len(files) > batch_size:
             predictions = _predict_with_progress(predictor, files, batch_size)
         else:
             predictions = predictor.predict(files, batch_size=batch_size)
-        try:
-            write_text(out_csv, predictions_csv(predictions, predictor.class_names))
-        except OSError as exc:
-            raise CrystalscopeError(f"--out {out_csv}: cannot write the CSV ({exc.strerror or exc})") from None
+        _write_prediction_outputs(predictions, predictor, out_csv, sheet, sheet_max, model_path)
     counts = {c: 0 for c in predictor.class_names}
     for p in predictions:
         if p.ok:
@@ -398,8 +406,25 @@ def predict_paths(model_path: str | os.PathLike, paths: Sequence[str | os.PathLi
         "model": str(model_path), "backend": predictor.backend_name, "out_csv": str(out_csv),
         "class_names": predictor.class_names, "temperature": predictor.temperature,
         "n_images": len(predictions), "n_ok": n_ok, "n_errors": len(predictions) - n_ok,
-        "counts": counts, "predictions": predictions,
+        "counts": counts, "predictions": predictions, "sheet": str(sheet) if sheet is not None else None,
     }
+
+
+def _write_prediction_outputs(predictions, predictor: Predictor, out_csv, sheet, sheet_max: int,
+                              model_path) -> None:
+    """The CSV, then the optional contact sheet; a file-system fault is one line naming the file."""
+    try:
+        write_text(out_csv, predictions_csv(predictions, predictor.class_names))
+    except OSError as exc:
+        raise CrystalscopeError(f"--out {out_csv}: cannot write the CSV ({exc.strerror or exc})") from None
+    if sheet is not None:
+        from crystalscope.evaluation.sheets import prediction_sheet
+
+        try:
+            prediction_sheet(predictions, sheet, limit=sheet_max,
+                             title=f"{Path(model_path).name} ({predictor.backend_name})")
+        except OSError as exc:
+            raise CrystalscopeError(f"--sheet {sheet}: cannot write the PNG ({exc.strerror or exc})") from None
 
 
 def _predict_with_progress(predictor: Predictor, files: list[Path], batch_size: int) -> list[Prediction]:
