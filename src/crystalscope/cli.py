@@ -379,6 +379,7 @@ def embed_cmd(
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", "--device", help="For .ckpt models: auto, cpu or cuda."),
     seed: int = typer.Option(0, "--seed", help="Seed of k-means (and UMAP)."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier embed report at --out."),
 ):
     """Map a model's penultimate features of every image in 2-D, with k-means clusters and thumbnails."""
     from crystalscope.insight.embedding import embed_folder
@@ -386,7 +387,7 @@ def embed_cmd(
     with _progress_callback("features") as on_progress:
         summary = embed_folder(model, folder, out, clusters=clusters, projection=projection, groups_csv=groups,
                                per_cluster=per_cluster, batch_size=batch_size, device=device, seed=seed,
-                               on_progress=on_progress)
+                               on_progress=on_progress, force=force)
     _print_embedding(summary, out)
 
 
@@ -436,6 +437,7 @@ def drift_cmd(
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (an .onnx model runs on the CPU)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the MMD test's sampling and permutations."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier drift report at --out."),
 ):
     """How far are new images from the reference? Per-image flags, per-folder MMD test, a map.
 
@@ -447,7 +449,7 @@ def drift_cmd(
     with _progress_callback("features") as on_progress:
         summary = drift_report(reference, new, out, model=model, settings=settings, groups_csv=groups,
                                image_size=image_size,
-                               batch_size=batch_size, device=device, on_progress=on_progress)
+                               batch_size=batch_size, device=device, on_progress=on_progress, force=force)
     _print_drift(summary, out)
 
 

@@ -284,3 +284,22 @@ def describe_os_error(exc: OSError) -> str:
         errno.EMFILE: f"too many open files while reading {where}: lower --workers",
     }
     return causes.get(exc.errno, f"{where}: {exc.strerror or exc}")
+
+
+@contextlib.contextmanager
+def report_folder(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (),
+                  owned: Sequence[str], force: bool = False, option: str = "--out") -> Iterator[Path]:
+    """A report folder written by the rule: claimed, built in staging, swapped in when complete.
+
+    Yields the staging folder to write into. ``out`` must be new or empty, or hold only the
+    ``owned`` names of an earlier report of the same command and ``force`` be given.
+
+    Example:
+        >>> with report_folder("embed-test", inputs=["model.onnx", "crops"], owned=["embedding.csv"]) as staging:  # doctest: +SKIP
+        ...     write_text(staging / "embedding.csv", text)
+    """
+    from crystalscope.io import atomic_dir
+
+    with claim_output(out, inputs=inputs, kind="folder", force=force, owned=owned, option=option) as path:
+        with atomic_dir(path, force=True) as staging:  # claim_output already decided
+            yield staging

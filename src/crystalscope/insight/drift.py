@@ -31,11 +31,14 @@ from crystalscope.errors import CrystalscopeError
 from crystalscope.insight.embedding import read_groups
 from crystalscope.insight.features import IMAGENET_IMAGE_SIZE, extract_features, l2_normalise
 from crystalscope.io import write_json, write_text
+from crystalscope.safety import report_folder
 
 logger = logging.getLogger(__name__)
 
 DRIFT_COLUMNS = ("path", "set", "distance", "threshold", "flagged", "nearest_reference")
 REFERENCE_SET = "reference (held out)"
+#: what a drift report folder holds (an earlier one is replaced only with --force)
+DRIFT_FILES = ("drift.csv", "drift.json", "drift.png", "drift_foreign.png")
 MIN_REFERENCE = 10
 MAX_MMD_PER_SET = 1000  # the kernel matrix is (n_ref + n_new)^2; a seeded sample beyond this
 SIGNIFICANCE = 0.05
@@ -296,13 +299,14 @@ def drift_report(reference: str | os.PathLike, new: Sequence[str | os.PathLike],
                  model: str | os.PathLike | None = None, settings: DriftSettings | None = None,
                  groups_csv: str | os.PathLike | None = None, image_size: int = IMAGENET_IMAGE_SIZE,
                  batch_size: int = 32, device: str = "auto",
-                 on_progress: Callable[[int, int], None] | None = None) -> dict:
+                 on_progress: Callable[[int, int], None] | None = None, force: bool = False) -> dict:
     """Compare each NEW folder with REFERENCE; write ``drift.csv``, ``drift.json`` and ``drift.png``.
 
     Args:
         reference: folder of reference images (a split folder means its ``train/``).
         new: folders (or files) to judge, one set each.
-        out_dir: report folder (created; earlier drift files there are replaced atomically).
+        out_dir: report folder, built beside and swapped in when complete; an earlier drift
+            report there is replaced only with ``force`` (:func:`crystalscope.safety.report_folder`).
         model: ``.ckpt`` / ``.onnx`` whose penultimate features to use (None: ImageNet features).
         settings: rate, k, permutations, seed (:class:`DriftSettings`).
         groups_csv: which reference images are views of one crystal (``path`` plus ``crystal_id``
@@ -322,6 +326,15 @@ def drift_report(reference: str | os.PathLike, new: Sequence[str | os.PathLike],
     """
     settings = settings or DriftSettings()
     settings.validate()
+    # claimed before the work: a refused --out costs nothing, and no second writer starts
+    with report_folder(out_dir, inputs=[reference, *new, model, groups_csv], owned=DRIFT_FILES,
+                       force=force) as staging:
+        return _drift_into(staging, reference, new, model, settings, groups_csv, image_size, batch_size,
+                           device, on_progress)
+
+
+def _drift_into(out_dir: Path, reference, new, model, settings: DriftSettings, groups_csv, image_size: int,
+                batch_size: int, device: str, on_progress) -> dict:
     ref_files, sets = image_sets(reference, new)
     source = feature_source(model, image_size, device)
     all_files = ref_files + [f for files in sets.values() for f in files]
@@ -345,8 +358,6 @@ def drift_report(reference: str | os.PathLike, new: Sequence[str | os.PathLike],
         results[name] = _set_summary(files, paths, distances, unit, threshold,
                                      ref_unit[one_per_group(groups, len(ref_unit))], settings)
         units[name] = (paths, unit, distances)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "drift.csv", _drift_csv(rows, threshold))
     _drift_figures(out_dir, ref_unit, units, threshold, settings, source_name)
     summary = {"reference": str(reference), "n_reference": len(ref_keys), "features": source_name,
@@ -356,7 +367,7 @@ def drift_report(reference: str | os.PathLike, new: Sequence[str | os.PathLike],
                "reference_held_out": {"flagged": int((held_d > threshold).sum()),
                                       "distance_quantiles": _quantiles(held_d)},
                "sets": results, "unreadable": errors,
-               "files": ["drift.csv", "drift.json", "drift.png", "drift_foreign.png"]}
+               "files": list(DRIFT_FILES)}
     write_json(out_dir / "drift.json", summary)
     return summary
 

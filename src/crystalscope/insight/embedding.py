@@ -26,6 +26,7 @@ from crystalscope.data.images import class_folders, list_images
 from crystalscope.errors import CrystalscopeError, require
 from crystalscope.insight.features import FeatureSet, extract_features, l2_normalise
 from crystalscope.io import write_json, write_text
+from crystalscope.safety import report_folder
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ PROJECTIONS = ("pca", "umap")
 MAX_AUTO_CLUSTERS = 8
 SILHOUETTE_SAMPLE = 2000  # silhouette is O(N^2): score a seeded sample of a large set
 MAX_PAIRWISE = 4000  # view cohesion builds an N x N distance matrix
+#: what an embed report folder holds (an earlier one is replaced only with --force)
+EMBED_FILES = ("embedding.csv", "embedding.png", "embedding.json")
 
 
 @dataclass
@@ -260,13 +263,14 @@ def _cluster_sheet(fs: FeatureSet, truth: Sequence[str], chosen: dict[int, list[
 def embed_folder(model: str | os.PathLike, folder: str | os.PathLike, out_dir: str | os.PathLike, *,
                  clusters: int | None = None, projection: str = "pca", groups_csv: str | os.PathLike | None = None,
                  per_cluster: int = 4, batch_size: int = 32, device: str = "auto", seed: int = 0,
-                 on_progress: Callable[[int, int], None] | None = None) -> dict:
+                 on_progress: Callable[[int, int], None] | None = None, force: bool = False) -> dict:
     """Write ``embedding.png``, ``embedding.csv`` and ``embedding.json`` for every image in ``folder``.
 
     Args:
         model: a ``.ckpt`` or ``.onnx`` crystalscope model (its penultimate features are mapped).
         folder: images, or class folders of images (then the true class is known).
-        out_dir: report folder (created; earlier embedding files there are replaced atomically).
+        out_dir: report folder, built beside and swapped in when complete; an earlier embed
+            report there is replaced only with ``force`` (:func:`crystalscope.safety.report_folder`).
         clusters: k-means K (None: the K in 2..8 with the best silhouette).
         projection: ``pca`` or ``umap`` (needs ``umap-learn``).
         groups_csv: optional ``synth_manifest.csv`` / ``split.csv``: measure whether the views of
@@ -283,26 +287,33 @@ def embed_folder(model: str | os.PathLike, folder: str | os.PathLike, out_dir: s
         (2, [0.81, 0.06])
     """
     from crystalscope.inference.predictor import Predictor
+
+    # claimed before the work: a refused --out costs nothing, and no second writer starts
+    with report_folder(out_dir, inputs=[model, folder, groups_csv], owned=EMBED_FILES, force=force) as staging:
+        files, truth_of = labelled_images(folder)
+        truth_by_path = dict(zip(map(str, files), truth_of))
+        predictor = Predictor.load(model, device=device)
+        done = [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            if on_progress is not None:
+                on_progress(done[0], len(files))
+
+        fs = extract_features(predictor, files, batch_size=batch_size, on_batch=advance)
+        truth = [truth_by_path[p] for p in fs.paths]
+        mapped = project_2d(fs.features, projection, seed)
+        clustering = cluster_features(fs.features, clusters, seed)
+        chosen = _representatives(fs.features, clustering["labels"], per_cluster)
+        return _write_embedding(staging, model, folder, fs, truth, mapped, clustering, chosen,
+                                clusters, groups_csv, per_cluster)
+
+
+def _write_embedding(out_dir: Path, model, folder, fs: FeatureSet, truth, mapped: Projection, clustering: dict,
+                     chosen: dict, clusters, groups_csv, per_cluster: int) -> dict:
     from crystalscope.insight.plots import Panel, colour_of, map_figure
 
-    files, truth_of = labelled_images(folder)
-    truth_by_path = dict(zip(map(str, files), truth_of))
-    predictor = Predictor.load(model, device=device)
-    done = [0]
-
-    def advance(n: int) -> None:
-        done[0] += n
-        if on_progress is not None:
-            on_progress(done[0], len(files))
-
-    fs = extract_features(predictor, files, batch_size=batch_size, on_batch=advance)
-    truth = [truth_by_path[p] for p in fs.paths]
-    mapped = project_2d(fs.features, projection, seed)
-    clustering = cluster_features(fs.features, clusters, seed)
     labels = clustering["labels"]
-    chosen = _representatives(fs.features, labels, per_cluster)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "embedding.csv", _embedding_csv(fs, truth, labels, mapped.coords))
     names = {c: f"cluster {c} (n={int((labels == c).sum())})" for c in sorted(set(labels.tolist()))}
     ring = np.zeros(len(labels), dtype=bool)
