@@ -9,9 +9,9 @@ Two detectors, chosen by measurement against the generated ground truth (docs/mo
 - ``tiles``: crop-sized square tiles on a half-overlapping grid, kept where enough of the tile
   is foreground. It needs no segmentation but its boxes do not follow particles.
 
-A crop is the detected box grown by :data:`CROP_MARGIN` on each side and at least
-:data:`MIN_CROP_SIDE` px a side (the training crops are 130-230 px, cut around one crystal with
-some background); the model's own :class:`Preprocessing` then resizes it, exactly as in training.
+A crop is the detected box (grown by :data:`CROP_MARGIN` on each side; none by default: PG
+training crops are cut tight and a margin measured worse) and at least :data:`MIN_CROP_SIDE` px
+a side (the training crops are 130-230 px); the model's own :class:`Preprocessing` then resizes it, exactly as in training.
 scipy.ndimage does the image morphology (no OpenCV needed).
 """
 
@@ -27,10 +27,15 @@ from crystalscope.errors import CrystalscopeError, require
 DETECTORS = ("segment", "tiles")
 #: The training crops are 130-230 px a side: a crop smaller than this gets context added around it.
 MIN_CROP_SIDE = 130
-CROP_MARGIN = 0.08
+CROP_MARGIN = 0.0
 #: Smallest region kept, in full-resolution pixels (about a 40 x 40 px particle).
 MIN_AREA = 1600
 TILE_SIDE = 151
+#: Default focus limit: std of the Laplacian (after a 1 px Gaussian) inside the box, in grey levels.
+#: Focused particles of generated runs measure 2.0-5.7 (5th-95th percentile), out-of-focus ones
+#: 0.9-1.8 (docs/monitor.md); a crop-trained model calls most blurred needles PG, so they are
+#: counted apart rather than classified.
+MIN_SHARPNESS = 1.9
 _SCALE = 2            # segmentation works on a frame reduced 2x
 _BACKGROUND_SCALE = 16  # the background estimate on one reduced 16x
 _SIGMA_LEVELS = 4.0   # threshold in robust noise sigmas
@@ -73,7 +78,7 @@ def segment(grey: np.ndarray, min_area: int = MIN_AREA) -> list[Region]:
     Example:
         >>> frame = np.full((192, 256), 40, np.float32); frame[50:120, 60:140] += 120
         >>> [r.box for r in segment(frame)]
-        [(60, 50, 140, 120)]
+        [(56, 46, 144, 124)]
     """
     ndimage = require("scipy.ndimage", "monitor")
     signal, level = foreground(grey)
@@ -113,6 +118,22 @@ def tiles(grey: np.ndarray, side: int = TILE_SIDE, min_cover: float = 0.15) -> l
     return regions
 
 
+def sharpness(grey: np.ndarray, box: tuple[int, int, int, int]) -> float:
+    """Focus measure of a region: std of the Laplacian of the lightly smoothed grey levels.
+
+    Example:
+        >>> sharp = np.zeros((40, 40), np.float32); sharp[:, ::4] = 200
+        >>> sharpness(sharp, (0, 0, 40, 40)) > sharpness(np.full((40, 40), 100, np.float32), (0, 0, 40, 40))
+        True
+    """
+    ndimage = require("scipy.ndimage", "monitor")
+    x0, y0, x1, y1 = box
+    region = grey[y0:y1, x0:x1]
+    if region.size == 0:
+        return 0.0
+    return float(np.std(ndimage.laplace(ndimage.gaussian_filter(region, 1.0))))
+
+
 def detect(grey: np.ndarray, detector: str = "segment") -> list[Region]:
     """Particles of a frame with the named detector (``segment`` or ``tiles``)."""
     if detector == "segment":
@@ -126,8 +147,10 @@ def crop_box(box: tuple[int, int, int, int], frame_size: tuple[int, int]) -> tup
     """The crop to classify for a detected box: margin added, at least MIN_CROP_SIDE, inside the frame.
 
     Example:
-        >>> crop_box((100, 100, 140, 150), (1024, 768))
+        >>> crop_box((100, 100, 140, 150), (1024, 768))  # small: context added around it
         (55, 60, 185, 190)
+        >>> crop_box((0, 10, 200, 160), (1024, 768))
+        (0, 10, 200, 160)
     """
     width, height = frame_size
     x0, y0, x1, y1 = box

@@ -9,15 +9,16 @@
 
 Particles are drawn by the crop generator's public functions (:func:`render_cex`,
 :func:`render_pg`) at the crops' own scale (CEX 151 px, PG 130-230 px), so a model trained on
-crops sees particles of the size it knows. Each crop's bright content above its own background
-is added onto the frame through a feathered window (particles are light on a dark field, so
-overlaps add up as they do in transmitted light). The particle count rises slowly over the run;
+crops sees particles of the size it knows. Each crop is blended into the frame whole (with its
+own dark surroundings) through a feathered window, so that a particle cut back out of the frame
+looks like a training crop; a later particle covers an earlier one where they overlap. The particle count rises slowly over the run;
 PG is absent before ``pg_onset_s`` and its share rises after it as
 ``pg_max * (1 - exp(-(t - onset) / rise))``. Each frame draws from its own generator derived
 from ``(seed, frame index)``: files are byte-identical on rerun.
 
-A ground-truth box is the bounding box of the pixels where the particle adds at least
-:data:`VISIBLE_LEVEL` grey levels to the frame: what can be seen, not the crop's square.
+A ground-truth box is the bounding box of the pixels the particle makes at least
+:data:`VISIBLE_LEVEL` grey levels brighter than the frame under it: what can be seen, not the
+crop's square.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ VISIBLE_LEVEL = 20.0
 #: Mean particles in a 1024 x 768 frame at the start and the end of the run (scaled by area).
 COUNT_START, COUNT_END = 5.0, 10.0
 _REFERENCE_AREA = 1024 * 768
+#: Share of a crop's side over which it fades into the frame.
+FEATHER = 0.06
 _TIME_IN_NAME = re.compile(r"_t(\d+(?:\.\d+)?)s$")
 _STATIC_CODE = 7  # SeedSequence code of the run-wide illumination field (fixed forever)
 _PNG_COMPRESS_LEVEL = 3
@@ -109,16 +112,20 @@ def _smooth_field(rng: np.random.Generator, h: int, w: int, cells: int) -> np.nd
 
 
 def _feather(h: int, w: int) -> np.ndarray:
-    """1 inside, falling smoothly to 0 over the outer 20 % of each side (no square outlines)."""
+    """1 inside, falling smoothly to 0 over the outer 6 % of each side (softens the seams).
+
+    Only a narrow band: a crop faded to the dark background over a wider band looks like a PG
+    crop (an object with a dark halo) to a crop-trained model; measured in docs/monitor.md.
+    """
     def ramp(n: int) -> np.ndarray:
-        d = np.minimum(np.arange(n) + 0.5, n - np.arange(n) - 0.5) / max(0.2 * n, 1.0)
+        d = np.minimum(np.arange(n) + 0.5, n - np.arange(n) - 0.5) / max(FEATHER * n, 1.0)
         d = np.clip(d, 0.0, 1.0)
         return d * d * (3 - 2 * d)
     return np.outer(ramp(h), ramp(w)).astype(np.float32)
 
 
-def particle_light(crop: np.ndarray, defocus_sigma: float) -> np.ndarray:
-    """What one generated crop adds to a frame: its content above its own background, feathered.
+def particle_image(crop: np.ndarray, defocus_sigma: float) -> np.ndarray:
+    """One generated crop as the frame will show it: grey float, blurred and flattened when out of focus.
 
     Works with any grey-looking ``uint8`` crop, ``(H, W)`` or ``(H, W, C)``.
     """
@@ -126,8 +133,8 @@ def particle_light(crop: np.ndarray, defocus_sigma: float) -> np.ndarray:
     if defocus_sigma > 0:
         img = Image.fromarray(np.clip(grey + 0.5, 0, 255).astype(np.uint8))
         grey = np.asarray(img.filter(ImageFilter.GaussianBlur(defocus_sigma)), dtype=np.float32)
-    light = np.clip(grey - np.percentile(grey, 10), 0.0, None) * _feather(*grey.shape)
-    return light * (0.7 if defocus_sigma > 0 else 1.0)
+        grey = grey.mean() + 0.7 * (grey - grey.mean())  # out of focus: less contrast too
+    return grey
 
 
 @dataclass(frozen=True)
@@ -166,13 +173,19 @@ def box_iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _add_particle(canvas: np.ndarray, light: np.ndarray, y: int, x: int) -> tuple[int, int, int, int] | None:
-    """Add ``light`` at ``(y, x)`` (clipped to the frame); return its visible box or ``None``."""
+def _add_particle(canvas: np.ndarray, particle: np.ndarray, y: int, x: int) -> tuple[int, int, int, int] | None:
+    """Blend ``particle`` into the frame at ``(y, x)`` through a feathered window; return its visible box.
+
+    The crop is blended in whole (its own dark surroundings too), so a particle cut back out of
+    the frame looks like the crops the classifier was trained on; the feathering hides the seams.
+    """
     fh, fw = canvas.shape
-    h, w = min(light.shape[0], fh - y), min(light.shape[1], fw - x)
-    part = light[:h, :w]
-    canvas[y:y + h, x:x + w] += part
-    rows, cols = np.nonzero(part >= VISIBLE_LEVEL)
+    h, w = min(particle.shape[0], fh - y), min(particle.shape[1], fw - x)
+    window = _feather(*particle.shape)[:h, :w]
+    patch = canvas[y:y + h, x:x + w]
+    change = window * (particle[:h, :w] - patch)
+    patch += change
+    rows, cols = np.nonzero(change >= VISIBLE_LEVEL)
     if rows.size == 0:
         return None
     return (x + int(cols.min()), y + int(rows.min()), x + int(cols.max()) + 1, y + int(rows.max()) + 1)
@@ -201,10 +214,10 @@ def render_frame(spec: ProcessSpec, index: int, illumination: np.ndarray) -> tup
         class_name = "pg" if rng.random() < share else "cex"
         crop = render_pg(rng, difficulty) if class_name == "pg" else render_cex(rng, difficulty)
         defocused = bool(rng.random() < spec.defocus)
-        light = particle_light(crop, rng.uniform(2.5, 5.0) if defocused else 0.0)
-        y, x = _place(rng, light.shape, canvas.shape, taken)
-        taken.append((x, y, x + light.shape[1], y + light.shape[0]))
-        box = _add_particle(canvas, light, y, x)
+        particle = particle_image(crop, rng.uniform(2.5, 5.0) if defocused else 0.0)
+        y, x = _place(rng, particle.shape, canvas.shape, taken)
+        taken.append((x, y, x + particle.shape[1], y + particle.shape[0]))
+        box = _add_particle(canvas, particle, y, x)
         if box is not None:
             particles.append(Particle(class_name, box, defocused))
     noise = rng.uniform(1.5, 3.0)

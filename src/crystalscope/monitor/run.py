@@ -26,9 +26,9 @@ from typing import Callable
 
 from crystalscope.data.images import ImageReadError, list_images, load_rgb
 from crystalscope.errors import CrystalscopeError
-from crystalscope.inference.predictor import Predictor
+from crystalscope.inference.predictor import Prediction, Predictor
 from crystalscope.io import write_bytes, write_json, write_text
-from crystalscope.monitor.detect import DETECTORS, cut_crops, detect, to_grey
+from crystalscope.monitor.detect import DETECTORS, MIN_SHARPNESS, cut_crops, detect, sharpness, to_grey
 from crystalscope.monitor.frames import read_truth, time_from_name
 from crystalscope.monitor.overlay import overlay_png, timeline_png
 from crystalscope.monitor.timeline import PARTICLE_COLUMNS, AlarmRule, FrameRecord, Timeline
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 OUTPUT_FILES = ("particles.csv", "timeline.csv", "timeline.png", "alarms.json")
 OVERLAY_SUBDIR = "overlay"
+#: Status of a region too blurred to classify (see :func:`~crystalscope.monitor.detect.sharpness`).
+OUT_OF_FOCUS = "out of focus"
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class MonitorSettings:
         batch_size: crops per forward pass.
         overlay: also write ``overlay/<frame>.png`` with boxes coloured by class.
         poll_s: seconds between looks at the folder in watch mode.
+        min_sharpness: regions less sharp than this are not classified (``out of focus``); 0 keeps all.
     """
 
     rule: AlarmRule = field(default_factory=AlarmRule)
@@ -56,6 +59,7 @@ class MonitorSettings:
     batch_size: int = 32
     overlay: bool = False
     poll_s: float = 0.5
+    min_sharpness: float = MIN_SHARPNESS
 
 
 class Monitor:
@@ -95,12 +99,18 @@ class Monitor:
             record.status = f"error: {str(exc).removeprefix(f'{path}: ')}"
             log.warning("frame %s: %s", path.name, record.status)
             return self.timeline.add(record)
-        regions = detect(to_grey(image), self.settings.detector)
-        predictions = self.predictor.predict(cut_crops(image, regions), batch_size=self.settings.batch_size)
+        grey = to_grey(image)
+        regions = detect(grey, self.settings.detector)
+        sharp = [sharpness(grey, r.box) >= self.settings.min_sharpness for r in regions]
+        focused = [r for r, keep in zip(regions, sharp) if keep]
+        predictions = iter(self.predictor.predict(cut_crops(image, focused), batch_size=self.settings.batch_size))
         record.counts = {c: 0 for c in self.predictor.class_names}
         shown = []
-        for k, (region, p) in enumerate(zip(regions, predictions)):
-            if p.status == "ok":
+        for k, (region, keep) in enumerate(zip(regions, sharp)):
+            p = next(predictions) if keep else Prediction(path="", status=OUT_OF_FOCUS)
+            if p.status == OUT_OF_FOCUS:
+                record.out_of_focus += 1
+            elif p.status == "ok":
                 record.counts[p.predicted] += 1
             elif p.status.startswith("error"):
                 record.errors += 1

@@ -51,6 +51,7 @@ class FrameRecord:
     time_s: float  # seconds since the first frame
     counts: dict[str, int] = field(default_factory=dict)
     rejected: int = 0
+    out_of_focus: int = 0
     errors: int = 0
     status: str = "ok"
     fraction: float | None = None
@@ -81,7 +82,7 @@ class Timeline:
 
     Example:
         >>> t = Timeline(["cex", "pg"], "pg", AlarmRule(fraction=0.2, frames=2, smoothing=1.0))
-        >>> for i, pg in enumerate([0, 5, 5]):
+        >>> for i, pg in enumerate([0, 5, 5]):  # smoothing 1.0: the EWMA is the fraction itself
         ...     _ = t.add(FrameRecord(i, f"f{i}.png", 10.0 * i, {"cex": 5, "pg": pg}))
         >>> [a["frame"] for a in t.alarms]
         [2]
@@ -102,7 +103,8 @@ class Timeline:
             record.fraction = k / n
             record.low, record.high = wilson_interval(k, n)
             lam = self.rule.smoothing
-            record.ewma = record.fraction if last_ewma is None else lam * record.fraction + (1 - lam) * last_ewma
+            # the chart starts at 0 (a batch starts without PG), so one misread first frame cannot fire it
+            record.ewma = lam * record.fraction + (1 - lam) * (last_ewma or 0.0)
         else:
             record.ewma = last_ewma  # an empty or unreadable frame carries no news
         above = record.ewma is not None and record.ewma > self.rule.fraction
@@ -116,7 +118,7 @@ class Timeline:
 
     def columns(self) -> list[str]:
         return ["frame", "file", "time_s", "n_particles", *[f"n_{c}" for c in self.class_names], "rejected",
-                "errors", f"{self.watched}_fraction", "ci95_low", "ci95_high", "ewma", "alarm", "status"]
+                "out_of_focus", "errors", f"{self.watched}_fraction", "ci95_low", "ci95_high", "ewma", "alarm", "status"]
 
     def csv_text(self) -> str:
         """``timeline.csv``: one row per frame (blank fraction when nothing was classified)."""
@@ -126,8 +128,8 @@ class Timeline:
         alarm_frames = {a["frame"] for a in self.alarms}
         for r in self.records:
             counts = [r.counts.get(c, 0) for c in self.class_names]
-            writer.writerow([r.frame, r.file, f"{r.time_s:.3f}", sum(counts) + r.rejected, *counts, r.rejected,
-                             r.errors, _fmt(r.fraction), _fmt(r.low), _fmt(r.high), _fmt(r.ewma),
+            writer.writerow([r.frame, r.file, f"{r.time_s:.3f}", sum(counts) + r.rejected + r.out_of_focus + r.errors,
+                             *counts, r.rejected, r.out_of_focus, r.errors, _fmt(r.fraction), _fmt(r.low), _fmt(r.high), _fmt(r.ewma),
                              int(r.frame in alarm_frames), r.status])
         return buffer.getvalue()
 
