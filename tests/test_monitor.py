@@ -144,9 +144,10 @@ def test_alarm_fires_after_the_onset_within_the_stated_delay(tiny_onnx, onset_ru
         if r["pg_fraction"]:
             assert float(r["ci95_low"]) <= float(r["pg_fraction"]) <= float(r["ci95_high"])
     particles = read_csv(out / "particles.csv")
-    assert {p["status"] for p in particles} == {"ok"} and len(particles) >= 30
+    assert {p["status"] for p in particles} <= {"ok", "out of focus"}
+    assert sum(p["status"] == "ok" for p in particles) >= 20
     assert Image.open(out / "timeline.png").size[0] > 300
-    assert len(list((out / "overlay").glob("*.png"))) == 30
+    assert len(list((out / "overlay").glob("*.jpg"))) == 30
 
 
 def test_no_alarm_on_a_run_without_pg(tiny_onnx, tmp_path):
@@ -192,6 +193,8 @@ def test_only_ok_particles_count_and_rejected_ones_are_reported(onset_run, tmp_p
     assert record.counts["pg"] == statuses.count("ok")
     assert record.rejected == statuses.count("rejected") and record.errors == statuses.count("error: bad crop")
     assert record.fraction == (1.0 if record.counts["pg"] else None)
+    assert record.out_of_focus == statuses.count("out of focus")
+    assert len(statuses) == sum(record.counts.values()) + record.rejected + record.errors + record.out_of_focus
 
 
 def test_ewma_alarm_needs_k_frames_and_rearms():

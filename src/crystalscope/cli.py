@@ -370,7 +370,7 @@ def monitor_command(
     alarm_frames: int = typer.Option(3, "--alarm-frames", help="Consecutive frames above the limit before the alarm."),
     smoothing: float = typer.Option(0.3, "--smoothing", help="EWMA weight of the newest frame (0..1]."),
     detector: str = typer.Option("segment", "--detector", help="segment (particles) | tiles (crop-sized grid)."),
-    overlay: bool = typer.Option(False, "--overlay", help="Also write overlay/<frame>.png with boxes coloured by class."),
+    overlay: bool = typer.Option(False, "--overlay", help="Also write overlay/<frame>.jpg with boxes coloured by class (rejected/out of focus hatched)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Crops per forward pass."),
 ):
     """Watch a crystallization: particles per frame -> PG fraction over time -> alarm."""

@@ -30,7 +30,7 @@ from crystalscope.inference.predictor import Prediction, Predictor
 from crystalscope.io import write_bytes, write_json, write_text
 from crystalscope.monitor.detect import DETECTORS, MIN_SHARPNESS, cut_crops, detect, sharpness, to_grey
 from crystalscope.monitor.frames import read_truth, time_from_name
-from crystalscope.monitor.overlay import overlay_png, timeline_png
+from crystalscope.monitor.overlay import overlay_jpeg, timeline_png
 from crystalscope.monitor.timeline import PARTICLE_COLUMNS, AlarmRule, FrameRecord, Timeline
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class MonitorSettings:
         rule: the alarm rule (limit, K frames, EWMA weight).
         detector: ``segment`` or ``tiles`` (see :mod:`crystalscope.monitor.detect`).
         batch_size: crops per forward pass.
-        overlay: also write ``overlay/<frame>.png`` with boxes coloured by class.
+        overlay: also write ``overlay/<frame>.jpg`` with boxes coloured by class.
         poll_s: seconds between looks at the folder in watch mode.
         min_sharpness: regions less sharp than this are not classified (``out of focus``); 0 keeps all.
     """
@@ -122,7 +122,7 @@ class Monitor:
             shown.append({"box": region.box, "class": p.predicted, "confidence": p.confidence or 0.0,
                           "status": p.status})
         if self.settings.overlay:
-            write_bytes(self.out_dir / OVERLAY_SUBDIR / f"{path.stem}.png", overlay_png(image, shown))
+            write_bytes(self.out_dir / OVERLAY_SUBDIR / f"{path.stem}.jpg", overlay_jpeg(image, shown))
         return self.timeline.add(record)
 
     def particles_csv(self) -> str:
