@@ -88,7 +88,7 @@ def calibrate(work: Path, model: Path) -> AlarmRule:
     for name, (seed, onset) in runs.items():
         monitored(work, name, model, seed, onset, MonitorSettings())
     best = None
-    for fraction, frames, smoothing in itertools.product((0.15, 0.2, 0.25, 0.3), (2, 3, 5), (0.1, 0.2, 0.3)):
+    for fraction, frames, smoothing in itertools.product((0.1, 0.15, 0.2, 0.25, 0.3), (2, 3, 5), (0.1, 0.2, 0.3)):
         rule = AlarmRule(fraction, frames, smoothing)
         quiet = replay(work / "cal-nopg" / "monitor" / "timeline.csv", rule)
         alarms = replay(work / "cal-pg" / "monitor" / "timeline.csv", rule)

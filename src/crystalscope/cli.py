@@ -370,6 +370,12 @@ def monitor_command(
     alarm_frames: int = typer.Option(3, "--alarm-frames", help="Consecutive frames above the limit before the alarm."),
     smoothing: float = typer.Option(0.3, "--smoothing", help="EWMA weight of the newest frame (0..1]."),
     detector: str = typer.Option("segment", "--detector", help="segment (particles) | tiles (crop-sized grid)."),
+    min_confidence: float = typer.Option(0.9, "--min-confidence", help="Classifications below this are "
+                                         "written as 'uncertain' and not counted."),
+    min_sharpness: float = typer.Option(1.9, "--min-sharpness", help="Focus limit (Laplacian std, grey levels); "
+                                        "blurrier regions are 'out of focus'. 0 classifies all."),
+    max_side: int = typer.Option(260, "--max-side", help="Regions with a longer side (px) are 'cluster' "
+                                 "(overlapping particles), not classified."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write overlay/<frame>.jpg with boxes coloured by class (rejected/out of focus hatched)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Crops per forward pass."),
 ):
@@ -381,12 +387,14 @@ def monitor_command(
 
     console = Console(stderr=True)
     settings = MonitorSettings(rule=AlarmRule(alarm_fraction, alarm_frames, smoothing), detector=detector,
-                               batch_size=batch_size, overlay=overlay)
+                               batch_size=batch_size, overlay=overlay, min_sharpness=min_sharpness,
+                               max_side=max_side, min_confidence=min_confidence)
 
     def show(record) -> None:
         fraction = "-" if record.fraction is None else f"{record.fraction:.2f}"
         console.print(f"frame {record.frame} {record.file}: {sum(record.counts.values())} classified, "
-                      f"{record.rejected} rejected, fraction {fraction}, EWMA "
+                      f"{record.rejected} rejected, {record.out_of_focus + record.clusters + record.uncertain} "
+                      f"not counted, fraction {fraction}, EWMA "
                       f"{'-' if record.ewma is None else f'{record.ewma:.3f}'} {record.status}",
                       markup=False, highlight=False)
 

@@ -36,6 +36,9 @@ TILE_SIDE = 151
 #: 0.9-1.8 (docs/monitor.md); a crop-trained model calls most blurred needles PG, so they are
 #: counted apart rather than classified.
 MIN_SHARPNESS = 1.9
+#: A region with a side longer than this is several overlapping particles (the largest crop is
+#: 230 px): classifying it as one particle made most of the false PG calls (docs/monitor.md).
+MAX_PARTICLE_SIDE = 260
 _SCALE = 2            # segmentation works on a frame reduced 2x
 _BACKGROUND_SCALE = 16  # the background estimate on one reduced 16x
 _SIGMA_LEVELS = 4.0   # threshold in robust noise sigmas

@@ -28,7 +28,8 @@ from crystalscope.data.images import ImageReadError, list_images, load_rgb
 from crystalscope.errors import CrystalscopeError
 from crystalscope.inference.predictor import Prediction, Predictor
 from crystalscope.io import write_bytes, write_json, write_text
-from crystalscope.monitor.detect import DETECTORS, MIN_SHARPNESS, cut_crops, detect, sharpness, to_grey
+from crystalscope.monitor.detect import (DETECTORS, MAX_PARTICLE_SIDE, MIN_SHARPNESS, Region, cut_crops, detect,
+                                         sharpness, to_grey)
 from crystalscope.monitor.frames import read_truth, time_from_name
 from crystalscope.monitor.overlay import overlay_jpeg, timeline_png
 from crystalscope.monitor.timeline import PARTICLE_COLUMNS, AlarmRule, FrameRecord, Timeline
@@ -37,8 +38,12 @@ log = logging.getLogger(__name__)
 
 OUTPUT_FILES = ("particles.csv", "timeline.csv", "timeline.png", "alarms.json")
 OVERLAY_SUBDIR = "overlay"
-#: Status of a region too blurred to classify (see :func:`~crystalscope.monitor.detect.sharpness`).
-OUT_OF_FOCUS = "out of focus"
+#: Statuses of regions the monitor does not count as classified particles (besides the model's
+#: own ``rejected`` and ``error: ...``): too blurred, several particles in one region, or a
+#: classification below ``min_confidence``.
+OUT_OF_FOCUS, CLUSTER, UNCERTAIN = "out of focus", "cluster", "uncertain"
+#: Default smallest confidence counted: false PG calls of CEX had a median of 0.8, true PG 1.0.
+MIN_CONFIDENCE = 0.9
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,8 @@ class MonitorSettings:
         overlay: also write ``overlay/<frame>.jpg`` with boxes coloured by class.
         poll_s: seconds between looks at the folder in watch mode.
         min_sharpness: regions less sharp than this are not classified (``out of focus``); 0 keeps all.
+        max_side: regions with a longer side are not classified (``cluster``).
+        min_confidence: classifications below this are written but not counted (``uncertain``).
     """
 
     rule: AlarmRule = field(default_factory=AlarmRule)
@@ -60,6 +67,8 @@ class MonitorSettings:
     overlay: bool = False
     poll_s: float = 0.5
     min_sharpness: float = MIN_SHARPNESS
+    max_side: int = MAX_PARTICLE_SIDE
+    min_confidence: float = MIN_CONFIDENCE
 
 
 class Monitor:
@@ -101,29 +110,33 @@ class Monitor:
             return self.timeline.add(record)
         grey = to_grey(image)
         regions = detect(grey, self.settings.detector)
-        sharp = [sharpness(grey, r.box) >= self.settings.min_sharpness for r in regions]
-        focused = [r for r, keep in zip(regions, sharp) if keep]
-        predictions = iter(self.predictor.predict(cut_crops(image, focused), batch_size=self.settings.batch_size))
+        screened = [self._screen(grey, r) for r in regions]
+        crops = cut_crops(image, [r for r, status in zip(regions, screened) if status is None])
+        predictions = iter(self.predictor.predict(crops, batch_size=self.settings.batch_size))
         record.counts = {c: 0 for c in self.predictor.class_names}
         shown = []
-        for k, (region, keep) in enumerate(zip(regions, sharp)):
-            p = next(predictions) if keep else Prediction(path="", status=OUT_OF_FOCUS)
-            if p.status == OUT_OF_FOCUS:
-                record.out_of_focus += 1
-            elif p.status == "ok":
-                record.counts[p.predicted] += 1
-            elif p.status.startswith("error"):
-                record.errors += 1
-            else:
-                record.rejected += 1  # "rejected" and any future status: not a classified particle
-            confidence = f"{p.confidence:.6f}" if p.status == "ok" else ""
+        for k, (region, status) in enumerate(zip(regions, screened)):
+            p = next(predictions) if status is None else Prediction(path="", status=status)
+            if p.status == "ok" and p.confidence < self.settings.min_confidence:
+                p.status = UNCERTAIN
+            _count(record, p)
+            confidence = f"{p.confidence:.6f}" if p.confidence is not None else ""
             self.particles.append([index, path.name, f"{record.time_s:.3f}", k, *region.box,
-                                   p.predicted if p.status == "ok" else "", confidence, p.status])
+                                   p.predicted or "", confidence, p.status])
             shown.append({"box": region.box, "class": p.predicted, "confidence": p.confidence or 0.0,
                           "status": p.status})
         if self.settings.overlay:
             write_bytes(self.out_dir / OVERLAY_SUBDIR / f"{path.stem}.jpg", overlay_jpeg(image, shown))
         return self.timeline.add(record)
+
+    def _screen(self, grey, region: Region) -> str | None:
+        """Why a region is not classified (``cluster``, ``out of focus``), or ``None`` to classify it."""
+        x0, y0, x1, y1 = region.box
+        if max(x1 - x0, y1 - y0) > self.settings.max_side:
+            return CLUSTER
+        if sharpness(grey, region.box) < self.settings.min_sharpness:
+            return OUT_OF_FOCUS
+        return None
 
     def particles_csv(self) -> str:
         buffer = io.StringIO()
@@ -150,6 +163,22 @@ class Monitor:
                 "watched": self.timeline.watched, "rule": self.settings.rule.describe(),
                 "truth_onset_s": self.truth_onset_s, "seconds": round(seconds, 3), "interrupted": interrupted,
                 "outputs": [str(self.out_dir / name) for name in OUTPUT_FILES]}
+
+
+def _count(record: FrameRecord, p: Prediction) -> None:
+    """Add one region to the frame's counts: only ``ok`` is a classified particle."""
+    if p.status == "ok":
+        record.counts[p.predicted] += 1
+    elif p.status == OUT_OF_FOCUS:
+        record.out_of_focus += 1
+    elif p.status == CLUSTER:
+        record.clusters += 1
+    elif p.status == UNCERTAIN:
+        record.uncertain += 1
+    elif p.status.startswith("error"):
+        record.errors += 1
+    else:
+        record.rejected += 1  # "rejected" and any future status of the model: not classified
 
 
 class _StopFlag:
@@ -189,6 +218,8 @@ def _check_options(frames_dir: Path, out_dir: Path, settings: MonitorSettings) -
         raise CrystalscopeError(f"--smoothing {rule.smoothing} must be in (0, 1]")
     if settings.detector not in DETECTORS:
         raise CrystalscopeError(f"--detector {settings.detector!r} is not known: use one of {', '.join(DETECTORS)}")
+    if not 0.0 <= settings.min_confidence <= 1.0:
+        raise CrystalscopeError(f"--min-confidence {settings.min_confidence} must be between 0 and 1")
     if settings.batch_size < 1:
         raise CrystalscopeError(f"--batch-size {settings.batch_size} must be 1 or more")
 

@@ -52,6 +52,8 @@ class FrameRecord:
     counts: dict[str, int] = field(default_factory=dict)
     rejected: int = 0
     out_of_focus: int = 0
+    clusters: int = 0
+    uncertain: int = 0
     errors: int = 0
     status: str = "ok"
     fraction: float | None = None
@@ -118,7 +120,7 @@ class Timeline:
 
     def columns(self) -> list[str]:
         return ["frame", "file", "time_s", "n_particles", *[f"n_{c}" for c in self.class_names], "rejected",
-                "out_of_focus", "errors", f"{self.watched}_fraction", "ci95_low", "ci95_high", "ewma", "alarm", "status"]
+                "out_of_focus", "clusters", "uncertain", "errors", f"{self.watched}_fraction", "ci95_low", "ci95_high", "ewma", "alarm", "status"]
 
     def csv_text(self) -> str:
         """``timeline.csv``: one row per frame (blank fraction when nothing was classified)."""
@@ -128,8 +130,8 @@ class Timeline:
         alarm_frames = {a["frame"] for a in self.alarms}
         for r in self.records:
             counts = [r.counts.get(c, 0) for c in self.class_names]
-            writer.writerow([r.frame, r.file, f"{r.time_s:.3f}", sum(counts) + r.rejected + r.out_of_focus + r.errors,
-                             *counts, r.rejected, r.out_of_focus, r.errors, _fmt(r.fraction), _fmt(r.low), _fmt(r.high), _fmt(r.ewma),
+            writer.writerow([r.frame, r.file, f"{r.time_s:.3f}", sum(counts) + r.rejected + r.out_of_focus + r.clusters + r.uncertain + r.errors,
+                             *counts, r.rejected, r.out_of_focus, r.clusters, r.uncertain, r.errors, _fmt(r.fraction), _fmt(r.low), _fmt(r.high), _fmt(r.ewma),
                              int(r.frame in alarm_frames), r.status])
         return buffer.getvalue()
 
