@@ -177,24 +177,37 @@ class _FakePredictor:
     class_names = ["cex", "pg"]
     positive_class = "pg"
     backend_name = "fake"
+    # ok, a future "rejected" status, a crop error, and an ok call below --min-confidence, in turn
+    plan = [("ok", 0.95), ("rejected", 0.7), ("error: bad crop", None), ("ok", 0.5)]
+    calls = 0
 
     def predict(self, items, batch_size=32):
-        statuses = ["ok", "rejected", "error: bad crop", "ok"]
-        return [Prediction(path=f"<image {i}>", predicted="pg" if s == "ok" else None,
-                           confidence=0.9 if s == "ok" else None, status=s)
-                for i, s in zip(range(len(items)), statuses * len(items))]
+        out = []
+        for i, _ in enumerate(items):
+            status, confidence = self.plan[self.calls % len(self.plan)]
+            self.calls += 1
+            out.append(Prediction(path=f"<image {i}>", predicted="pg" if status == "ok" else None,
+                                  confidence=confidence, status=status))
+        return out
 
 
-def test_only_ok_particles_count_and_rejected_ones_are_reported(onset_run, tmp_path):
-    monitor = Monitor(_FakePredictor(), onset_run / "frames", tmp_path)
-    frame = sorted((onset_run / "frames").iterdir())[25]
-    record = monitor.process(frame)
+def test_only_ok_particles_count_and_the_others_are_reported(onset_run, tmp_path):
+    monitor = Monitor(_FakePredictor(), onset_run / "frames", tmp_path, MonitorSettings(min_sharpness=0.0))
+    frames = sorted((onset_run / "frames").iterdir())
+    records = [monitor.process(frame) for frame in frames[20:30]]
     statuses = [row[-1] for row in monitor.particles]
-    assert record.counts["pg"] == statuses.count("ok")
-    assert record.rejected == statuses.count("rejected") and record.errors == statuses.count("error: bad crop")
-    assert record.fraction == (1.0 if record.counts["pg"] else None)
-    assert record.out_of_focus == statuses.count("out of focus")
-    assert len(statuses) == sum(record.counts.values()) + record.rejected + record.errors + record.out_of_focus
+    assert {"ok", "rejected", "error: bad crop", "uncertain"} <= set(statuses)
+    assert sum(r.counts["pg"] for r in records) == statuses.count("ok")
+    assert sum(r.rejected for r in records) == statuses.count("rejected")
+    assert sum(r.errors for r in records) == statuses.count("error: bad crop")
+    assert sum(r.uncertain for r in records) == statuses.count("uncertain")
+    assert all(r.fraction in (None, 1.0) for r in records)  # only PG was called: fraction 1 or nothing
+    rows = read_csv_text(monitor.timeline.csv_text())
+    assert sum(int(r["n_particles"]) for r in rows) == len(statuses)
+
+
+def read_csv_text(text: str) -> list[dict]:
+    return list(csv.DictReader(text.splitlines()))
 
 
 def test_ewma_alarm_needs_k_frames_and_rearms():
