@@ -367,8 +367,8 @@ def monitor_command(
     watch: bool = typer.Option(False, "--watch", help="Keep processing frames as they appear; Ctrl-C stops "
                                "with every output written."),
     alarm_fraction: float = typer.Option(0.15, "--alarm-fraction", help="Alarm limit on the smoothed PG fraction."),
-    alarm_frames: int = typer.Option(3, "--alarm-frames", help="Consecutive frames above the limit before the alarm."),
-    smoothing: float = typer.Option(0.3, "--smoothing", help="EWMA weight of the newest frame (0..1]."),
+    alarm_frames: int = typer.Option(2, "--alarm-frames", help="Consecutive frames above the limit before the alarm."),
+    smoothing: float = typer.Option(0.1, "--smoothing", help="EWMA weight of the newest frame (0..1]."),
     detector: str = typer.Option("segment", "--detector", help="segment (particles) | tiles (crop-sized grid)."),
     min_confidence: float = typer.Option(0.9, "--min-confidence", help="Classifications below this are "
                                          "written as 'uncertain' and not counted."),

@@ -32,8 +32,8 @@ CROP_MARGIN = 0.0
 MIN_AREA = 1600
 TILE_SIDE = 151
 #: Default focus limit: std of the Laplacian (after a 1 px Gaussian) inside the box, in grey levels.
-#: Focused particles of generated runs measure 2.0-5.7 (5th-95th percentile), out-of-focus ones
-#: 0.9-1.8 (docs/monitor.md); a crop-trained model calls most blurred needles PG, so they are
+#: Focused particles of generated runs measure 2.0-6.1 (5th-95th percentile), out-of-focus ones
+#: 0.8-1.9 (docs/monitor.md); a crop-trained model calls most blurred needles PG, so they are
 #: counted apart rather than classified.
 MIN_SHARPNESS = 1.9
 #: A region with a side longer than this is several overlapping particles (the largest crop is

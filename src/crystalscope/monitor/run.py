@@ -42,7 +42,7 @@ OVERLAY_SUBDIR = "overlay"
 #: own ``rejected`` and ``error: ...``): too blurred, several particles in one region, or a
 #: classification below ``min_confidence``.
 OUT_OF_FOCUS, CLUSTER, UNCERTAIN = "out of focus", "cluster", "uncertain"
-#: Default smallest confidence counted: false PG calls of CEX had a median of 0.8, true PG 1.0.
+#: Default smallest confidence counted: PG calls of true CEX had a median of 0.84, of true PG 1.0.
 MIN_CONFIDENCE = 0.9
 
 
