@@ -40,6 +40,8 @@ MAX_DELAY_S = 80.0
 #: Frames this small hold one to three particles, so one misread particle moves the fraction by
 #: 0.3-1: the limit is higher than the default 0.15 chosen for 1024 x 768 frames.
 SMALL_RULE = AlarmRule(fraction=0.3, frames=3, smoothing=0.3)
+SMALL_RULE_OPTIONS = ("--alarm-fraction", str(SMALL_RULE.fraction), "--alarm-frames", str(SMALL_RULE.frames),
+                      "--smoothing", str(SMALL_RULE.smoothing))
 RUNNER = CliRunner()
 
 
@@ -129,7 +131,7 @@ def test_segmentation_finds_the_true_particles(onset_run):
 def test_alarm_fires_after_the_onset_within_the_stated_delay(tiny_onnx, onset_run, tmp_path):
     out = tmp_path / "monitor"
     result = RUNNER.invoke(app, ["monitor", str(tiny_onnx), str(onset_run / "frames"), "--out", str(out),
-                                 "--overlay", "--alarm-fraction", str(SMALL_RULE.fraction)])
+                                 "--overlay", *SMALL_RULE_OPTIONS])
     assert result.exit_code == 0, result.output
     alarms = json.loads((out / "alarms.json").read_text())
     assert alarms, "no alarm on a run with PG"
@@ -144,8 +146,8 @@ def test_alarm_fires_after_the_onset_within_the_stated_delay(tiny_onnx, onset_ru
         if r["pg_fraction"]:
             assert float(r["ci95_low"]) <= float(r["pg_fraction"]) <= float(r["ci95_high"])
     particles = read_csv(out / "particles.csv")
-    assert {p["status"] for p in particles} <= {"ok", "out of focus"}
-    assert sum(p["status"] == "ok" for p in particles) >= 20
+    assert {p["status"] for p in particles} <= {"ok", "out of focus", "uncertain", "cluster"}
+    assert sum(p["status"] == "ok" for p in particles) >= 15
     assert Image.open(out / "timeline.png").size[0] > 300
     assert len(list((out / "overlay").glob("*.jpg"))) == 30
 
@@ -238,7 +240,7 @@ def test_watch_processes_frames_copied_in_one_by_one_and_sigint_flushes(tiny_onn
     env = dict(os.environ, PYTHONPATH=str(SRC))
     proc = subprocess.Popen([sys.executable, "-m", "crystalscope", "monitor", str(tiny_onnx), str(frames),
                              "--out", str(out), "--watch",
-                             "--alarm-fraction", str(SMALL_RULE.fraction)], env=env, stdout=subprocess.PIPE,
+                             *SMALL_RULE_OPTIONS], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     sources = sorted((onset_run / "frames").iterdir())[:6]
     try:
