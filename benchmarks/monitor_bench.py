@@ -1,0 +1,196 @@
+"""Measure `crystalscope monitor` on generated batch runs against their ground truth (docs/monitor.md).
+
+Steps, all through the project's own library (the same code as `synth-process` and `monitor`):
+
+1. ``feather``: what a crop-trained model says about CEX crops faded into a dark background over
+   0-20 % of their side (why synth-process blends particles in with a narrow band only);
+2. ``detector``: segmentation vs crop-sized tiles on one run (detection, accuracy, fraction MAE);
+3. ``calibrate``: four runs with seeds kept apart from the evaluation (one with PG, three
+   without) are monitored once; EWMA limits are set at the in-control mean + 3 sigma of the EWMA for
+   each (lambda, K), replayed on their per-frame counts, and the pair with no false alarm and
+   the shortest onset delay is kept;
+4. ``evaluate``: fresh runs with PG and without, monitored with that rule on ONNX Runtime
+   (no overlays): detection precision/recall at IoU >= 0.5, classification accuracy, fraction
+   MAE, onset delay, false alarms per hour, frames per second (median and min-max over the
+   runs without PG).
+
+Example:
+    PYTHONPATH=src .venv/bin/python benchmarks/monitor_bench.py /tmp/monitor-demo/run/model.onnx \\
+        --work /tmp/monitor-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from crystalscope.data.synth import DIFFICULTIES, render_cex
+from crystalscope.inference.predictor import Predictor
+from crystalscope.monitor.frames import ProcessSpec, generate_process
+from crystalscope.monitor.run import MonitorSettings, run_monitor
+from crystalscope.monitor.score import score_run
+from crystalscope.monitor.timeline import AlarmRule, FrameRecord, Timeline
+
+RUN = dict(frames=120, interval_s=30.0, pg_onset_s=1800.0)  # one hour, PG from 30 min
+NO_PG = 1e9
+
+
+def feather_check(model: Path, n: int = 60) -> dict:
+    """Share of CEX crops still called CEX when faded to a dark level over a band of their side."""
+    predictor = Predictor.load(model)
+    rng = np.random.default_rng(2024)
+    crops = [render_cex(rng, DIFFICULTIES["realistic"])[:, :, 0].astype(np.float32) for _ in range(n)]
+    result = {}
+    for band in (0.0, 0.06, 0.1, 0.2):
+        def ramp(size):
+            d = np.clip(np.minimum(np.arange(size) + 0.5, size - np.arange(size) - 0.5) / max(band * size, 1e-9), 0, 1)
+            return d * d * (3 - 2 * d)
+        images = []
+        for grey in crops:
+            window = np.outer(ramp(grey.shape[0]), ramp(grey.shape[1]))
+            faded = 42.0 * (1 - window) + grey * window
+            images.append(Image.fromarray(np.clip(faded + 0.5, 0, 255).astype(np.uint8)).convert("RGB"))
+        result[band] = float(np.mean([p.predicted == "cex" for p in predictor.predict(images)]))
+    return result
+
+
+def replay(timeline_csv: Path, rule: AlarmRule) -> list[dict]:
+    """The alarms a rule would have raised on a monitored run's recorded counts."""
+    with open(timeline_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    timeline = Timeline(["cex", "pg"], "pg", rule)
+    for r in rows:
+        timeline.add(FrameRecord(int(r["frame"]), r["file"], float(r["time_s"]),
+                                 {"cex": int(r["n_cex"]), "pg": int(r["n_pg"])}, status=r["status"]))
+    return timeline.alarms
+
+
+def monitored(work: Path, name: str, model: Path, seed: int, onset: float, settings: MonitorSettings,
+              frames: int = RUN["frames"]) -> dict:
+    run = work / name
+    if not (run / "truth" / "run.json").exists():
+        generate_process(run, ProcessSpec(seed=seed, **{**RUN, "pg_onset_s": onset, "frames": frames}), force=True)
+    started = time.perf_counter()
+    summary = run_monitor(model, run / "frames", run / "monitor", settings)
+    seconds = time.perf_counter() - started
+    return {"name": name, "seed": seed, "fps": summary["n_frames"] / seconds,
+            **score_run(run / "monitor", run / "frames")}
+
+
+def in_control_fractions(work: Path, names: list[str]) -> np.ndarray:
+    """Per-frame PG fractions measured before any PG was there (calibration runs)."""
+    values = []
+    for name in names:
+        with open(work / name / "monitor" / "timeline.csv", newline="") as handle:
+            for r in csv.DictReader(handle):
+                before_pg = "nopg" in name or float(r["time_s"]) < RUN["pg_onset_s"]
+                if r["pg_fraction"] and before_pg:
+                    values.append(float(r["pg_fraction"]))
+    return np.array(values)
+
+
+def calibrate(work: Path, model: Path) -> AlarmRule:
+    """Textbook EWMA chart: limit = in-control mean + 3 sigma * sqrt(lambda / (2 - lambda)).
+
+    Mean and sigma of the per-frame fraction come from calibration runs (seeds apart from the
+    evaluation); of the (lambda, K) pairs without a false alarm there, the one with the shortest
+    onset delay on the calibration run with PG is kept (ties: the larger K).
+    """
+    runs = {"cal-pg": (101, RUN["pg_onset_s"]), "cal-nopg": (102, NO_PG), "cal-nopg2": (103, NO_PG),
+            "cal-nopg3": (104, NO_PG)}
+    for name, (seed, onset) in runs.items():
+        monitored(work, name, model, seed, onset, MonitorSettings())
+    fractions = in_control_fractions(work, list(runs))
+    mean, sigma = float(fractions.mean()), float(fractions.std(ddof=1))
+    print(f"in-control per-frame fraction: mean {mean:.3f}, sigma {sigma:.3f} over {fractions.size} frames")
+    best = None
+    for smoothing, frames in itertools.product((0.1, 0.2, 0.3), (1, 2, 3)):
+        limit = round(mean + 3 * sigma * (smoothing / (2 - smoothing)) ** 0.5, 2)
+        rule = AlarmRule(limit, frames, smoothing)
+        quiet = [a for name in runs if "nopg" in name for a in replay(work / name / "monitor" / "timeline.csv", rule)]
+        alarms = replay(work / "cal-pg" / "monitor" / "timeline.csv", rule)
+        if quiet or not alarms or alarms[0]["time_s"] < RUN["pg_onset_s"]:
+            continue
+        key = (alarms[0]["time_s"], -frames)
+        if best is None or key < best[0]:
+            best = (key, rule)
+    if best is None:
+        raise SystemExit("no rule raised an alarm after the onset without a false alarm")
+    print(f"calibrated rule: {best[1].describe()} (calibration delay {best[0][0] - RUN['pg_onset_s']:.0f} s)")
+    return best[1]
+
+
+def screening_check(work: Path, name: str = "cal-pg") -> dict:
+    """Focus measure of the true particles (focused vs out of focus) and the confidence of PG calls
+    on particles that are truly CEX vs truly PG (matched at IoU >= 0.5), on one monitored run."""
+    from crystalscope.monitor.detect import sharpness, to_grey
+    from crystalscope.monitor.frames import read_truth
+    from crystalscope.monitor.score import match_boxes
+
+    run = work / name
+    truth = read_truth(run / "frames")
+    sharp: dict[str, list[float]] = {"focused": [], "out of focus": []}
+    for index, particles in truth["particles"].items():
+        grey = to_grey(Image.open(run / truth["frames"][index]["file"]))
+        for p in particles:
+            box = tuple(int(p[k]) for k in ("x0", "y0", "x1", "y1"))
+            sharp["out of focus" if p["defocused"] == "1" else "focused"].append(sharpness(grey, box))
+    with open(run / "monitor" / "particles.csv", newline="") as handle:
+        found = list(csv.DictReader(handle))
+    by_file: dict[str, list[dict]] = {}
+    for row in found:
+        by_file.setdefault(row["file"], []).append(row)
+    confidence: dict[str, list[float]] = {"cex called pg": [], "pg called pg": []}
+    for index, row in truth["frames"].items():
+        rows = by_file.get(Path(row["file"]).name, [])
+        true = truth["particles"].get(index, [])
+        for i, j in match_boxes([tuple(int(r[k]) for k in ("x0", "y0", "x1", "y1")) for r in rows],
+                                [tuple(int(t[k]) for k in ("x0", "y0", "x1", "y1")) for t in true]):
+            if rows[i]["class"] == "pg" and rows[i]["confidence"]:
+                confidence[f"{true[j]['class']} called pg"].append(float(rows[i]["confidence"]))
+    summary = {f"sharpness {k} p5/p50/p95": np.percentile(v, [5, 50, 95]).round(2).tolist() for k, v in sharp.items()}
+    summary.update({f"confidence {k} p10/p50": np.percentile(v, [10, 50]).round(2).tolist() for k, v in confidence.items() if v})
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/monitor-bench"))
+    parser.add_argument("--skip-detector", action="store_true")
+    parser.add_argument("--screening", action="store_true",
+                        help="only print the focus and confidence figures of a monitored calibration run")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.screening:
+        print(json.dumps(screening_check(args.work), indent=1))
+        return
+    results: dict = {"feather": feather_check(args.model)}
+    print("CEX called CEX after fading over a band of the side:", results["feather"])
+    if not args.skip_detector:
+        results["detector"] = {}
+        for detector in ("segment", "tiles"):
+            r = monitored(args.work, "det", args.model, 201, 0.0, MonitorSettings(detector=detector), frames=30)
+            results["detector"][detector] = r
+            print(detector, {k: r[k] for k in ("precision", "recall", "accuracy", "fraction_mae", "fps")})
+    rule = calibrate(args.work, args.model)
+    results["rule"] = rule.__dict__
+    results["evaluate"] = []
+    for name, seed, onset in (("pg-1", 1, RUN["pg_onset_s"]), ("pg-2", 2, RUN["pg_onset_s"]),
+                              ("nopg-3", 3, NO_PG), ("nopg-4", 4, NO_PG), ("nopg-5", 5, NO_PG)):
+        r = monitored(args.work, name, args.model, seed, onset, MonitorSettings(rule=rule))
+        results["evaluate"].append(r)
+        print(name, json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
+    (args.work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.work / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""A generated batch crystallization seen by an in-situ probe: full frames with ground truth.
+
+``synth-process OUT_DIR`` writes::
+
+    OUT_DIR/frames/frame_00000_t000000.00s.png   grey frames (1024 x 768 by default), time in the name
+    OUT_DIR/truth/run.json                        onset_s, interval_s, frame size, seed, options
+    OUT_DIR/truth/frames.csv                      frame, file, time_s, n_particles, n_cex, n_pg, pg_rate, pg_fraction
+    OUT_DIR/truth/particles.csv                   frame, time_s, particle, class, x0, y0, x1, y1, defocused
+
+Particles are drawn by the crop generator's public functions (:func:`render_cex`,
+:func:`render_pg`) at the crops' own scale (CEX 151 px, PG 130-230 px), so a model trained on
+crops sees particles of the size it knows. Each crop is blended into the frame whole (with its
+own dark surroundings) through a feathered window, so that a particle cut back out of the frame
+looks like a training crop; a later particle covers an earlier one where they overlap. The particle count rises slowly over the run;
+PG is absent before ``pg_onset_s`` and its share rises after it as
+``pg_max * (1 - exp(-(t - onset) / rise))``. Each frame draws from its own generator derived
+from ``(seed, frame index)``: files are byte-identical on rerun.
+
+A ground-truth box is the bounding box of the pixels the particle makes at least
+:data:`VISIBLE_LEVEL` grey levels brighter than the frame under it: what can be seen, not the
+crop's square.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from crystalscope.data.synth import DIFFICULTIES, Difficulty, render_cex, render_pg
+from crystalscope.errors import CrystalscopeError
+from crystalscope.io import atomic_dir
+from crystalscope.safety import claim_output
+
+FRAMES_SUBDIR = "frames"
+TRUTH_SUBDIR = "truth"
+RUN_FILE = "run.json"
+TRUTH_FRAMES_COLUMNS = ("frame", "file", "time_s", "n_particles", "n_cex", "n_pg", "pg_rate", "pg_fraction")
+TRUTH_PARTICLES_COLUMNS = ("frame", "time_s", "particle", "class", "x0", "y0", "x1", "y1", "defocused")
+#: Grey levels a particle must add to a pixel for that pixel to count as visible (box truth).
+VISIBLE_LEVEL = 20.0
+#: Mean particles in a 1024 x 768 frame at the start and the end of the run (scaled by area).
+COUNT_START, COUNT_END = 5.0, 10.0
+_REFERENCE_AREA = 1024 * 768
+#: Share of a crop's side over which it fades into the frame.
+FEATHER = 0.06
+_TIME_IN_NAME = re.compile(r"_t(\d+(?:\.\d+)?)s$")
+_STATIC_CODE = 7  # SeedSequence code of the run-wide illumination field (fixed forever)
+_PNG_COMPRESS_LEVEL = 3
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """Options of one generated run (saved in ``truth/run.json``).
+
+    Attributes:
+        frames: number of frames.
+        interval_s: seconds between frames.
+        pg_onset_s: time of PG appearance; later than the last frame gives a run without PG.
+        pg_max: PG share of new particles long after the onset.
+        pg_rise_s: time constant of the rise of the PG share after the onset.
+        width, height: frame size in px.
+        defocus: chance a particle is out of focus (blurred and dimmer).
+        difficulty: crop generator difficulty (``easy``, ``realistic``, ``hard``).
+        seed: the same seed gives byte-identical frames.
+    """
+
+    frames: int = 120
+    interval_s: float = 30.0
+    pg_onset_s: float = 1800.0
+    pg_max: float = 0.4
+    pg_rise_s: float = 600.0
+    width: int = 1024
+    height: int = 768
+    defocus: float = 0.2
+    difficulty: str = "realistic"
+    seed: int = 0
+
+
+def frame_name(index: int, time_s: float) -> str:
+    """File name of frame ``index`` taken ``time_s`` after the first: ``frame_00012_t000360.00s.png``."""
+    return f"frame_{index:05d}_t{time_s:09.2f}s.png"
+
+
+def time_from_name(path: str | os.PathLike) -> float | None:
+    """The time written in a frame's name (``..._t000360.00s.png`` -> 360.0), else ``None``.
+
+    Example:
+        >>> time_from_name("frame_00012_t000360.00s.png")
+        360.0
+    """
+    match = _TIME_IN_NAME.search(Path(path).stem)
+    return float(match.group(1)) if match else None
+
+
+def pg_rate(spec: ProcessSpec, time_s: float) -> float:
+    """Chance that a particle at ``time_s`` is PG (0 before the onset)."""
+    if time_s < spec.pg_onset_s:
+        return 0.0
+    return spec.pg_max * (1.0 - math.exp(-(time_s - spec.pg_onset_s) / max(spec.pg_rise_s, 1e-9)))
+
+
+def _smooth_field(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
+    grid = rng.uniform(-1.0, 1.0, size=(cells, cells)).astype(np.float32)
+    return np.asarray(Image.fromarray(grid, mode="F").resize((w, h), Image.Resampling.BICUBIC))
+
+
+def _feather(h: int, w: int) -> np.ndarray:
+    """1 inside, falling smoothly to 0 over the outer 6 % of each side (softens the seams).
+
+    Only a narrow band: a crop faded to the dark background over a wider band looks like a PG
+    crop (an object with a dark halo) to a crop-trained model; measured in docs/monitor.md.
+    """
+    def ramp(n: int) -> np.ndarray:
+        d = np.minimum(np.arange(n) + 0.5, n - np.arange(n) - 0.5) / max(FEATHER * n, 1.0)
+        d = np.clip(d, 0.0, 1.0)
+        return d * d * (3 - 2 * d)
+    return np.outer(ramp(h), ramp(w)).astype(np.float32)
+
+
+def particle_image(crop: np.ndarray, defocus_sigma: float) -> np.ndarray:
+    """One generated crop as the frame will show it: grey float, blurred and flattened when out of focus.
+
+    Works with any grey-looking ``uint8`` crop, ``(H, W)`` or ``(H, W, C)``.
+    """
+    grey = crop.astype(np.float32) if crop.ndim == 2 else crop.astype(np.float32).mean(axis=2)
+    if defocus_sigma > 0:
+        img = Image.fromarray(np.clip(grey + 0.5, 0, 255).astype(np.uint8))
+        grey = np.asarray(img.filter(ImageFilter.GaussianBlur(defocus_sigma)), dtype=np.float32)
+        grey = grey.mean() + 0.7 * (grey - grey.mean())  # out of focus: less contrast too
+    return grey
+
+
+@dataclass(frozen=True)
+class Particle:
+    """One particle of a generated frame (ground truth); the box is ``x0, y0, x1, y1`` (x1, y1 exclusive)."""
+
+    class_name: str
+    box: tuple[int, int, int, int]
+    defocused: bool
+
+
+def _place(rng: np.random.Generator, size: tuple[int, int], frame: tuple[int, int],
+           taken: list[tuple[int, int, int, int]]) -> tuple[int, int]:
+    """Top-left corner of a crop: a few tries to avoid touching another, then anywhere (dense frames overlap)."""
+    (h, w), (fh, fw) = size, frame
+    y = x = 0
+    for _ in range(12):
+        y = int(rng.integers(0, max(fh - h, 0) + 1))
+        x = int(rng.integers(0, max(fw - w, 0) + 1))
+        if all(box_iou((x, y, x + w, y + h), other) == 0.0 for other in taken):
+            break
+    return y, x
+
+
+def box_iou(a, b) -> float:
+    """Intersection over union of two ``(x0, y0, x1, y1)`` boxes.
+
+    Example:
+        >>> box_iou((0, 0, 10, 10), (5, 0, 15, 10))
+        0.3333333333333333
+    """
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _add_particle(canvas: np.ndarray, particle: np.ndarray, y: int, x: int) -> tuple[int, int, int, int] | None:
+    """Blend ``particle`` into the frame at ``(y, x)`` through a feathered window; return its visible box.
+
+    The crop is blended in whole (its own dark surroundings too), so a particle cut back out of
+    the frame looks like the crops the classifier was trained on; the feathering hides the seams.
+    """
+    fh, fw = canvas.shape
+    h, w = min(particle.shape[0], fh - y), min(particle.shape[1], fw - x)
+    window = _feather(*particle.shape)[:h, :w]
+    patch = canvas[y:y + h, x:x + w]
+    change = window * (particle[:h, :w] - patch)
+    patch += change
+    rows, cols = np.nonzero(change >= VISIBLE_LEVEL)
+    if rows.size == 0:
+        return None
+    return (x + int(cols.min()), y + int(rows.min()), x + int(cols.max()) + 1, y + int(rows.max()) + 1)
+
+
+def render_frame(spec: ProcessSpec, index: int, illumination: np.ndarray) -> tuple[np.ndarray, list[Particle]]:
+    """Draw frame ``index`` of a run: ``uint8 (height, width)`` grey and its particles.
+
+    Example:
+        >>> spec = ProcessSpec(width=320, height=240)
+        >>> grey, particles = render_frame(spec, 0, run_illumination(spec))
+        >>> grey.shape
+        (240, 320)
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, index]))
+    difficulty: Difficulty = DIFFICULTIES[spec.difficulty]
+    time_s = index * spec.interval_s
+    progress = index / max(spec.frames - 1, 1)
+    mean_count = (COUNT_START + (COUNT_END - COUNT_START) * progress) * spec.width * spec.height / _REFERENCE_AREA
+    count = max(1, int(rng.poisson(mean_count)))
+    share = pg_rate(spec, time_s)
+    canvas = illumination.copy()
+    particles: list[Particle] = []
+    taken: list[tuple[int, int, int, int]] = []
+    for _ in range(count):
+        class_name = "pg" if rng.random() < share else "cex"
+        crop = render_pg(rng, difficulty) if class_name == "pg" else render_cex(rng, difficulty)
+        defocused = bool(rng.random() < spec.defocus)
+        particle = particle_image(crop, rng.uniform(2.5, 5.0) if defocused else 0.0)
+        y, x = _place(rng, particle.shape, canvas.shape, taken)
+        taken.append((x, y, x + particle.shape[1], y + particle.shape[0]))
+        box = _add_particle(canvas, particle, y, x)
+        if box is not None:
+            particles.append(Particle(class_name, box, defocused))
+    noise = rng.uniform(1.5, 3.0)
+    canvas += noise * rng.standard_normal(canvas.shape, dtype=np.float32)
+    return np.clip(canvas + 0.5, 0, 255).astype(np.uint8), particles
+
+
+def run_illumination(spec: ProcessSpec) -> np.ndarray:
+    """The probe's dark field with uneven illumination, the same in every frame of a run."""
+    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, _STATIC_CODE]))
+    h, w = spec.height, spec.width
+    return (rng.uniform(35, 50) + 10.0 * _smooth_field(rng, h, w, 4)).astype(np.float32)
+
+
+def _check_spec(spec: ProcessSpec) -> None:
+    if spec.frames < 1:
+        raise CrystalscopeError(f"--frames {spec.frames} must be 1 or more")
+    if not spec.interval_s > 0:
+        raise CrystalscopeError(f"--interval-s {spec.interval_s} must be positive")
+    if spec.seed < 0:
+        raise CrystalscopeError(f"--seed {spec.seed} must be 0 or more")
+    if spec.width < 160 or spec.height < 160:
+        raise CrystalscopeError(f"--width/--height {spec.width}x{spec.height}: frames must be at least "
+                                "160 px a side (particles are drawn at the crops' 130-230 px scale)")
+    if not 0.0 <= spec.pg_max <= 1.0:
+        raise CrystalscopeError(f"--pg-max {spec.pg_max} must be between 0 and 1")
+    if spec.difficulty not in DIFFICULTIES:
+        raise CrystalscopeError(f"--difficulty {spec.difficulty!r} is not known: use one of {', '.join(DIFFICULTIES)}")
+
+
+def _png(grey: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, format="PNG", compress_level=_PNG_COMPRESS_LEVEL, optimize=False)
+    return buffer.getvalue()
+
+
+def _write_csv(path: Path, columns, rows) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(rows)
+
+
+def generate_process(out_dir: str | os.PathLike, spec: ProcessSpec = ProcessSpec(), force: bool = False) -> dict:
+    """Write a generated batch run (frames + ground truth) into ``out_dir``, atomically.
+
+    Returns:
+        Summary: ``out_dir``, ``frames_dir``, ``n_frames``, ``n_particles``, ``n_pg``,
+        ``onset_s`` (``None`` when PG never appears), ``seconds``.
+
+    Example:
+        >>> generate_process("/tmp/run1", ProcessSpec(frames=10, pg_onset_s=120))  # doctest: +SKIP
+    """
+    import json
+    import time
+
+    _check_spec(spec)
+    # the one output rule: a new folder, or an earlier synth-process run replaced with --force
+    with claim_output(out_dir, kind="folder", force=force, owned=(FRAMES_SUBDIR, TRUTH_SUBDIR),
+                      option="OUT_DIR") as out_dir:
+        return _write_process(out_dir, spec)
+
+
+def _write_process(out_dir: Path, spec: "ProcessSpec") -> dict:
+    import json
+    import time
+
+    started = time.perf_counter()
+    illumination = run_illumination(spec)
+    frame_rows, particle_rows = [], []
+    with atomic_dir(out_dir, force=True) as staging:  # claim_output already decided
+        (staging / FRAMES_SUBDIR).mkdir()
+        (staging / TRUTH_SUBDIR).mkdir()
+        for index in range(spec.frames):
+            time_s = index * spec.interval_s
+            grey, particles = render_frame(spec, index, illumination)
+            name = frame_name(index, time_s)
+            (staging / FRAMES_SUBDIR / name).write_bytes(_png(grey))
+            n_pg = sum(p.class_name == "pg" for p in particles)
+            fraction = n_pg / len(particles) if particles else 0.0
+            frame_rows.append((index, f"{FRAMES_SUBDIR}/{name}", f"{time_s:.2f}", len(particles),
+                               len(particles) - n_pg, n_pg, f"{pg_rate(spec, time_s):.6f}", f"{fraction:.6f}"))
+            particle_rows += [(index, f"{time_s:.2f}", k, p.class_name, *p.box, int(p.defocused))
+                              for k, p in enumerate(particles)]
+        last_s = (spec.frames - 1) * spec.interval_s
+        onset = spec.pg_onset_s if spec.pg_onset_s <= last_s and spec.pg_max > 0 else None
+        run = {"onset_s": onset, "frame_width": spec.width, "frame_height": spec.height,
+               "frames_dir": FRAMES_SUBDIR, "visible_level": VISIBLE_LEVEL, "spec": asdict(spec)}
+        (staging / TRUTH_SUBDIR / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
+        _write_csv(staging / TRUTH_SUBDIR / "frames.csv", TRUTH_FRAMES_COLUMNS, frame_rows)
+        _write_csv(staging / TRUTH_SUBDIR / "particles.csv", TRUTH_PARTICLES_COLUMNS, particle_rows)
+    return {"out_dir": str(out_dir), "frames_dir": str(out_dir / FRAMES_SUBDIR), "n_frames": spec.frames,
+            "n_particles": len(particle_rows), "n_pg": sum(r[3] == "pg" for r in particle_rows),
+            "onset_s": onset, "seconds": round(time.perf_counter() - started, 2)}
+
+
+def read_truth(frames_dir: str | os.PathLike) -> dict | None:
+    """Ground truth of a generated run whose frames are in ``frames_dir`` (``None`` if there is none).
+
+    Returns ``{"onset_s", "frames": {frame index: row}, "particles": {frame index: [row, ...]}}``.
+    """
+    import json
+
+    truth = Path(frames_dir).parent / TRUTH_SUBDIR
+    if not (truth / RUN_FILE).is_file():
+        return None
+    try:
+        run = json.loads((truth / RUN_FILE).read_text(encoding="utf-8"))
+        with open(truth / "frames.csv", newline="", encoding="utf-8") as handle:
+            frames = {int(r["frame"]): r for r in csv.DictReader(handle)}
+        particles: dict[int, list[dict]] = {}
+        with open(truth / "particles.csv", newline="", encoding="utf-8") as handle:
+            for r in csv.DictReader(handle):
+                particles.setdefault(int(r["frame"]), []).append(r)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CrystalscopeError(f"{truth}: ground truth is unreadable ({exc}); regenerate it with synth-process") from None
+    return {"onset_s": run.get("onset_s"), "frames": frames, "particles": particles}
