@@ -176,6 +176,7 @@ def train(
     feature_passes: Optional[int] = typer.Option(None, help="With feature caching: passes over the training images, those after the first augmented (default: 1)."),
     cache_dir: Optional[str] = typer.Option(None, help="Where decoded images are cached; 'off' disables (default: ~/.cache/crystalscope)."),
     onnx: Optional[bool] = typer.Option(None, "--onnx/--no-onnx", help="Export model.onnx (checked against PyTorch) (default: on)."),
+    reject_fpr: Optional[float] = typer.Option(None, help="Fit the rejection of foreign images so this fraction of valid (val) crops is rejected; 0 turns it off (default: 0.01)."),
 ):
     """Train a classifier on a split folder and write every deliverable into the run folder."""
     from crystalscope.config import load_config
@@ -189,7 +190,7 @@ def train(
         positive_class=positive_class, device=device, precision=precision, seed=seed, workers=workers,
         compile=compile, compile_mode=compile_mode, cuda_graphs=cuda_graphs,
         cache_features=cache_features, cache_frozen=cache_frozen, feature_passes=feature_passes,
-        cache_dir=cache_dir, onnx=onnx).items() if v is not None}
+        cache_dir=cache_dir, onnx=onnx, reject_fpr=reject_fpr).items() if v is not None}
     if resume is not None:
         if config is not None:
             raise fail("--resume uses the run's own config.yaml; leave out --config")

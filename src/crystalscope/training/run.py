@@ -346,6 +346,57 @@ def fit(session: Session, progress: bool) -> None:
     session.console.print(f"best epoch {session.stopping.best_epoch} (val loss {session.stopping.best_loss:.4f})")
 
 
+# ---- rejection of foreign images (docs/ood.md) --------------------------------------------
+
+class FeaturesAndLogits(torch.nn.Module):
+    """What ``trained`` computes, returned as ``[penultimate features | logits]`` in one tensor.
+
+    ``loop.evaluate`` collects one output per batch; packing both keeps that one loop for the
+    rejection fit. ``trained`` is the whole model, its head (cached backbone features) or the
+    trainable backbone tail followed by the head (cached frozen maps).
+    """
+
+    def __init__(self, trained: torch.nn.Module, model: CrystalClassifier):
+        super().__init__()
+        if trained is model:
+            self.body = model.backbone
+        elif trained is model.head:
+            self.body = torch.nn.Identity()
+        else:
+            self.body = torch.nn.Sequential(*list(trained)[:-1])
+        self.head = model.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.head[:-1](self.body(x))
+        return torch.cat([features, self.head[-1](features)], dim=1)
+
+
+def split_features_and_logits(session: Session, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Penultimate features ``(N, D)`` and logits ``(N, C)`` of one split's inputs, in order."""
+    _, eval_tf = transforms(session)
+    packed = loop.evaluate(FeaturesAndLogits(session.trained, session.model), session.inputs[split], None,
+                           transform=eval_tf, batch_size=session.config.batch_size, device=session.device,
+                           bf16=session.bf16)["logits"]
+    n_classes = len(session.class_names)
+    return packed[:, :-n_classes], packed[:, -n_classes:]
+
+
+def fit_rejection(session: Session) -> tuple[dict, np.ndarray]:
+    """Fit the OOD score on train features and its threshold on val; returns (params, test scores)."""
+    from crystalscope.evaluation.ood import fit_detector
+
+    started = time.perf_counter()
+    train_features, _ = split_features_and_logits(session, "train")
+    val_features, val_logits = split_features_and_logits(session, "val")
+    test_features, test_logits = split_features_and_logits(session, "test")
+    detector = fit_detector(train_features, session.labels["train"].cpu().numpy(), val_features, val_logits,
+                            len(session.class_names), session.config.reject_fpr)
+    session.console.print(f"rejection: {detector.method} score on {train_features.shape[1]}-d features, threshold "
+                          f"{detector.threshold:.4g} rejects {detector.val_rejection_rate:.1%} of val "
+                          f"(target {detector.target_fpr:.1%}); fitted in {time.perf_counter() - started:.1f} s")
+    return detector.to_dict(), detector.score(test_features, test_logits)
+
+
 # ---- deliverables -------------------------------------------------------------------------
 
 def finalize(session: Session) -> dict:
@@ -366,11 +417,15 @@ def finalize(session: Session) -> dict:
 
     temperature = fit_temperature(logits("val"), session.splits["val"].labels)
     best["temperature"] = float(temperature)
+    rejection = None
+    if cfg.reject_fpr > 0:
+        best["ood"], test_scores = fit_rejection(session)
+        rejection = {**best["ood"], "scores": test_scores}
     save_checkpoint(best, best_path)
     test = session.splits["test"]
     result = write_test_report(run_dir, y_true=test.labels, logits=logits("test"), class_names=session.class_names,
                                positive_class=session.positive_class, paths=[str(p) for p in test.paths],
-                               temperature=temperature, seed=cfg.seed,
+                               temperature=temperature, seed=cfg.seed, rejection=rejection,
                                meta={"model": f"{cfg.backbone} ({best_path})", "data": str(test.root),
                                      "best_epoch": int(best["training"]["epoch"])})
     plot_training_curves(run_dir / "metrics.csv", run_dir / "metrics_plot.png")
@@ -477,10 +532,21 @@ def evaluate_checkpoint(ckpt_path: str | Path, data_dir: str | Path, out_dir: st
     ckpt = load_checkpoint(ckpt_path)
     folder = index_folder(data_dir, class_names=list(ckpt["class_names"]))
     out_dir = Path(out_dir) if out_dir else next_run_dir(name="evaluate")
-    logits = predict_logits(model_from_checkpoint(ckpt), preprocessing_from_checkpoint(ckpt), folder.paths,
-                            resolve_device(device), batch_size, workers=workers, progress=progress)
+    model = model_from_checkpoint(ckpt)
+    rejection = None
+    if ckpt.get("ood"):  # features too, for the test rejection rate
+        from crystalscope.evaluation.ood import OODDetector
+
+        packed = predict_logits(FeaturesAndLogits(model, model), preprocessing_from_checkpoint(ckpt), folder.paths,
+                                resolve_device(device), batch_size, workers=workers, progress=progress)
+        n_classes = len(ckpt["class_names"])
+        features, logits = packed[:, :-n_classes], packed[:, -n_classes:]
+        rejection = {**ckpt["ood"], "scores": OODDetector.from_dict(ckpt["ood"]).score(features, logits)}
+    else:
+        logits = predict_logits(model, preprocessing_from_checkpoint(ckpt), folder.paths,
+                                resolve_device(device), batch_size, workers=workers, progress=progress)
     return write_test_report(out_dir, y_true=folder.labels, logits=logits, class_names=list(ckpt["class_names"]),
                              positive_class=ckpt.get("positive_class"), paths=[str(p) for p in folder.paths],
                              temperature=float(ckpt.get("temperature") or 1.0),
-                             seed=int(ckpt.get("training", {}).get("seed", 0)),
+                             seed=int(ckpt.get("training", {}).get("seed", 0)), rejection=rejection,
                              meta={"model": f"{ckpt['backbone']} ({ckpt_path})", "data": str(folder.root)})
