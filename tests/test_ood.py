@@ -18,7 +18,7 @@ from crystalscope import Predictor  # noqa: E402
 from crystalscope.cli import app  # noqa: E402
 from crystalscope.data.ood_sets import FAR_SETS, NEAR_SETS, generate, set_folders  # noqa: E402
 from crystalscope.data.transforms import Preprocessing  # noqa: E402
-from crystalscope.evaluation.ood import OODDetector, auroc, fit_detector, fpr_at_tpr  # noqa: E402
+from crystalscope.evaluation.ood import OODDetector, auroc, fit_detector, fpr_at_tpr, image_statistics  # noqa: E402
 from crystalscope.export.onnx import export_checkpoint  # noqa: E402
 from crystalscope.inference.predictor import collect_images  # noqa: E402
 from crystalscope.models.factory import HeadSpec, build_model  # noqa: E402
@@ -41,7 +41,7 @@ def test_threshold_gives_about_the_target_rate_on_held_out_data():
     val, _ = gaussian_classes(rng, 2000)
     held_out, _ = gaussian_classes(rng, 20000)
     for target in (0.01, 0.05):
-        det = fit_detector(train, train_y, val, np.zeros((len(val), 2)), 2, target)
+        det = fit_detector(train, train_y, val, np.zeros((len(val), 2)), 2, target, "mahalanobis")
         rate = float(np.mean(det.rejected(det.score(held_out, np.zeros((len(held_out), 2))))))
         assert target * 0.5 <= rate <= target * 1.6, (target, rate)
         assert det.val_rejection_rate <= target
@@ -57,7 +57,9 @@ def test_fit_rejects_bad_options():
     with pytest.raises(CrystalscopeError, match="--reject-fpr"):
         fit_detector(x, y, x, np.zeros((40, 2)), 2, 1.5)
     with pytest.raises(CrystalscopeError, match="class #1"):
-        fit_detector(x, np.zeros(40, int), x, np.zeros((40, 2)), 2, 0.01)
+        fit_detector(x, np.zeros(40, int), x, np.zeros((40, 2)), 2, 0.01, "mahalanobis")
+    with pytest.raises(CrystalscopeError, match="image statistics"):
+        fit_detector(x, y, x, np.zeros((40, 2)), 2, 0.01)  # the default also scores the pixels
 
 
 def test_auroc_and_fpr_match_sklearn_and_definition():
@@ -75,14 +77,16 @@ def test_auroc_and_fpr_match_sklearn_and_definition():
 def test_parameters_survive_checkpoint_and_compact_json(tmp_path):
     rng = np.random.default_rng(3)
     x, y = gaussian_classes(rng, 400, dim=16)
-    det = fit_detector(x, y, x, np.zeros((400, 2)), 2, 0.02)
+    stats = rng.normal(size=(400, 13))
+    det = fit_detector(x, y, x, np.zeros((400, 2)), 2, 0.02, train_image_stats=stats, val_image_stats=stats)
+    assert det.method == "mahalanobis+image_statistics"
     torch.save({"ood": det.to_dict()}, tmp_path / "c.pt")
     plain = OODDetector.from_dict(torch.load(tmp_path / "c.pt", weights_only=True)["ood"])
     compact = OODDetector.from_dict(json.loads(json.dumps(det.to_dict(compact=True))))
-    probe = rng.normal(size=(50, 16)) * 3
-    reference = det.score(probe, np.zeros((50, 2)))
-    assert np.array_equal(plain.score(probe, np.zeros((50, 2))), reference)
-    assert np.allclose(compact.score(probe, np.zeros((50, 2))), reference, rtol=1e-5)
+    probe, probe_stats = rng.normal(size=(50, 16)) * 3, rng.normal(size=(50, 13)) * 2
+    reference = det.score(probe, np.zeros((50, 2)), probe_stats)
+    assert np.array_equal(plain.score(probe, np.zeros((50, 2)), probe_stats), reference)
+    assert np.allclose(compact.score(probe, np.zeros((50, 2)), probe_stats), reference, rtol=1e-4)
     assert len(json.dumps(det.to_dict(compact=True))) < 0.6 * len(json.dumps(det.to_dict()))
 
 
@@ -102,9 +106,12 @@ def tiny_checkpoint(fitted: bool) -> dict:
                            positive_class="pg", preprocessing=pre, temperature=1.0)
     if fitted:
         rng = np.random.default_rng(0)
-        crops = pre.prepare([Image.fromarray(render_cex(rng, DIFFICULTIES["realistic"])) for _ in range(48)])
-        logits, features = Predictor.from_checkpoint(ckpt).logits_and_features(crops)
-        det = fit_detector(features[:32], np.arange(32) % 2, features[32:], logits[32:], 2, 0.1)
+        resized = np.stack([pre.resize_uint8(Image.fromarray(render_cex(rng, DIFFICULTIES["realistic"])))
+                            for _ in range(48)])
+        logits, features = Predictor.from_checkpoint(ckpt).logits_and_features(pre.normalize(resized))
+        stats = image_statistics(resized)
+        det = fit_detector(features[:32], np.arange(32) % 2, features[32:], logits[32:], 2, 0.1,
+                           train_image_stats=stats[:32], val_image_stats=stats[32:])
         ckpt["ood"] = det.to_dict()
     return ckpt
 

@@ -301,13 +301,14 @@ class Predictor:
         good = [r for r in rows if r.ok]
         if not good:
             return rows
-        batch = self.preprocessing.normalize(np.stack(arrays))
+        resized = np.stack(arrays)
+        batch = self.preprocessing.normalize(resized)
         scores = None
         if self.rejection is None:
             logits = self.logits(batch)
         else:
             logits, features = self.logits_and_features(batch)
-            scores = self.rejection.score(features, logits)
+            scores = self.rejection.score(features, logits, _image_statistics(resized, self.rejection))
         probs = _softmax(logits, self.temperature)
         for i, (row, p) in enumerate(zip(good, probs)):
             best = int(np.argmax(p))
@@ -344,6 +345,15 @@ def _rejection(meta: dict, source: str):
         return OODDetector.from_dict(meta["ood"])
     except CrystalscopeError as exc:
         raise CrystalscopeError(f"{source}: {exc}") from None
+
+
+def _image_statistics(resized: np.ndarray, rejection) -> np.ndarray | None:
+    """The low-level image statistics a rejection method scores, from the resized uint8 batch."""
+    if not rejection.needs_images:
+        return None
+    from crystalscope.evaluation.ood import image_statistics
+
+    return image_statistics(resized)
 
 
 def _reason(exc: Exception, name: str) -> str:

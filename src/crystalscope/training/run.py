@@ -53,6 +53,7 @@ class Session:
     bf16: bool = False  # bf16 autocast (``precision``; on CUDA by default)
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # uint8 images or features
     labels: dict[str, torch.Tensor] = field(default_factory=dict)
+    image_stats: dict[str, np.ndarray] = field(default_factory=dict)  # per split, for the rejection fit
     model: CrystalClassifier | None = None
     trained: torch.nn.Module | None = None  # the whole model, or what follows the cached part
     feature_extractor: torch.nn.Module | None = None  # the cached (frozen) part, with caching on
@@ -381,20 +382,32 @@ def split_features_and_logits(session: Session, split: str) -> tuple[np.ndarray,
     return packed[:, :-n_classes], packed[:, -n_classes:]
 
 
+def split_image_statistics(images: torch.Tensor, chunk: int = 256) -> np.ndarray:
+    """:func:`~crystalscope.evaluation.ood.image_statistics` of uint8 ``(N, H, W, 3)`` images, in chunks."""
+    from crystalscope.evaluation.ood import IMAGE_STATISTICS, image_statistics
+
+    parts = [image_statistics(images[i:i + chunk].cpu().numpy()) for i in range(0, images.shape[0], chunk)]
+    return np.concatenate(parts) if parts else np.zeros((0, len(IMAGE_STATISTICS)))
+
+
 def fit_rejection(session: Session) -> tuple[dict, np.ndarray]:
-    """Fit the OOD score on train features and its threshold on val; returns (params, test scores)."""
+    """Fit the OOD score on the train split and its threshold on val; returns (params, test scores)."""
     from crystalscope.evaluation.ood import fit_detector
 
     started = time.perf_counter()
     train_features, _ = split_features_and_logits(session, "train")
     val_features, val_logits = split_features_and_logits(session, "val")
     test_features, test_logits = split_features_and_logits(session, "test")
+    stats = session.image_stats
+    # with --feature-passes k the training features are k passes over the same images
+    train_stats = np.tile(stats["train"], (len(train_features) // max(len(stats["train"]), 1), 1))
     detector = fit_detector(train_features, session.labels["train"].cpu().numpy(), val_features, val_logits,
-                            len(session.class_names), session.config.reject_fpr)
+                            len(session.class_names), session.config.reject_fpr,
+                            train_image_stats=train_stats, val_image_stats=stats["val"])
     session.console.print(f"rejection: {detector.method} score on {train_features.shape[1]}-d features, threshold "
                           f"{detector.threshold:.4g} rejects {detector.val_rejection_rate:.1%} of val "
                           f"(target {detector.target_fpr:.1%}); fitted in {time.perf_counter() - started:.1f} s")
-    return detector.to_dict(), detector.score(test_features, test_logits)
+    return detector.to_dict(), detector.score(test_features, test_logits, stats["test"])
 
 
 # ---- deliverables -------------------------------------------------------------------------
@@ -487,6 +500,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         check_feature_memory(session.feature_extractor, config.image_size, rows, device,
                              "--cache-features" if config.cache_features else "--cache-frozen")
     session.inputs, session.labels = load_data(config, splits, session.preprocessing, device, progress)
+    if config.reject_fpr > 0:  # from the images, before feature caching replaces them
+        session.image_stats = {s: split_image_statistics(session.inputs[s]) for s in SPLITS}
     open_run(config, run_dir)
     if caches_features(config):
         with _progress(progress) as bar:
@@ -534,14 +549,19 @@ def evaluate_checkpoint(ckpt_path: str | Path, data_dir: str | Path, out_dir: st
     out_dir = Path(out_dir) if out_dir else next_run_dir(name="evaluate")
     model = model_from_checkpoint(ckpt)
     rejection = None
-    if ckpt.get("ood"):  # features too, for the test rejection rate
+    if ckpt.get("ood"):  # features and image statistics too, for the test rejection rate
         from crystalscope.evaluation.ood import OODDetector
 
-        packed = predict_logits(FeaturesAndLogits(model, model), preprocessing_from_checkpoint(ckpt), folder.paths,
-                                resolve_device(device), batch_size, workers=workers, progress=progress)
+        preprocessing = preprocessing_from_checkpoint(ckpt)
+        images = torch.from_numpy(decode_images(list(folder.paths), preprocessing, workers=workers,
+                                                progress=progress))
+        place_model(model, resolve_device(device))
+        packed = loop.evaluate(FeaturesAndLogits(model, model), images, None, transform=preprocessing.normalize_torch,
+                               batch_size=batch_size, device=resolve_device(device))["logits"]
         n_classes = len(ckpt["class_names"])
         features, logits = packed[:, :-n_classes], packed[:, -n_classes:]
-        rejection = {**ckpt["ood"], "scores": OODDetector.from_dict(ckpt["ood"]).score(features, logits)}
+        scores = OODDetector.from_dict(ckpt["ood"]).score(features, logits, split_image_statistics(images))
+        rejection = {**ckpt["ood"], "scores": scores}
     else:
         logits = predict_logits(model, preprocessing_from_checkpoint(ckpt), folder.paths,
                                 resolve_device(device), batch_size, workers=workers, progress=progress)
