@@ -139,7 +139,7 @@ def test_rejection_is_fitted_stored_and_reported(e2e_run, feature_run, split, tm
 
     for run in (e2e_run, feature_run):  # whole model, and head-only on cached features
         best = torch.load(run / "weights" / "best.ckpt", map_location="cpu", weights_only=True)
-        assert best["ood"]["method"] == "mahalanobis" and best["ood"]["target_fpr"] == 0.01
+        assert best["ood"]["method"] == "mahalanobis+image_statistics" and best["ood"]["target_fpr"] == 0.01
         rejection = json.loads((run / "test_results.json").read_text())["rejection"]
         assert rejection["threshold"] == pytest.approx(best["ood"]["threshold"])
         assert "Rejection of foreign images" in (run / "test_results.txt").read_text()

@@ -222,7 +222,7 @@ def generate(out_dir: str | os.PathLike, per_set: int = 100, seed: int = 0, sets
                              "folder": str(out_dir / name)}
         manifest = {name: info["kind"] for name, info in summary.items()}
         (staging / MANIFEST_NAME).write_text(json.dumps({"sets": manifest, "seed": int(seed)}, indent=2) + "\n")
-    source = files[0].parent.parent.name if files else None
+    source = None if not files else "scikit-image" if "skimage" in files[0].parts else "matplotlib"
     return {"out_dir": str(out_dir), "sets": summary, "photo_source": source}
 
 

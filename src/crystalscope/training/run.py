@@ -534,6 +534,22 @@ def predict_logits(model: torch.nn.Module, preprocessing: Preprocessing, paths: 
                          device=device)["logits"]
 
 
+def _logits_and_rejection(ckpt: dict, model: CrystalClassifier, paths: list, device: torch.device,
+                          batch_size: int, workers: int | None, progress: bool) -> tuple[np.ndarray, dict]:
+    """Logits of image files plus the checkpoint's rejection with the files' OOD scores."""
+    from crystalscope.evaluation.ood import OODDetector
+
+    preprocessing = preprocessing_from_checkpoint(ckpt)
+    images = torch.from_numpy(decode_images(list(paths), preprocessing, workers=workers, progress=progress))
+    place_model(model, device)
+    packed = loop.evaluate(FeaturesAndLogits(model, model), images, None, transform=preprocessing.normalize_torch,
+                           batch_size=batch_size, device=device)["logits"]
+    n_classes = len(ckpt["class_names"])
+    features, logits = packed[:, :-n_classes], packed[:, -n_classes:]
+    scores = OODDetector.from_dict(ckpt["ood"]).score(features, logits, split_image_statistics(images))
+    return logits, {**ckpt["ood"], "scores": scores}
+
+
 def evaluate_checkpoint(ckpt_path: str | Path, data_dir: str | Path, out_dir: str | Path | None = None, *,
                         batch_size: int = 64, device: str = "auto", workers: int | None = None,
                         progress: bool = True) -> dict:
@@ -548,21 +564,11 @@ def evaluate_checkpoint(ckpt_path: str | Path, data_dir: str | Path, out_dir: st
     folder = index_folder(data_dir, class_names=list(ckpt["class_names"]))
     out_dir = Path(out_dir) if out_dir else next_run_dir(name="evaluate")
     model = model_from_checkpoint(ckpt)
-    rejection = None
     if ckpt.get("ood"):  # features and image statistics too, for the test rejection rate
-        from crystalscope.evaluation.ood import OODDetector
-
-        preprocessing = preprocessing_from_checkpoint(ckpt)
-        images = torch.from_numpy(decode_images(list(folder.paths), preprocessing, workers=workers,
-                                                progress=progress))
-        place_model(model, resolve_device(device))
-        packed = loop.evaluate(FeaturesAndLogits(model, model), images, None, transform=preprocessing.normalize_torch,
-                               batch_size=batch_size, device=resolve_device(device))["logits"]
-        n_classes = len(ckpt["class_names"])
-        features, logits = packed[:, :-n_classes], packed[:, -n_classes:]
-        scores = OODDetector.from_dict(ckpt["ood"]).score(features, logits, split_image_statistics(images))
-        rejection = {**ckpt["ood"], "scores": scores}
+        logits, rejection = _logits_and_rejection(ckpt, model, folder.paths, resolve_device(device), batch_size,
+                                                  workers, progress)
     else:
+        rejection = None
         logits = predict_logits(model, preprocessing_from_checkpoint(ckpt), folder.paths,
                                 resolve_device(device), batch_size, workers=workers, progress=progress)
     return write_test_report(out_dir, y_true=folder.labels, logits=logits, class_names=list(ckpt["class_names"]),
