@@ -8,8 +8,8 @@ an image is rejected when its score exceeds the threshold.
 
 ``mahalanobis`` is the squared distance of a feature vector to the nearest class mean under one
 covariance shared by all classes (Lee et al. 2018); ``image_statistics`` is the same distance
-on 13 low-level statistics of the resized image (:func:`image_statistics`: brightness, spread,
-saturation, clipping, gradient and high-frequency energy). The default,
+on 26 low-level statistics of the resized image (:func:`image_statistics`: brightness, spread,
+saturation, clipping, gradients, histogram, block contrast). The default,
 ``mahalanobis+image_statistics``, takes the larger of the two, each divided by its own
 validation threshold, and was the only candidate near the goals in ``docs/ood.md``: the
 features catch photos, text and checkerboards, the statistics catch blank, clipped, noisy and
@@ -64,7 +64,7 @@ class OODDetector:
 
     def score(self, features: np.ndarray, logits: np.ndarray, image_stats: np.ndarray | None = None) -> np.ndarray:
         """OOD scores ``(N,)`` for penultimate ``features (N, D)``, ``logits (N, C)`` and, when
-        :attr:`needs_images`, ``image_stats`` ``(N, 13)`` of the resized uint8 inputs.
+        :attr:`needs_images`, ``image_stats`` ``(N, 26)`` of the resized uint8 inputs.
 
         Example:
             >>> det = OODDetector("energy", threshold=0.0, target_fpr=0.01)
@@ -296,20 +296,25 @@ def fpr_at_tpr(in_scores: np.ndarray, out_scores: np.ndarray, tpr: float = 0.95)
 # ---- image statistics ---------------------------------------------------------------------
 
 #: names of the columns of :func:`image_statistics`
-IMAGE_STATISTICS = ("mean", "std", "q01", "q10", "q50", "q90", "q99", "saturation", "dark", "bright",
-                    "fine_gradient", "coarse_gradient", "high_frequency")
+IMAGE_STATISTICS = (("mean", "std", "q01", "q10", "q50", "q90", "q99", "saturation", "dark", "bright",
+                     "fine_gradient", "coarse_gradient", "high_frequency")
+                    + tuple(f"histogram_{i}" for i in range(8))
+                    + ("local_std_q10", "local_std_q50", "local_std_q90", "block_mean_q10", "block_mean_q90"))
 
 
 def image_statistics(images: np.ndarray) -> np.ndarray:
-    """Low-level statistics of resized uint8 images ``(N, H, W, 3)`` -> ``(N, 13)``.
+    """Low-level statistics of resized uint8 images ``(N, H, W, 3)`` -> ``(N, 26)``.
 
     Brightness and its spread, quantiles, colour saturation, clipped fractions, fine and
-    coarse gradient energy and high-frequency energy: what separates a crystal crop from a
-    blank, clipped, noisy, coloured or synthetic frame whatever the network makes of it.
+    coarse gradient energy, high-frequency energy, an 8-bin grey histogram and the spread of
+    8x8-block contrast and brightness (columns: :data:`IMAGE_STATISTICS`): what separates a
+    crystal crop from a blank, clipped, noisy, coloured or textured frame, whatever the
+    network makes of it. Spreads and fractions are on a log scale: a blank frame's zero
+    gradient or a grey crop's zero saturation must be far from small positive values.
 
     Example:
-        >>> image_statistics(np.zeros((2, 8, 8, 3), np.uint8)).shape
-        (2, 13)
+        >>> image_statistics(np.zeros((2, 16, 16, 3), np.uint8)).shape
+        (2, 26)
     """
     rgb = np.asarray(images, dtype=np.float32) / 255.0
     grey = rgb.mean(axis=3)
@@ -317,13 +322,21 @@ def image_statistics(images: np.ndarray) -> np.ndarray:
     quantiles = np.quantile(flat, [0.01, 0.1, 0.5, 0.9, 0.99], axis=1).T
     saturation = (rgb.max(axis=3) - rgb.min(axis=3)).reshape(len(grey), -1).mean(axis=1)
     fine = np.abs(np.diff(grey, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(grey, axis=2)).mean(axis=(1, 2))
-    h, w = (grey.shape[1] // 4) * 4, (grey.shape[2] // 4) * 4
-    small = grey[:, :h, :w].reshape(len(grey), h // 4, 4, w // 4, 4).mean(axis=(2, 4))
+    small = _blocks(grey, 4).mean(axis=(2, 4))
     coarse = np.abs(np.diff(small, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(small, axis=2)).mean(axis=(1, 2))
-    blurred = np.repeat(np.repeat(small, 4, axis=1), 4, axis=2)
-    high = np.abs(grey[:, :h, :w] - blurred).mean(axis=(1, 2))
-    # logarithms for the spreads and fractions: a blank frame's zero gradient or a grey crop's
-    # zero saturation must be far from small positive values, not next to them
-    spread = np.log(np.column_stack([flat.std(axis=1), saturation, (flat < 0.02).mean(axis=1),
-                                     (flat > 0.98).mean(axis=1), fine, coarse, high]) + 1e-3)
-    return np.column_stack([flat.mean(axis=1), spread[:, 0], quantiles, spread[:, 1:]]).astype(np.float64)
+    h, w = small.shape[1] * 4, small.shape[2] * 4
+    high = np.abs(grey[:, :h, :w] - np.repeat(np.repeat(small, 4, axis=1), 4, axis=2)).mean(axis=(1, 2))
+    histogram = np.stack([((flat >= lo) & (flat < lo + 0.125)).mean(axis=1) for lo in np.arange(0, 1, 0.125)], 1)
+    histogram[:, -1] += (flat >= 1.0).mean(axis=1)
+    blocks = _blocks(grey, 8)
+    local_std = np.quantile(blocks.std(axis=(2, 4)).reshape(len(grey), -1), [0.1, 0.5, 0.9], axis=1).T
+    block_mean = np.quantile(blocks.mean(axis=(2, 4)).reshape(len(grey), -1), [0.1, 0.9], axis=1).T
+    logs = np.log(np.column_stack([flat.std(axis=1), saturation, (flat < 0.02).mean(axis=1),
+                                   (flat > 0.98).mean(axis=1), fine, coarse, high, histogram, local_std]) + 1e-3)
+    return np.column_stack([flat.mean(axis=1), logs[:, 0], quantiles, logs[:, 1:], block_mean]).astype(np.float64)
+
+
+def _blocks(grey: np.ndarray, size: int) -> np.ndarray:
+    """``(N, H/size, size, W/size, size)`` view of ``(N, H, W)`` (edges beyond a whole block dropped)."""
+    h, w = (grey.shape[1] // size) * size, (grey.shape[2] // size) * size
+    return grey[:, :h, :w].reshape(len(grey), h // size, size, w // size, size)
