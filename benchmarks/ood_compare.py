@@ -9,7 +9,12 @@ Candidates, each fitted on the training split and thresholded on the validation 
 - ``knn-penult``: distance to the k-th nearest training feature (L2-normalised features,
   Sun et al. 2022), which would need all training features stored with the model;
 - ``maha-backbone``: Mahalanobis on the backbone's pooled features (1280-d for
-  efficientnet_lite0: a 1.6M-float precision matrix).
+  efficientnet_lite0: a 1.6M-float precision matrix);
+- ``pixel-stats``: Mahalanobis on ``image_statistics`` of the resized images;
+- ``a + b``: the larger of two scores, each over its own val threshold (crystalscope ships
+  ``maha-penult + pixel-stats``).
+
+Each cell of the printed table: AUROC against the test crops / share rejected at the threshold.
 
 Example:
     PYTHONPATH=src .venv/bin/python benchmarks/ood_compare.py /tmp/reject-demo/run/weights/best.ckpt \\
@@ -28,7 +33,8 @@ import torch
 from crystalscope.data.dataset import decode_images, index_folder
 from crystalscope.data.images import list_images
 from crystalscope.data.ood_sets import set_folders
-from crystalscope.evaluation.ood import image_statistics, auroc, fit_mahalanobis, fpr_at_tpr, mahalanobis_score, threshold_for_fpr
+from crystalscope.evaluation.ood import (auroc, fit_mahalanobis, image_statistics, mahalanobis_score,
+                                        threshold_for_fpr)
 from crystalscope.training.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_from_checkpoint
 
 
@@ -110,7 +116,7 @@ def main(argv=None) -> int:
     real = extract(model, pre, real_files, cache("real")) if real_files else None
     candidates = scorers(data["train"], split["train"].labels, len(names))
     combine(candidates, data["val"], args.fpr)
-    print(f"| score | val rej. | test rej. | " + " | ".join(ood) + " | cat rejected | real crystals rejected |")
+    print("| score | val rej. | test rej. | " + " | ".join(ood) + " | cat rejected | real crystals rejected |")
     print("|---" * (5 + len(ood)) + "|")
     for cand, score in candidates.items():
         val, test = score(data["val"]), score(data["test"])
@@ -121,7 +127,8 @@ def main(argv=None) -> int:
             rejected = score(real) > threshold
             cat = [i for i, f in enumerate(real_files) if "crystal" in f.name.lower()]
             crystals = [i for i in range(len(real_files)) if i not in cat]
-            real_cells = [str(bool(rejected[cat].all())) if cat else "", f"{int(rejected[crystals].sum())} of {len(crystals)}"]
+            real_cells = [str(bool(rejected[cat].all())) if cat else "",
+                          f"{int(rejected[crystals].sum())} of {len(crystals)}"]
         print(f"| {cand} | {np.mean(val > threshold):.1%} | {np.mean(test > threshold):.1%} | " + " | ".join(cells)
               + f" | {real_cells[0]} | {real_cells[1]} |")
         sys.stdout.flush()

@@ -110,7 +110,8 @@ class TrainConfig:
             bad("cache_features", "needs a frozen backbone; add --trainable-fraction 0 (or use --cache-frozen "
                 "to cache only the frozen layers and train the rest)")
         if not 0.0 <= self.reject_fpr < 0.5:
-            bad("reject_fpr", f"{self.reject_fpr} must be in [0, 0.5): e.g. 0.01 rejects 1 % of valid crops, 0 turns rejection off")
+            bad("reject_fpr", f"{self.reject_fpr} must be in [0, 0.5): e.g. 0.01 rejects 1 % of valid crops, "
+                "0 turns rejection off")
         if len(self.head_hidden) != len(self.head_dropout):
             bad("head_dropout", "needs one value per head_hidden layer")
         return self
