@@ -78,6 +78,9 @@ def tiny_onnx(tmp_path_factory) -> Path:
         "weights": "imagenet", "trainable_fraction": 0.0, "cache_features": True, "image_size": 64,
         "resize": "pad", "epochs": 15, "lr": 0.01, "batch_size": 32, "seed": 0, "device": "cpu",
         "cache_dir": str(root / "cache"), "patience": 15,
+        # no rejection fit: these tests are about detection and the alarm rule; how rejected
+        # particles are counted is tested with a stand-in predictor below
+        "reject_fpr": 0.0,
     })
     train(config, progress=False)
     return root / "model" / "model.onnx"

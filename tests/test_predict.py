@@ -29,7 +29,7 @@ from crystalscope.models.factory import HeadSpec, build_model  # noqa: E402
 from crystalscope.training.checkpoint import make_checkpoint, save_checkpoint  # noqa: E402
 
 TEMPERATURE = 1.7
-COLUMNS = ["path", "predicted", "confidence", "p_cex", "p_pg", "status"]
+COLUMNS = ["path", "predicted", "confidence", "p_cex", "p_pg", "ood_score", "ood_threshold", "status"]
 
 
 def tiny_checkpoint(resize: str, temperature: float = TEMPERATURE) -> dict:

@@ -134,6 +134,26 @@ def test_evaluate_reproduces_the_test_numbers(e2e_run, split, tmp_path):
     assert (tmp_path / "eval" / "misclassified.csv").read_text() == (e2e_run / "misclassified.csv").read_text()
 
 
+def test_rejection_is_fitted_stored_and_reported(e2e_run, feature_run, split, tmp_path):
+    from crystalscope import Predictor
+
+    for run in (e2e_run, feature_run):  # whole model, and head-only on cached features
+        best = torch.load(run / "weights" / "best.ckpt", map_location="cpu", weights_only=True)
+        assert best["ood"]["method"] == "mahalanobis+image_statistics" and best["ood"]["target_fpr"] == 0.01
+        rejection = json.loads((run / "test_results.json").read_text())["rejection"]
+        assert rejection["threshold"] == pytest.approx(best["ood"]["threshold"])
+        assert "Rejection of foreign images" in (run / "test_results.txt").read_text()
+        # the report's count is what Predictor does with the stored parameters
+        files = sorted((split / "test").rglob("*.png"))
+        predictions = Predictor.load(run / "weights" / "best.ckpt", device="cpu").predict(files)
+        assert sum(p.rejected for p in predictions) == rejection["n_rejected"]
+    evaluated = RUNNER.invoke(app, ["evaluate", str(e2e_run / "weights" / "best.ckpt"), str(split / "test"),
+                                    "--out", str(tmp_path / "eval")])
+    assert evaluated.exit_code == 0, evaluated.output
+    again = json.loads((tmp_path / "eval" / "test_results.json").read_text())["rejection"]
+    assert again["n_rejected"] == json.loads((e2e_run / "test_results.json").read_text())["rejection"]["n_rejected"]
+
+
 def test_evaluate_rejects_foreign_class_folders(e2e_run, tmp_path):
     make_split(tmp_path / "other", counts={"test": (2, 2)})
     (tmp_path / "other" / "test" / "PG").rename(tmp_path / "other" / "test" / "needles")
@@ -192,9 +212,12 @@ def test_ctrl_c_keeps_last_ckpt_and_resume_continues(split, cache_dir, tmp_path,
     assert not (out / "test_results.json").exists()
 
     monkeypatch.setattr(run_module.loop, "train_one_epoch", real_epoch)
-    result = train_cli("--resume", str(out), "--no-onnx")
+    result = train_cli("--resume", str(out), "--no-onnx", "--reject-fpr", "0")
     assert result.exit_code == 0, result.output
     assert "Epoch 2/2" in result.output and "Epoch 1/2" not in result.output
+    # --reject-fpr 0: no rejection fitted, and the report says so
+    assert "ood" not in torch.load(out / "weights" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert json.loads((out / "test_results.json").read_text())["rejection"] is None
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[:2] == first_rows and rows[2].startswith("2,")
     last = torch.load(out / "weights" / "last.ckpt", map_location="cpu", weights_only=True)

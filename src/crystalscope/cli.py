@@ -188,6 +188,7 @@ def train(
     feature_passes: Optional[int] = typer.Option(None, help="With feature caching: passes over the training images, those after the first augmented (default: 1)."),
     cache_dir: Optional[str] = typer.Option(None, help="Where decoded images are cached; 'off' disables (default: ~/.cache/crystalscope)."),
     onnx: Optional[bool] = typer.Option(None, "--onnx/--no-onnx", help="Export model.onnx (checked against PyTorch) (default: on)."),
+    reject_fpr: Optional[float] = typer.Option(None, help="Fit the rejection of foreign images so this fraction of valid (val) crops is rejected; 0 turns it off (default: 0.01)."),
 ):
     """Train a classifier on a split folder and write every deliverable into the run folder."""
     from crystalscope.config import load_config
@@ -201,7 +202,7 @@ def train(
         positive_class=positive_class, device=device, precision=precision, seed=seed, workers=workers,
         compile=compile, compile_mode=compile_mode, cuda_graphs=cuda_graphs,
         cache_features=cache_features, cache_frozen=cache_frozen, feature_passes=feature_passes,
-        cache_dir=cache_dir, onnx=onnx).items() if v is not None}
+        cache_dir=cache_dir, onnx=onnx, reject_fpr=reject_fpr).items() if v is not None}
     if resume is not None:
         if config is not None:
             raise fail("--resume uses the run's own config.yaml; leave out --config")
@@ -303,7 +304,7 @@ def predict_cmd(
     model: Path = typer.Argument(..., help="Trained model: a .ckpt checkpoint (needs PyTorch) or an exported .onnx."),
     paths: List[Path] = typer.Argument(..., help="Image files and/or folders (png, jpg, jpeg, tif, tiff, bmp; any case)."),
     out: Path = typer.Option(Path("predictions.csv"), "--out", "-o",
-                             help="CSV to write: path,predicted,confidence,p_<class>...,status."),
+                             help="CSV to write: path,predicted,confidence,p_<class>...,ood_score,ood_threshold,status."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per forward pass."),
     recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Look for images in subfolders too."),
     device: str = typer.Option("auto", "--device", help="For .ckpt models: auto, cpu or cuda (ONNX runs on the CPU)."),
@@ -312,14 +313,16 @@ def predict_cmd(
                                          "with predicted class, confidence and status (e.g. predictions.png)."),
     sheet_max: int = typer.Option(96, "--sheet-max", min=1, help="Most images on the sheet; beyond it the "
                                   "rejected, unreadable and least confident come first."),
+    reject: bool = typer.Option(True, "--reject/--no-reject",
+                                help="Mark foreign images (not a crystal) status=rejected when the model has a fitted rejection."),
 ):
     """Label images with a checkpoint or an ONNX model; unreadable files get error rows."""
     from crystalscope.inference.predictor import predict_paths
 
     summary = predict_paths(model, paths, out, batch_size=batch_size, recursive=recursive,
-                            progress=True, device=device, sheet=sheet, sheet_max=sheet_max)
+                            progress=True, device=device, sheet=sheet, sheet_max=sheet_max, reject=reject)
     _print_predictions(summary, show)
-    if summary["n_ok"] == 0:
+    if summary["n_ok"] + summary["n_rejected"] == 0:
         raise fail(f"none of the {summary['n_images']} files could be read as an image (reasons in {out})", 1)
 
 
@@ -333,15 +336,18 @@ def _print_predictions(summary: dict, show: int) -> None:
         table.add_column(column, overflow="fold", justify="right" if column == "confidence" else "left")
     predictions = summary["predictions"]
     for p in predictions[:show]:
-        table.add_row(Text(p.path), Text(p.predicted or ""), f"{p.confidence:.4f}" if p.ok else "",
-                      Text(p.status, style="" if p.ok else "red"))
+        table.add_row(Text(p.path), Text(p.predicted or ""), f"{p.confidence:.4f}" if p.classified else "",
+                      Text(p.status, style="" if p.ok else "yellow" if p.rejected else "red"))
     console = Console()
     if show:
         console.print(table)
         if len(predictions) > show:
             console.print(f"... {len(predictions) - show} more rows in {summary['out_csv']}", markup=False)
     counts = ", ".join(f"{c}: {n}" for c, n in summary["counts"].items())
-    console.print(f"{summary['n_images']} images: {counts}; errors: {summary['n_errors']} "
+    rejection = summary.get("rejection")
+    rejected = (f"; rejected as foreign: {summary['n_rejected']} ({rejection['method']} score > "
+                f"{rejection['threshold']:.4g})" if rejection else "; rejection: off (not fitted or --no-reject)")
+    console.print(f"{summary['n_images']} images: {counts}{rejected}; errors: {summary['n_errors']} "
                   f"-> {summary['out_csv']}", highlight=False, markup=False)
     if summary.get("sheet"):
         console.print(f"contact sheet -> {summary['sheet']}", highlight=False, markup=False)
@@ -618,6 +624,55 @@ def monitor_command(
                f"{s['backend']} back end, {s['seconds']:.1f} s{' (interrupted)' if s['interrupted'] else ''}")
     typer.echo(f"alarms ({s['rule']}): {alarms}")
     typer.echo(f"outputs: {', '.join(s['outputs'])}")
+
+
+@app.command("synth-ood")
+@user_errors
+def synth_ood_command(
+    out: Path = typer.Argument(..., help="Folder to create: one subfolder of PNGs per foreign-image set."),
+    per_set: int = typer.Option(100, "--per-set", min=1, help="Images per set."),
+    seed: int = typer.Option(0, "--seed", help="The same seed gives the same images."),
+    crystals: Optional[Path] = typer.Option(None, "--crystals", help="Crops for the exposure, blurred and cropped sets (default: generated)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing OUT folder."),
+):
+    """Write foreign-image sets (photos, uniform, gradient, noise, exposure, text, checkerboard, blurred, cropped)."""
+    from crystalscope.data.ood_sets import generate
+
+    summary = generate(out, per_set=per_set, seed=seed, crystal_dir=crystals, force=force)
+    sets = ", ".join(f"{name} ({info['kind']})" for name, info in summary["sets"].items())
+    typer.echo(f"{per_set} images each in {out}: {sets}; photos from {summary['photo_source'] or '-'}")
+
+
+@app.command("ood-eval")
+@user_errors
+def ood_eval_command(
+    model: Path = typer.Argument(..., help="A .ckpt or .onnx trained with rejection (--reject-fpr > 0)."),
+    in_dir: Path = typer.Argument(..., help="In-distribution crops, e.g. SPLIT/test."),
+    out_dirs: List[Path] = typer.Argument(..., help="Folders of foreign images; a synth-ood folder counts as its sets."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write ood_eval.json and ood_eval.md into this folder."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per forward pass."),
+    device: str = typer.Option("auto", "--device", help="For .ckpt models: auto, cpu or cuda."),
+):
+    """Measure rejection of foreign images: AUROC, FPR at 95 % TPR and rejection rate per folder."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from crystalscope.inference.ood_eval import evaluate_ood
+
+    result = evaluate_ood(model, in_dir, out_dirs, report_dir=report, batch_size=batch_size, device=device)
+    ind = result["in_distribution"]
+    table = Table(title=Text(f"{result['model']} ({result['backend']}): {result['method']} score, threshold "
+                             f"{result['threshold']:.4g}"), title_justify="left")
+    for column in ("set", "kind", "images", "AUROC", "FPR@95%TPR", "rejected"):
+        table.add_column(column, justify="left" if column in ("set", "kind") else "right")
+    table.add_row(Text(f"in: {ind['folder']}"), "in", str(ind['n_images']), "", "", f"{ind['rejection_rate']:.1%}")
+    for s in result["sets"]:
+        table.add_row(Text(s["name"]), s["kind"], str(s["n_images"]), f"{s['auroc']:.4f}",
+                      f"{s['fpr_at_95_tpr']:.1%}", f"{s['rejection_rate']:.1%}")
+    Console().print(table)
+    if report is not None:
+        typer.echo(f"report: {report / 'ood_eval.md'}, {report / 'ood_eval.json'}")
 
 
 def main() -> None:

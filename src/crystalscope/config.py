@@ -74,6 +74,9 @@ class TrainConfig:
     feature_passes: int = 1  # train feature passes with --cache-features; passes after the first are augmented
     cache_frozen: bool = False  # cache the frozen layers' output; train the trainable tail + head on it
     onnx: bool = True
+    # rejection of foreign images: fraction of in-distribution (val) images the threshold
+    # rejects; 0 = no rejection fit (docs/ood.md)
+    reject_fpr: float = 0.01
     resume: str | None = None
 
     def validate(self) -> "TrainConfig":
@@ -115,6 +118,9 @@ class TrainConfig:
         if self.cache_features and self.trainable_fraction != 0:
             bad("cache_features", "needs a frozen backbone; add --trainable-fraction 0 (or use --cache-frozen "
                 "to cache only the frozen layers and train the rest)")
+        if not 0.0 <= self.reject_fpr < 0.5:
+            bad("reject_fpr", f"{self.reject_fpr} must be in [0, 0.5): e.g. 0.01 rejects 1 % of valid crops, "
+                "0 turns rejection off")
         if len(self.head_hidden) != len(self.head_dropout):
             bad("head_dropout", "needs one value per head_hidden layer")
         return self

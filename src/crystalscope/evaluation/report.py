@@ -203,7 +203,32 @@ def _report_text(result: dict, sklearn_report: str) -> str:
               f"  ECE before temperature scaling (T = 1): {result['ece_uncalibrated']:.4f}",
               f"  ECE after temperature scaling (T = {result['temperature']:.4f}): "
               f"{result['ece']:.4f}", ""]
+    lines += _rejection_lines(result)
     return "\n".join(lines)
+
+
+def _rejection_summary(rejection: dict | None, n_images: int) -> dict | None:
+    """Test rejection rate from the test scores and the fitted threshold (None: no rejection fitted)."""
+    if rejection is None:
+        return None
+    scores = np.asarray(rejection["scores"], dtype=np.float64)
+    if scores.shape != (n_images,):
+        raise CrystalscopeError(f"rejection: {scores.shape[0]} scores for {n_images} test images")
+    threshold = float(rejection["threshold"])
+    n_rejected = int(np.sum(scores > threshold))
+    return {"method": rejection.get("method"), "threshold": threshold, "target_fpr": rejection.get("target_fpr"),
+            "val_rejection_rate": rejection.get("val_rejection_rate"), "n_rejected": n_rejected,
+            "test_rejection_rate": n_rejected / max(n_images, 1)}
+
+
+def _rejection_lines(result: dict) -> list[str]:
+    rejection = result.get("rejection")
+    if not rejection:
+        return ["Rejection of foreign images: not fitted for this model", ""]
+    return [f"Rejection of foreign images ({rejection['method']} score, threshold {rejection['threshold']:.4g}, "
+            f"target {_fmt(rejection['target_fpr'])} of val)",
+            f"  test images rejected: {rejection['n_rejected']} of {result['n_images']} "
+            f"({rejection['test_rejection_rate']:.2%}); val: {_fmt(rejection['val_rejection_rate'])}", ""]
 
 
 def _build_result(y_true, logits, probs, class_names, positive_class, roc, temperature,
@@ -231,7 +256,7 @@ def _build_result(y_true, logits, probs, class_names, positive_class, roc, tempe
 
 def write_test_report(out_dir, *, y_true, logits, class_names, positive_class, paths,
                       temperature: float = 1.0, n_bootstrap: int = 1000, seed: int = 0,
-                      meta: dict | None = None) -> dict:
+                      meta: dict | None = None, rejection: dict | None = None) -> dict:
     """Write the full test report (txt, json, four PNGs, misclassified.csv) into ``out_dir``.
 
     Args:
@@ -246,6 +271,9 @@ def write_test_report(out_dir, *, y_true, logits, class_names, positive_class, p
         n_bootstrap: bootstrap resamples for the 95 % intervals.
         seed: bootstrap seed (the same seed gives the same intervals).
         meta: optional header lines for the txt report (model, run, data), stored in the json.
+        rejection: the model's fitted rejection (``OODDetector.to_dict()``) plus ``scores``, the
+            N test images' OOD scores; the report then gives the test split's rejection rate.
+            The class metrics are over all test images, rejected or not.
 
     Returns:
         The dict written to ``test_results.json``.
@@ -270,6 +298,7 @@ def write_test_report(out_dir, *, y_true, logits, class_names, positive_class, p
     roc = roc_summary(y_true, probs, names, positive_class)
     result = _build_result(y_true, logits, probs, names, positive_class, roc, temperature,
                            n_bootstrap, seed, meta)
+    result["rejection"] = _rejection_summary(rejection, len(y_true))
     sklearn_report = classification_report(y_true, y_pred, labels=list(range(len(names))),
                                            target_names=names, digits=4, zero_division=0)
     out_dir = Path(out_dir)

@@ -4,7 +4,8 @@ The exported graph maps a normalised float32 batch ``(N, 3, H, W)`` (``N`` dynam
 logits. Everything a deployment needs to feed it and read it travels inside the file, under
 the ``metadata_props`` key ``crystalscope`` (JSON): backbone, class names, positive class, the
 full preprocessing (size, mean, std, resize policy, interpolation, pad value), the calibration
-temperature, input/output names and the input shape. Probabilities are
+temperature, input/output names, the input shape and the fitted rejection of foreign images
+(``ood``, scored on the ``features`` output). Probabilities are
 ``softmax(logits / temperature)``.
 
 Every export is checked (timm's ``check_forward`` habit): PyTorch and ONNX Runtime run on the
@@ -125,7 +126,16 @@ def onnx_metadata(ckpt: dict, preprocessing, opset: int) -> dict:
         "features_name": FEATURES_NAME,
         "features": "penultimate activations (the head's input to its last Linear layer)",
         "opset": int(opset),
+        # rejection of foreign images (docs/ood.md): float32 base64, the precision matrix as
+        # its upper triangle (~175 KB of JSON for 256-d features); None = not fitted
+        "ood": _compact_ood(ckpt.get("ood")),
     }
+
+
+def _compact_ood(ood: dict | None) -> dict | None:
+    from crystalscope.evaluation.ood import OODDetector
+
+    return OODDetector.from_dict(ood).to_dict(compact=True) if ood else None
 
 
 def _LogitsAndFeatures(model):

@@ -5,7 +5,9 @@ Both back ends share everything but the forward pass: images are decoded by
 :class:`~crystalscope.data.transforms.Preprocessing` (stored in the checkpoint or in the ONNX
 metadata), and logits become probabilities through the calibrated
 :func:`crystalscope.evaluation.calibration.softmax`. So a ``.ckpt`` and its ``.onnx`` give
-the same answer, image by image.
+the same answer, image by image. A model fitted with rejection (``ood`` in the checkpoint and
+the ONNX metadata) also scores each image's penultimate features with the numpy
+:class:`crystalscope.evaluation.ood.OODDetector` and marks foreign images ``rejected``.
 
 The ONNX back end imports no torch (and not the ``onnx`` package either): a plant PC with
 ``pip install crystalscope[onnx]`` can run it. Torch is imported only inside
@@ -45,7 +47,11 @@ class Prediction:
         predicted: the most probable class name (``None`` when the image could not be read).
         confidence: its calibrated probability (``None`` on error).
         probabilities: class name -> calibrated probability (empty on error).
-        status: ``"ok"`` or ``"error: <reason>"``.
+        status: ``"ok"``, ``"rejected"`` (a foreign image: OOD score above the threshold; the
+            class and probabilities are still filled) or ``"error: <reason>"``.
+        ood_score: the rejection score (higher = more foreign); ``None`` when the model has no
+            fitted rejection or it is turned off.
+        ood_threshold: scores above it are rejected (``None`` as for ``ood_score``).
     """
 
     path: str
@@ -53,10 +59,22 @@ class Prediction:
     confidence: float | None = None
     probabilities: dict[str, float] = field(default_factory=dict)
     status: str = "ok"
+    ood_score: float | None = None
+    ood_threshold: float | None = None
 
     @property
     def ok(self) -> bool:
+        """Read, classified and accepted."""
         return self.status == "ok"
+
+    @property
+    def rejected(self) -> bool:
+        return self.status == "rejected"
+
+    @property
+    def classified(self) -> bool:
+        """Read and classified (accepted or rejected): the probabilities are filled."""
+        return self.predicted is not None
 
 
 def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -129,7 +147,7 @@ class _TorchBackend:
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             raise CrystalscopeError(f"{path or 'checkpoint'}: weights do not match the model it describes ({first})") from None
         self.meta = {k: ckpt.get(k) for k in
-                     ("backbone", "class_names", "positive_class", "preprocessing", "temperature")}
+                     ("backbone", "class_names", "positive_class", "preprocessing", "temperature", "ood")}
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.logits_and_features(batch)[0]
@@ -170,7 +188,7 @@ class Predictor:
         ['cex', 'pg']
     """
 
-    def __init__(self, backend, source: str):
+    def __init__(self, backend, source: str, reject: bool = True):
         meta = backend.meta
         try:
             self.class_names: list[str] = [str(c) for c in meta["class_names"]]
@@ -184,11 +202,16 @@ class Predictor:
         self.backbone: str | None = meta.get("backbone")
         self.backend = backend
         self.source = source
+        #: the fitted rejection, or None (older model, or turned off with ``reject=False``)
+        self.rejection = _rejection(meta, source) if reject else None
         self._pool = None  # decoding threads, started on first use
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "auto") -> "Predictor":
+    def load(cls, path: str | os.PathLike, device: str = "auto", reject: bool = True) -> "Predictor":
         """Load a ``.ckpt`` (PyTorch; ``device`` auto/cpu/cuda) or an ``.onnx`` model.
+
+        ``reject=False`` turns the rejection of foreign images off (every readable image is
+        ``ok``); a model without fitted rejection predicts as if it were off.
 
         Raises:
             CrystalscopeError: missing file, unknown suffix, not a crystalscope model, or
@@ -205,15 +228,15 @@ class Predictor:
             raise CrystalscopeError(f"{path}: is a folder; give a .ckpt or .onnx model file")
         suffix = path.suffix.lower()
         if suffix == ".onnx":
-            return cls(_OnnxBackend(path), str(path))
+            return cls(_OnnxBackend(path), str(path), reject=reject)
         if suffix in CHECKPOINT_SUFFIXES:
-            return cls(_TorchBackend(path, device=device), str(path))
+            return cls(_TorchBackend(path, device=device), str(path), reject=reject)
         raise CrystalscopeError(f"{path}: unknown model type {suffix or '(no suffix)'!r}; give a .ckpt checkpoint or an .onnx export")
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: dict, device: str = "cpu") -> "Predictor":
+    def from_checkpoint(cls, checkpoint: dict, device: str = "cpu", reject: bool = True) -> "Predictor":
         """Wrap an in-memory checkpoint dict (used by export checks and tests)."""
-        return cls(_TorchBackend(None, device=device, checkpoint=checkpoint), "<checkpoint>")
+        return cls(_TorchBackend(None, device=device, checkpoint=checkpoint), "<checkpoint>", reject=reject)
 
     @property
     def backend_name(self) -> str:
@@ -278,12 +301,23 @@ class Predictor:
         good = [r for r in rows if r.ok]
         if not good:
             return rows
-        probs = self.probabilities(self.preprocessing.normalize(np.stack(arrays)))
-        for row, p in zip(good, probs):
+        resized = np.stack(arrays)
+        batch = self.preprocessing.normalize(resized)
+        scores = None
+        if self.rejection is None:
+            logits = self.logits(batch)
+        else:
+            logits, features = self.logits_and_features(batch)
+            scores = self.rejection.score(features, logits, _image_statistics(resized, self.rejection))
+        probs = _softmax(logits, self.temperature)
+        for i, (row, p) in enumerate(zip(good, probs)):
             best = int(np.argmax(p))
             row.predicted = self.class_names[best]
             row.confidence = float(p[best])
             row.probabilities = {c: float(v) for c, v in zip(self.class_names, p)}
+            if scores is not None:
+                row.ood_score, row.ood_threshold = float(scores[i]), float(self.rejection.threshold)
+                row.status = "rejected" if self.rejection.rejected(scores[i]) else "ok"
         return rows
 
 
@@ -299,6 +333,27 @@ class Predictor:
 
             self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
         return self._pool
+
+
+def _rejection(meta: dict, source: str):
+    """The model's fitted :class:`OODDetector`, or None when it has none (older models)."""
+    if not meta.get("ood"):
+        return None
+    from crystalscope.evaluation.ood import OODDetector
+
+    try:
+        return OODDetector.from_dict(meta["ood"])
+    except CrystalscopeError as exc:
+        raise CrystalscopeError(f"{source}: {exc}") from None
+
+
+def _image_statistics(resized: np.ndarray, rejection) -> np.ndarray | None:
+    """The low-level image statistics a rejection method scores, from the resized uint8 batch."""
+    if not rejection.needs_images:
+        return None
+    from crystalscope.evaluation.ood import image_statistics
+
+    return image_statistics(resized)
 
 
 def _reason(exc: Exception, name: str) -> str:
@@ -349,21 +404,27 @@ def collect_images(paths: Iterable[str | os.PathLike], recursive: bool = True) -
 
 
 def predictions_csv(predictions: Sequence[Prediction], class_names: Sequence[str]) -> str:
-    """CSV text with columns ``path,predicted,confidence,p_<class>...,status``."""
+    """CSV text: ``path,predicted,confidence,p_<class>...,ood_score,ood_threshold,status``.
+
+    ``status`` stays the last column; ``ood_score``/``ood_threshold`` are empty when the model
+    has no fitted rejection or it is turned off, and on error rows.
+    """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "predicted", "confidence", *[f"p_{c}" for c in class_names], "status"])
+    writer.writerow(["path", "predicted", "confidence", *[f"p_{c}" for c in class_names],
+                     "ood_score", "ood_threshold", "status"])
     for p in predictions:
-        probs = [f"{p.probabilities[c]:.6f}" if p.ok else "" for c in class_names]
-        confidence = f"{p.confidence:.6f}" if p.ok else ""
-        writer.writerow([p.path, p.predicted or "", confidence, *probs, p.status])
+        probs = [f"{p.probabilities[c]:.6f}" if p.classified else "" for c in class_names]
+        confidence = f"{p.confidence:.6f}" if p.classified else ""
+        ood = ["" if v is None else f"{v:.6g}" for v in (p.ood_score, p.ood_threshold)]
+        writer.writerow([p.path, p.predicted or "", confidence, *probs, *ood, p.status])
     return buffer.getvalue()
 
 
 def predict_paths(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike],
                   out_csv: str | os.PathLike = "predictions.csv", batch_size: int = 32,
                   recursive: bool = True, progress: bool = True, device: str = "auto",
-                  sheet: str | os.PathLike | None = None, sheet_max: int = 96) -> dict:
+                  sheet: str | os.PathLike | None = None, sheet_max: int = 96, reject: bool = True) -> dict:
     """Label every image under ``paths`` with ``model_path`` and write the CSV atomically.
 
     With ``sheet``, also a PNG contact sheet of the images with their predicted class,
@@ -371,9 +432,11 @@ def predict_paths(model_path: str | os.PathLike, paths: Sequence[str | os.PathLi
     ``sheet_max`` images it shows the rejected, unreadable and least confident ones.
 
     Returns a summary: ``model``, ``backend``, ``out_csv``, ``class_names``, ``n_images``,
-    ``n_ok``, ``n_errors``, ``counts`` (predicted class -> count) and ``predictions``.
-    Unreadable files are rows with ``status = error: <reason>``; the caller decides the exit
-    code (non-zero when ``n_ok == 0``).
+    ``n_ok`` (accepted), ``n_rejected`` (foreign images, ``status = rejected``), ``n_errors``,
+    ``counts`` (predicted class -> count of accepted images), ``rejection`` (``{"method",
+    "threshold"}`` or None) and ``predictions``. Unreadable files are rows with
+    ``status = error: <reason>``; the caller decides the exit code (non-zero when no file
+    could be read). ``reject=False`` is ``predict --no-reject``.
 
     Example:
         >>> s = predict_paths("model.onnx", ["crops/"], "predictions.csv")  # doctest: +SKIP
@@ -390,7 +453,7 @@ def predict_paths(model_path: str | os.PathLike, paths: Sequence[str | os.PathLi
     with claim_output(out_csv, inputs=[model_path, *paths], kind="file"):
         if sheet is not None:
             check_output(sheet, inputs=[model_path, out_csv, *paths], kind="file", option="--sheet")
-        predictor = Predictor.load(model_path, device=device)
+        predictor = Predictor.load(model_path, device=device, reject=reject)
         files = collect_images(paths, recursive=recursive)
         if progress and len(files) > batch_size:
             predictions = _predict_with_progress(predictor, files, batch_size)
@@ -402,11 +465,15 @@ def predict_paths(model_path: str | os.PathLike, paths: Sequence[str | os.PathLi
         if p.ok:
             counts[p.predicted] += 1
     n_ok = sum(counts.values())
+    n_rejected = sum(p.rejected for p in predictions)
+    rejection = predictor.rejection
     return {
         "model": str(model_path), "backend": predictor.backend_name, "out_csv": str(out_csv),
         "class_names": predictor.class_names, "temperature": predictor.temperature,
-        "n_images": len(predictions), "n_ok": n_ok, "n_errors": len(predictions) - n_ok,
-        "counts": counts, "predictions": predictions, "sheet": str(sheet) if sheet is not None else None,
+        "n_images": len(predictions), "n_ok": n_ok, "n_rejected": n_rejected,
+        "n_errors": len(predictions) - n_ok - n_rejected, "counts": counts, "predictions": predictions,
+        "rejection": None if rejection is None else {"method": rejection.method, "threshold": rejection.threshold},
+        "sheet": str(sheet) if sheet is not None else None,
     }
 
 

@@ -182,24 +182,15 @@ def model_info(predictor: Predictor, limits: ServeLimits) -> dict:
 
 
 def rejection_info(predictor: Predictor) -> dict | None:
-    """The rejection settings of the model, or ``None`` when it has none.
+    """The model's fitted rejection of foreign images (method and threshold), or ``None``.
 
-    Read defensively: models exported before rejection existed have no such attribute.
+    ``None`` for a model trained without it (or exported before it existed); the same summary
+    ``predict_paths`` returns.
     """
-    for attribute in ("rejection", "rejector", "rejection_threshold", "threshold"):
-        value = getattr(predictor, attribute, None)
-        if value is None or callable(value):
-            continue
-        if isinstance(value, (int, float)):
-            return {"threshold": _json_safe(float(value))}
-        if dataclasses.is_dataclass(value):
-            return _json_safe(dataclasses.asdict(value))
-        if isinstance(value, dict):
-            return _json_safe(value)
-        threshold = getattr(value, "threshold", None)
-        return {"threshold": _json_safe(float(threshold)) if isinstance(threshold, (int, float)) else None,
-                "kind": type(value).__name__}
-    return None
+    rejection = predictor.rejection
+    if rejection is None:
+        return None
+    return {"method": rejection.method, "threshold": _json_safe(float(rejection.threshold))}
 
 
 def _sha256(path: Path) -> str:

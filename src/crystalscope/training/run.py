@@ -63,6 +63,7 @@ class Session:
     bf16: bool = False  # bf16 autocast (``precision``; on CUDA by default)
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # uint8 images or features
     labels: dict[str, torch.Tensor] = field(default_factory=dict)
+    image_stats: dict[str, np.ndarray] = field(default_factory=dict)  # per split, for the rejection fit
     model: CrystalClassifier | None = None
     trained: torch.nn.Module | None = None  # the whole model, or what follows the cached part
     feature_extractor: torch.nn.Module | None = None  # the cached (frozen) part, with caching on
@@ -395,6 +396,69 @@ def fit(session: Session, progress: bool) -> None:
     session.console.print(f"best epoch {session.stopping.best_epoch} (val loss {session.stopping.best_loss:.4f})")
 
 
+# ---- rejection of foreign images (docs/ood.md) --------------------------------------------
+
+class FeaturesAndLogits(torch.nn.Module):
+    """What ``trained`` computes, returned as ``[penultimate features | logits]`` in one tensor.
+
+    ``loop.evaluate`` collects one output per batch; packing both keeps that one loop for the
+    rejection fit. ``trained`` is the whole model, its head (cached backbone features) or the
+    trainable backbone tail followed by the head (cached frozen maps).
+    """
+
+    def __init__(self, trained: torch.nn.Module, model: CrystalClassifier):
+        super().__init__()
+        if trained is model:
+            self.body = model.backbone
+        elif trained is model.head:
+            self.body = torch.nn.Identity()
+        else:
+            self.body = torch.nn.Sequential(*list(trained)[:-1])
+        self.head = model.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.head[:-1](self.body(x))
+        return torch.cat([features, self.head[-1](features)], dim=1)
+
+
+def split_features_and_logits(session: Session, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Penultimate features ``(N, D)`` and logits ``(N, C)`` of one split's inputs, in order."""
+    _, eval_tf = transforms(session)
+    packed = loop.evaluate(FeaturesAndLogits(session.trained, session.model), session.inputs[split], None,
+                           transform=eval_tf, batch_size=session.config.batch_size, device=session.device,
+                           bf16=session.bf16)["logits"]
+    n_classes = len(session.class_names)
+    return packed[:, :-n_classes], packed[:, -n_classes:]
+
+
+def split_image_statistics(images: torch.Tensor, chunk: int = 256) -> np.ndarray:
+    """:func:`~crystalscope.evaluation.ood.image_statistics` of uint8 ``(N, H, W, 3)`` images, in chunks."""
+    from crystalscope.evaluation.ood import IMAGE_STATISTICS, image_statistics
+
+    parts = [image_statistics(images[i:i + chunk].cpu().numpy()) for i in range(0, images.shape[0], chunk)]
+    return np.concatenate(parts) if parts else np.zeros((0, len(IMAGE_STATISTICS)))
+
+
+def fit_rejection(session: Session) -> tuple[dict, np.ndarray]:
+    """Fit the OOD score on the train split and its threshold on val; returns (params, test scores)."""
+    from crystalscope.evaluation.ood import fit_detector
+
+    started = time.perf_counter()
+    train_features, _ = split_features_and_logits(session, "train")
+    val_features, val_logits = split_features_and_logits(session, "val")
+    test_features, test_logits = split_features_and_logits(session, "test")
+    stats = session.image_stats
+    # with --feature-passes k the training features are k passes over the same images
+    train_stats = np.tile(stats["train"], (len(train_features) // max(len(stats["train"]), 1), 1))
+    detector = fit_detector(train_features, session.labels["train"].cpu().numpy(), val_features, val_logits,
+                            len(session.class_names), session.config.reject_fpr,
+                            train_image_stats=train_stats, val_image_stats=stats["val"])
+    session.console.print(f"rejection: {detector.method} score on {train_features.shape[1]}-d features, threshold "
+                          f"{detector.threshold:.4g} rejects {detector.val_rejection_rate:.1%} of val "
+                          f"(target {detector.target_fpr:.1%}); fitted in {time.perf_counter() - started:.1f} s")
+    return detector.to_dict(), detector.score(test_features, test_logits, stats["test"])
+
+
 # ---- deliverables -------------------------------------------------------------------------
 
 def finalize(session: Session) -> dict:
@@ -415,11 +479,15 @@ def finalize(session: Session) -> dict:
 
     temperature = fit_temperature(logits("val"), session.splits["val"].labels)
     best["temperature"] = float(temperature)
+    rejection = None
+    if cfg.reject_fpr > 0:
+        best["ood"], test_scores = fit_rejection(session)
+        rejection = {**best["ood"], "scores": test_scores}
     save_checkpoint(best, best_path)
     test = session.splits["test"]
     result = write_test_report(run_dir, y_true=test.labels, logits=logits("test"), class_names=session.class_names,
                                positive_class=session.positive_class, paths=[str(p) for p in test.paths],
-                               temperature=temperature, seed=cfg.seed,
+                               temperature=temperature, seed=cfg.seed, rejection=rejection,
                                meta={"model": f"{cfg.backbone} ({best_path})", "data": str(test.root),
                                      "best_epoch": int(best["training"]["epoch"])})
     plot_training_curves(run_dir / "metrics.csv", run_dir / "metrics_plot.png")
@@ -489,6 +557,8 @@ def _train_into(config: TrainConfig, run_dir: Path, progress: bool) -> dict:
                              "--cache-features" if config.cache_features else "--cache-frozen")
     session.inputs, session.labels = load_data(config, splits, session.preprocessing, device, progress)
     session.data_hashes = {name: data_hash(folder.root, folder.paths) for name, folder in splits.items()}
+    if config.reject_fpr > 0:  # from the images, before feature caching replaces them
+        session.image_stats = {s: split_image_statistics(session.inputs[s]) for s in SPLITS}
     open_run(config, run_dir, environment_record(seed=config.seed, device=device, data_hashes=session.data_hashes,
                                                  initial_weights=session.initial_weights,
                                                  weights_source=session.weights_source))
@@ -523,6 +593,22 @@ def predict_logits(model: torch.nn.Module, preprocessing: Preprocessing, paths: 
                          device=device)["logits"]
 
 
+def _logits_and_rejection(ckpt: dict, model: CrystalClassifier, paths: list, device: torch.device,
+                          batch_size: int, workers: int | None, progress: bool) -> tuple[np.ndarray, dict]:
+    """Logits of image files plus the checkpoint's rejection with the files' OOD scores."""
+    from crystalscope.evaluation.ood import OODDetector
+
+    preprocessing = preprocessing_from_checkpoint(ckpt)
+    images = torch.from_numpy(decode_images(list(paths), preprocessing, workers=workers, progress=progress))
+    place_model(model, device)
+    packed = loop.evaluate(FeaturesAndLogits(model, model), images, None, transform=preprocessing.normalize_torch,
+                           batch_size=batch_size, device=device)["logits"]
+    n_classes = len(ckpt["class_names"])
+    features, logits = packed[:, :-n_classes], packed[:, -n_classes:]
+    scores = OODDetector.from_dict(ckpt["ood"]).score(features, logits, split_image_statistics(images))
+    return logits, {**ckpt["ood"], "scores": scores}
+
+
 def evaluate_checkpoint(ckpt_path: str | Path, data_dir: str | Path, out_dir: str | Path | None = None, *,
                         batch_size: int = 64, device: str = "auto", workers: int | None = None,
                         progress: bool = True, force: bool = False) -> dict:
@@ -540,8 +626,14 @@ def evaluate_checkpoint(ckpt_path: str | Path, data_dir: str | Path, out_dir: st
     ckpt = load_checkpoint(ckpt_path)
     folder = index_folder(data_dir, class_names=list(ckpt["class_names"]))
     warning = training_data_warning(ckpt, folder)
-    logits = predict_logits(model_from_checkpoint(ckpt), preprocessing_from_checkpoint(ckpt), folder.paths,
-                            resolve_device(device), batch_size, workers=workers, progress=progress)
+    model = model_from_checkpoint(ckpt)
+    if ckpt.get("ood"):  # features and image statistics too, for the test rejection rate
+        logits, rejection = _logits_and_rejection(ckpt, model, folder.paths, resolve_device(device), batch_size,
+                                                  workers, progress)
+    else:
+        rejection = None
+        logits = predict_logits(model, preprocessing_from_checkpoint(ckpt), folder.paths,
+                                resolve_device(device), batch_size, workers=workers, progress=progress)
     meta = {"model": f"{ckpt['backbone']} ({ckpt_path})", "data": str(folder.root)}
     if warning:
         meta["warning"] = warning
@@ -551,7 +643,7 @@ def evaluate_checkpoint(ckpt_path: str | Path, data_dir: str | Path, out_dir: st
         return write_test_report(staging, y_true=folder.labels, logits=logits, class_names=list(ckpt["class_names"]),
                                  positive_class=ckpt.get("positive_class"), paths=[str(p) for p in folder.paths],
                                  temperature=float(ckpt.get("temperature") or 1.0),
-                                 seed=int(ckpt.get("training", {}).get("seed", 0)),
+                                 seed=int(ckpt.get("training", {}).get("seed", 0)), rejection=rejection,
                                  meta=meta)
 
 

@@ -1,0 +1,342 @@
+"""Rejection of foreign images: an out-of-distribution (OOD) score and its threshold.
+
+The score is fitted once at the end of training on the penultimate features
+(:meth:`crystalscope.models.factory.CrystalClassifier.embed`) of the training images, and the
+threshold is the ``1 - target_fpr`` quantile of the validation images' scores, so about
+``target_fpr`` of in-distribution images are rejected. A higher score means "more foreign";
+an image is rejected when its score exceeds the threshold.
+
+``mahalanobis`` is the squared distance of a feature vector to the nearest class mean under one
+covariance shared by all classes (Lee et al. 2018); ``image_statistics`` is the same distance
+on 26 low-level statistics of the resized image (:func:`image_statistics`: brightness, spread,
+saturation, clipping, gradients, histogram, block contrast). The default,
+``mahalanobis+image_statistics``, takes the larger of the two, each divided by its own
+validation threshold, and was the only candidate near the goals in ``docs/ood.md``: the
+features catch photos, text and checkerboards, the statistics catch blank, clipped, noisy and
+coloured frames. ``energy`` (``-logsumexp(logits)``) and ``max_logit`` (``-max(logits)``) need
+no fitted parameters and are kept for comparison.
+
+Numpy only, so the ONNX Runtime path rejects without torch. The fitted parameters are plain
+lists and floats (:meth:`OODDetector.to_dict`), so they store in a checkpoint that
+``torch.load(weights_only=True)`` reads, and compactly (float32, base64) in the ONNX metadata.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from crystalscope.errors import CrystalscopeError
+
+FEATURES_AND_PIXELS = "mahalanobis+image_statistics"
+METHODS = (FEATURES_AND_PIXELS, "mahalanobis", "image_statistics", "energy", "max_logit")
+DEFAULT_METHOD = FEATURES_AND_PIXELS
+DEFAULT_TARGET_FPR = 0.01
+# covariance shrinkage towards a scaled identity: post-ReLU features have dead units, so the
+# plain sample covariance is singular
+SHRINKAGE = 0.05
+
+
+@dataclass
+class OODDetector:
+    """A fitted OOD score plus the threshold above which an image is rejected.
+
+    Attributes:
+        method: one of :data:`METHODS`.
+        threshold: scores above it are rejected.
+        target_fpr: the fraction of validation images the threshold rejects (by design).
+        params: method parameters as float64 arrays (``means`` (C, D), ``precision`` (D, D)).
+        val_rejection_rate: the measured fraction of validation images above the threshold.
+    """
+
+    method: str
+    threshold: float
+    target_fpr: float
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+    val_rejection_rate: float | None = None
+
+    @property
+    def needs_images(self) -> bool:
+        """Whether :meth:`score` needs ``image_stats`` (:func:`image_statistics` of the inputs)."""
+        return "image_statistics" in self.method
+
+    def score(self, features: np.ndarray, logits: np.ndarray, image_stats: np.ndarray | None = None) -> np.ndarray:
+        """OOD scores ``(N,)`` for penultimate ``features (N, D)``, ``logits (N, C)`` and, when
+        :attr:`needs_images`, ``image_stats`` ``(N, 26)`` of the resized uint8 inputs.
+
+        Example:
+            >>> det = OODDetector("energy", threshold=0.0, target_fpr=0.01)
+            >>> det.score(np.zeros((1, 4)), np.array([[2.0, -1.0]])).round(3).tolist()
+            [-2.049]
+        """
+        return method_score(self.method, self.params, features, logits, image_stats)
+
+    def rejected(self, scores: np.ndarray) -> np.ndarray:
+        """Boolean mask: which scores exceed the threshold."""
+        return np.asarray(scores) > self.threshold
+
+    def to_dict(self, compact: bool = False) -> dict:
+        """Plain data for a checkpoint (lists) or, with ``compact``, for ONNX metadata JSON.
+
+        Compact arrays are float32, base64-encoded; a symmetric ``precision`` keeps only its
+        upper triangle (half the bytes).
+        """
+        params = {}
+        for name, value in self.params.items():
+            value = np.asarray(value, dtype=np.float64)
+            if compact and name.endswith("precision"):
+                params[name] = _encode(value[np.triu_indices(value.shape[0])], shape=value.shape, triangle=True)
+            elif compact:
+                params[name] = _encode(value, shape=value.shape)
+            else:
+                params[name] = value.tolist()
+        return {"method": self.method, "threshold": float(self.threshold), "target_fpr": float(self.target_fpr),
+                "val_rejection_rate": self.val_rejection_rate, "params": params}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "OODDetector":
+        """Inverse of :meth:`to_dict` (either form).
+
+        Raises:
+            CrystalscopeError: unknown method or malformed parameters.
+        """
+        try:
+            method = str(data["method"])
+            if method not in METHODS:
+                raise ValueError(f"unknown method {method!r}")
+            params = {k: _decode(v) for k, v in (data.get("params") or {}).items()}
+            return cls(method=method, threshold=float(data["threshold"]), target_fpr=float(data["target_fpr"]),
+                       params=params, val_rejection_rate=data.get("val_rejection_rate"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CrystalscopeError(f"the model's rejection parameters are malformed ({exc}); "
+                                    "retrain, or predict with --no-reject") from None
+
+
+def _encode(values: np.ndarray, shape, triangle: bool = False) -> dict:
+    raw = np.ascontiguousarray(values, dtype="<f4").tobytes()
+    return {"float32_b64": base64.b64encode(raw).decode("ascii"), "shape": list(shape), "upper_triangle": triangle}
+
+
+def _decode(value) -> np.ndarray:
+    if not isinstance(value, dict):
+        return np.asarray(value, dtype=np.float64)
+    flat = np.frombuffer(base64.b64decode(value["float32_b64"]), dtype="<f4").astype(np.float64)
+    shape = tuple(int(s) for s in value["shape"])
+    if not value.get("upper_triangle"):
+        return flat.reshape(shape)
+    full = np.zeros(shape)
+    rows, cols = np.triu_indices(shape[0])
+    full[rows, cols] = flat
+    full[cols, rows] = flat
+    return full
+
+
+# ---- the scores ---------------------------------------------------------------------------
+
+
+def method_score(method: str, params: dict, features: np.ndarray, logits: np.ndarray,
+                 image_stats: np.ndarray | None = None) -> np.ndarray:
+    """The OOD score of ``method`` (higher = more foreign); see the module docstring."""
+    if "image_statistics" in method and image_stats is None:
+        raise CrystalscopeError(f"rejection method {method}: needs the image statistics of the inputs")
+    if method == FEATURES_AND_PIXELS:
+        scales = params["scales"]
+        return np.maximum(method_score("mahalanobis", params, features, logits) / scales[0],
+                          method_score("image_statistics", params, features, logits, image_stats) / scales[1])
+    if method == "image_statistics":
+        return mahalanobis_score(np.asarray(image_stats, dtype=np.float64), params["pixel_means"],
+                                 params["pixel_precision"])
+    logits = np.asarray(logits, dtype=np.float64)
+    if method == "energy":
+        top = logits.max(axis=1)
+        return -(top + np.log(np.exp(logits - top[:, None]).sum(axis=1)))
+    if method == "max_logit":
+        return -logits.max(axis=1)
+    if method == "mahalanobis":
+        return mahalanobis_score(np.asarray(features, dtype=np.float64), params["means"], params["precision"])
+    raise CrystalscopeError(f"unknown rejection method {method!r}: use one of {', '.join(METHODS)}")
+
+
+def mahalanobis_score(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Squared Mahalanobis distance to the nearest class mean, shape ``(N,)``.
+
+    Example:
+        >>> mahalanobis_score(np.array([[3.0, 0.0]]), np.zeros((1, 2)), np.eye(2)).tolist()
+        [9.0]
+    """
+    distances = []
+    for mean in np.asarray(means):
+        delta = features - mean
+        distances.append(np.einsum("nd,de,ne->n", delta, precision, delta))
+    return np.min(np.stack(distances, axis=1), axis=1)
+
+
+def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, n_classes: int,
+                    shrinkage: float = SHRINKAGE) -> dict[str, np.ndarray]:
+    """Class means and the shared (shrunk) precision matrix of training features.
+
+    Raises:
+        CrystalscopeError: a class has no training features.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> p = fit_mahalanobis(rng.normal(size=(40, 3)), np.arange(40) % 2, 2)
+        >>> p["means"].shape, p["precision"].shape
+        ((2, 3), (3, 3))
+    """
+    features = np.asarray(features, dtype=np.float64)
+    labels = np.asarray(labels)
+    means = []
+    for c in range(n_classes):
+        rows = features[labels == c]
+        if len(rows) == 0:
+            raise CrystalscopeError(f"rejection fit: class #{c} has no training images")
+        means.append(rows.mean(axis=0))
+    means = np.stack(means)
+    centred = features - means[labels]
+    covariance = centred.T @ centred / max(len(features) - n_classes, 1)
+    scale = float(np.trace(covariance)) / covariance.shape[0] or 1.0
+    covariance = (1 - shrinkage) * covariance + shrinkage * scale * np.eye(covariance.shape[0])
+    return {"means": means, "precision": np.linalg.inv(covariance)}
+
+
+# ---- fit and threshold --------------------------------------------------------------------
+
+
+def threshold_for_fpr(scores: np.ndarray, target_fpr: float) -> float:
+    """The threshold that rejects about ``target_fpr`` of ``scores`` (in-distribution ones).
+
+    Example:
+        >>> threshold_for_fpr(np.arange(100.0), 0.05)
+        95.0
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) == 0:
+        raise CrystalscopeError("rejection fit: no validation images to set the threshold on")
+    return float(np.quantile(scores, 1.0 - target_fpr, method="higher"))
+
+
+def fit_detector(train_features: np.ndarray, train_labels: np.ndarray, val_features: np.ndarray,
+                 val_logits: np.ndarray, n_classes: int, target_fpr: float = DEFAULT_TARGET_FPR,
+                 method: str = DEFAULT_METHOD, train_image_stats: np.ndarray | None = None,
+                 val_image_stats: np.ndarray | None = None) -> OODDetector:
+    """Fit ``method`` on the training split and its threshold on the validation split.
+
+    The image statistics (:func:`image_statistics`) are needed by the methods that use them.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> train, val = rng.normal(size=(200, 4)), rng.normal(size=(400, 4))
+        >>> det = fit_detector(train, np.arange(200) % 2, val, np.zeros((400, 2)), 2, 0.05, "mahalanobis")
+        >>> round(det.val_rejection_rate, 2)
+        0.05
+    """
+    if not 0.0 < target_fpr < 1.0:
+        raise CrystalscopeError(f"--reject-fpr {target_fpr} must be between 0 and 1 (0 turns the fit off)")
+    if method not in METHODS:
+        raise CrystalscopeError(f"unknown rejection method {method!r}: use one of {', '.join(METHODS)}")
+    params: dict[str, np.ndarray] = {}
+    if "mahalanobis" in method:
+        params.update(fit_mahalanobis(train_features, train_labels, n_classes))
+    if "image_statistics" in method:
+        if train_image_stats is None or val_image_stats is None:
+            raise CrystalscopeError(f"rejection method {method}: needs the image statistics of train and val")
+        pixels = fit_mahalanobis(train_image_stats, train_labels, n_classes)
+        params.update(pixel_means=pixels["means"], pixel_precision=pixels["precision"])
+    if method == FEATURES_AND_PIXELS:
+        # each part over its own val threshold, so neither dominates by its units
+        params["scales"] = np.array([
+            threshold_for_fpr(method_score(part, params, val_features, val_logits, val_image_stats), target_fpr)
+            for part in ("mahalanobis", "image_statistics")])
+    val_scores = method_score(method, params, val_features, val_logits, val_image_stats)
+    threshold = threshold_for_fpr(val_scores, target_fpr)
+    return OODDetector(method=method, threshold=threshold, target_fpr=float(target_fpr), params=params,
+                       val_rejection_rate=float(np.mean(val_scores > threshold)))
+
+
+# ---- measurement --------------------------------------------------------------------------
+
+
+def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
+    """Area under the ROC curve for telling foreign images (positives) from in-distribution ones.
+
+    The probability that a random foreign image scores higher than a random in-distribution
+    one (ties count half).
+
+    Example:
+        >>> auroc(np.array([0.0, 1.0]), np.array([2.0, 3.0]))
+        1.0
+    """
+    in_scores, out_scores = np.asarray(in_scores, float), np.asarray(out_scores, float)
+    if len(in_scores) == 0 or len(out_scores) == 0:
+        return float("nan")
+    ordered = np.sort(in_scores)
+    below = np.searchsorted(ordered, out_scores, side="left")
+    at_or_below = np.searchsorted(ordered, out_scores, side="right")
+    return float(np.mean(below + 0.5 * (at_or_below - below)) / len(ordered))
+
+
+def fpr_at_tpr(in_scores: np.ndarray, out_scores: np.ndarray, tpr: float = 0.95) -> float:
+    """Fraction of in-distribution images rejected by the threshold that rejects ``tpr`` of the foreign ones.
+
+    Example:
+        >>> fpr_at_tpr(np.arange(10.0), np.arange(5.0, 25.0))
+        0.5
+    """
+    in_scores, out_scores = np.asarray(in_scores, float), np.asarray(out_scores, float)
+    if len(in_scores) == 0 or len(out_scores) == 0:
+        return float("nan")
+    # the largest threshold t with mean(out >= t) >= tpr
+    threshold = np.quantile(out_scores, 1.0 - tpr, method="lower")
+    return float(np.mean(in_scores >= threshold))
+
+
+# ---- image statistics ---------------------------------------------------------------------
+
+#: names of the columns of :func:`image_statistics`
+IMAGE_STATISTICS = (("mean", "std", "q01", "q10", "q50", "q90", "q99", "saturation", "dark", "bright",
+                     "fine_gradient", "coarse_gradient", "high_frequency")
+                    + tuple(f"histogram_{i}" for i in range(8))
+                    + ("local_std_q10", "local_std_q50", "local_std_q90", "block_mean_q10", "block_mean_q90"))
+
+
+def image_statistics(images: np.ndarray) -> np.ndarray:
+    """Low-level statistics of resized uint8 images ``(N, H, W, 3)`` -> ``(N, 26)``.
+
+    Brightness and its spread, quantiles, colour saturation, clipped fractions, fine and
+    coarse gradient energy, high-frequency energy, an 8-bin grey histogram and the spread of
+    8x8-block contrast and brightness (columns: :data:`IMAGE_STATISTICS`): what separates a
+    crystal crop from a blank, clipped, noisy, coloured or textured frame, whatever the
+    network makes of it. Spreads and fractions are on a log scale: a blank frame's zero
+    gradient or a grey crop's zero saturation must be far from small positive values.
+
+    Example:
+        >>> image_statistics(np.zeros((2, 16, 16, 3), np.uint8)).shape
+        (2, 26)
+    """
+    rgb = np.asarray(images, dtype=np.float32) / 255.0
+    grey = rgb.mean(axis=3)
+    flat = grey.reshape(len(grey), -1)
+    quantiles = np.quantile(flat, [0.01, 0.1, 0.5, 0.9, 0.99], axis=1).T
+    saturation = (rgb.max(axis=3) - rgb.min(axis=3)).reshape(len(grey), -1).mean(axis=1)
+    fine = np.abs(np.diff(grey, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(grey, axis=2)).mean(axis=(1, 2))
+    small = _blocks(grey, 4).mean(axis=(2, 4))
+    coarse = np.abs(np.diff(small, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(small, axis=2)).mean(axis=(1, 2))
+    h, w = small.shape[1] * 4, small.shape[2] * 4
+    high = np.abs(grey[:, :h, :w] - np.repeat(np.repeat(small, 4, axis=1), 4, axis=2)).mean(axis=(1, 2))
+    histogram = np.stack([((flat >= lo) & (flat < lo + 0.125)).mean(axis=1) for lo in np.arange(0, 1, 0.125)], 1)
+    histogram[:, -1] += (flat >= 1.0).mean(axis=1)
+    blocks = _blocks(grey, 8)
+    local_std = np.quantile(blocks.std(axis=(2, 4)).reshape(len(grey), -1), [0.1, 0.5, 0.9], axis=1).T
+    block_mean = np.quantile(blocks.mean(axis=(2, 4)).reshape(len(grey), -1), [0.1, 0.9], axis=1).T
+    logs = np.log(np.column_stack([flat.std(axis=1), saturation, (flat < 0.02).mean(axis=1),
+                                   (flat > 0.98).mean(axis=1), fine, coarse, high, histogram, local_std]) + 1e-3)
+    return np.column_stack([flat.mean(axis=1), logs[:, 0], quantiles, logs[:, 1:], block_mean]).astype(np.float64)
+
+
+def _blocks(grey: np.ndarray, size: int) -> np.ndarray:
+    """``(N, H/size, size, W/size, size)`` view of ``(N, H, W)`` (edges beyond a whole block dropped)."""
+    h, w = (grey.shape[1] // size) * size, (grey.shape[2] // size) * size
+    return grey[:, :h, :w].reshape(len(grey), h // size, size, w // size, size)
