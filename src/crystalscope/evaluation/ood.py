@@ -8,8 +8,9 @@ an image is rejected when its score exceeds the threshold.
 
 ``mahalanobis`` is the squared distance of a feature vector to the nearest class mean under one
 covariance shared by all classes (Lee et al. 2018); ``image_statistics`` is the same distance
-on 26 low-level statistics of the resized image (:func:`image_statistics`: brightness, spread,
-saturation, clipping, gradients, histogram, block contrast). The default,
+on 42 low-level statistics of the resized image (:func:`image_statistics`: brightness, spread,
+saturation, clipping, gradients, histogram, block contrast, and texture: a neighbour-count
+histogram and the power spectrum). The default,
 ``mahalanobis+image_statistics``, takes the larger of the two, each divided by its own
 validation threshold, and was the only candidate near the goals in ``docs/ood.md``: the
 features catch photos, text and checkerboards, the statistics catch blank, clipped, noisy and
@@ -64,7 +65,7 @@ class OODDetector:
 
     def score(self, features: np.ndarray, logits: np.ndarray, image_stats: np.ndarray | None = None) -> np.ndarray:
         """OOD scores ``(N,)`` for penultimate ``features (N, D)``, ``logits (N, C)`` and, when
-        :attr:`needs_images`, ``image_stats`` ``(N, 26)`` of the resized uint8 inputs.
+        :attr:`needs_images`, ``image_stats`` ``(N, 42)`` of the resized uint8 inputs.
 
         Example:
             >>> det = OODDetector("energy", threshold=0.0, target_fpr=0.01)
@@ -146,7 +147,9 @@ def method_score(method: str, params: dict, features: np.ndarray, logits: np.nda
         return np.maximum(method_score("mahalanobis", params, features, logits) / scales[0],
                           method_score("image_statistics", params, features, logits, image_stats) / scales[1])
     if method == "image_statistics":
-        return mahalanobis_score(np.asarray(image_stats, dtype=np.float64), params["pixel_means"],
+        # a model fitted before the texture columns existed uses the first 26 (the same ones)
+        columns = np.asarray(params["pixel_means"]).shape[1]
+        return mahalanobis_score(np.asarray(image_stats, dtype=np.float64)[:, :columns], params["pixel_means"],
                                  params["pixel_precision"])
     logits = np.asarray(logits, dtype=np.float64)
     if method == "energy":
@@ -295,26 +298,34 @@ def fpr_at_tpr(in_scores: np.ndarray, out_scores: np.ndarray, tpr: float = 0.95)
 
 # ---- image statistics ---------------------------------------------------------------------
 
-#: names of the columns of :func:`image_statistics`
+#: names of the columns of :func:`image_statistics`; texture columns come last, so a model
+#: fitted on the first 26 (before they existed) scores on those 26 (:func:`method_score`)
 IMAGE_STATISTICS = (("mean", "std", "q01", "q10", "q50", "q90", "q99", "saturation", "dark", "bright",
                      "fine_gradient", "coarse_gradient", "high_frequency")
                     + tuple(f"histogram_{i}" for i in range(8))
-                    + ("local_std_q10", "local_std_q50", "local_std_q90", "block_mean_q10", "block_mean_q90"))
+                    + ("local_std_q10", "local_std_q50", "local_std_q90", "block_mean_q10", "block_mean_q90")
+                    + tuple(f"brighter_neighbours_{k}" for k in range(9))
+                    + ("spectrum_slope",) + tuple(f"spectrum_residual_{i}" for i in range(1, 7)))
+#: how much brighter (on 0-1) a neighbour must be to count in the neighbour histogram
+NEIGHBOUR_STEP = 0.02
+SPECTRUM_BANDS = 8
 
 
 def image_statistics(images: np.ndarray) -> np.ndarray:
-    """Low-level statistics of resized uint8 images ``(N, H, W, 3)`` -> ``(N, 26)``.
+    """Low-level statistics of resized uint8 images ``(N, H, W, 3)`` -> ``(N, 42)``.
 
     Brightness and its spread, quantiles, colour saturation, clipped fractions, fine and
     coarse gradient energy, high-frequency energy, an 8-bin grey histogram and the spread of
     8x8-block contrast and brightness (columns: :data:`IMAGE_STATISTICS`): what separates a
     crystal crop from a blank, clipped, noisy, coloured or textured frame, whatever the
-    network makes of it. Spreads and fractions are on a log scale: a blank frame's zero
-    gradient or a grey crop's zero saturation must be far from small positive values.
+    network makes of it. Then texture (:func:`texture_statistics`), which separates grey
+    natural textures (gravel, grass) from crystal crops. Spreads and fractions are on a log
+    scale: a blank frame's zero gradient or a grey crop's zero saturation must be far from
+    small positive values.
 
     Example:
         >>> image_statistics(np.zeros((2, 16, 16, 3), np.uint8)).shape
-        (2, 26)
+        (2, 42)
     """
     rgb = np.asarray(images, dtype=np.float32) / 255.0
     grey = rgb.mean(axis=3)
@@ -333,7 +344,46 @@ def image_statistics(images: np.ndarray) -> np.ndarray:
     block_mean = np.quantile(blocks.mean(axis=(2, 4)).reshape(len(grey), -1), [0.1, 0.9], axis=1).T
     logs = np.log(np.column_stack([flat.std(axis=1), saturation, (flat < 0.02).mean(axis=1),
                                    (flat > 0.98).mean(axis=1), fine, coarse, high, histogram, local_std]) + 1e-3)
-    return np.column_stack([flat.mean(axis=1), logs[:, 0], quantiles, logs[:, 1:], block_mean]).astype(np.float64)
+    return np.column_stack([flat.mean(axis=1), logs[:, 0], quantiles, logs[:, 1:], block_mean,
+                            texture_statistics(grey)]).astype(np.float64)
+
+
+def texture_statistics(grey: np.ndarray) -> np.ndarray:
+    """Texture of grey images ``(N, H, W)`` in 0-1 -> ``(N, 16)``: neighbour counts and spectrum.
+
+    * ``brighter_neighbours_k`` (9, log fractions): for each inner pixel, how many of its 8
+      neighbours are brighter by more than :data:`NEIGHBOUR_STEP` (a rotation-invariant,
+      LBP-like histogram). Gravel and grass are dense with small bright and dark grains, so
+      many pixels are local extremes (0 or 8); crystal crops are smooth needles and blobs
+      on a dark background.
+    * ``spectrum_slope`` and ``spectrum_residual_1..6``: the radially averaged power spectrum
+      in 8 log-spaced frequency bands, the slope of a line fitted to log power against log
+      frequency, and the inner six bands' residuals from that line (the outer two follow
+      from them, so they are left out: no column is a linear combination of others).
+      Natural photos fall off more slowly (flatter slope) than the smooth crystal crops.
+
+    Example:
+        >>> texture_statistics(np.zeros((1, 16, 16))).shape
+        (1, 16)
+    """
+    n, h, w = grey.shape
+    centre = grey[:, 1:-1, 1:-1]
+    brighter = np.zeros(centre.shape, dtype=np.int8)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                brighter += grey[:, 1 + dy:h - 1 + dy, 1 + dx:w - 1 + dx] > centre + NEIGHBOUR_STEP
+    counts = np.stack([(brighter == k).mean(axis=(1, 2)) for k in range(9)], axis=1)
+    power = np.abs(np.fft.rfft2(grey - grey.mean(axis=(1, 2), keepdims=True))) ** 2
+    radius = np.hypot(np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :])
+    edges = np.geomspace(2.0 / min(h, w), 0.5, SPECTRUM_BANDS + 1)
+    rings = [(radius >= lo) & (radius < hi) for lo, hi in zip(edges[:-1], edges[1:])]
+    # a tiny image can leave a ring empty: level 0 (log 1e-12), not a NaN
+    bands = np.log(np.stack([power[:, ring].sum(axis=1) / max(ring.sum(), 1) for ring in rings], axis=1) + 1e-12)
+    log_frequency = np.log(np.sqrt(edges[:-1] * edges[1:]))
+    slope, intercept = np.polyfit(log_frequency, bands.T, 1) if n else np.zeros((2, 0))
+    residuals = bands - (slope[:, None] * log_frequency + intercept[:, None])
+    return np.column_stack([np.log(counts + 1e-3), slope, residuals[:, 1:-1]])
 
 
 def _blocks(grey: np.ndarray, size: int) -> np.ndarray:
