@@ -10,7 +10,10 @@ Candidates, each fitted on the training split and thresholded on the validation 
   Sun et al. 2022), which would need all training features stored with the model;
 - ``maha-backbone``: Mahalanobis on the backbone's pooled features (1280-d for
   efficientnet_lite0: a 1.6M-float precision matrix);
-- ``pixel-stats``: Mahalanobis on ``image_statistics`` of the resized images;
+- ``pixel-stats``: Mahalanobis on all 42 ``image_statistics`` of the resized images;
+  ``pixel-stats-26`` on the first 26 only (brightness, histogram, gradients, block
+  contrast: what crystalscope shipped before the texture columns), ``+neighbours`` and
+  ``+spectrum`` add one texture group each to those 26;
 - ``a + b``: the larger of two scores, each over its own val threshold (crystalscope ships
   ``maha-penult + pixel-stats``).
 
@@ -33,8 +36,8 @@ import torch
 from crystalscope.data.dataset import decode_images, index_folder
 from crystalscope.data.images import list_images
 from crystalscope.data.ood_sets import set_folders
-from crystalscope.evaluation.ood import (auroc, fit_mahalanobis, image_statistics, mahalanobis_score,
-                                        threshold_for_fpr)
+from crystalscope.evaluation.ood import (IMAGE_STATISTICS, auroc, fit_mahalanobis, image_statistics,
+                                        mahalanobis_score, threshold_for_fpr)
 from crystalscope.training.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_from_checkpoint
 
 
@@ -60,7 +63,9 @@ def extract(model, preprocessing, paths, cache: Path | None = None) -> dict[str,
         stored["images"] = images.numpy()
         if cache is not None:
             np.savez(cache, **stored)
-    stored["pixels"] = image_statistics(stored["images"])
+    # in chunks: the spectrum of a whole split at once would need gigabytes
+    stored["pixels"] = np.concatenate([image_statistics(stored["images"][i:i + 256])
+                                       for i in range(0, max(len(stored["images"]), 1), 256)])
     return stored
 
 
@@ -70,12 +75,26 @@ def knn_score(train: np.ndarray, feats: np.ndarray, k: int = 10) -> np.ndarray:
     return 1.0 - np.sort(sims, axis=1)[:, -k]
 
 
+def column_groups() -> dict[str, np.ndarray]:
+    """Column subsets of ``image_statistics``: before the texture columns, each texture group added, all."""
+    names = np.array(IMAGE_STATISTICS)
+    base = np.arange(26)
+    neighbours = np.flatnonzero(np.char.startswith(names, "brighter_neighbours"))
+    spectrum = np.flatnonzero(np.char.startswith(names, "spectrum"))
+    return {"pixel-stats-26": base, "pixel-stats-26 +neighbours": np.concatenate([base, neighbours]),
+            "pixel-stats-26 +spectrum": np.concatenate([base, spectrum]), "pixel-stats": np.arange(len(names))}
+
+
 def scorers(train: dict, labels: np.ndarray, n_classes: int) -> dict:
     maha_p = fit_mahalanobis(train["penult"], labels, n_classes)
     maha_b = fit_mahalanobis(train["backbone"], labels, n_classes)
-    maha_s = fit_mahalanobis(train["pixels"], labels, n_classes)
+    pixel = {}
+    for name, cols in column_groups().items():
+        fitted = fit_mahalanobis(train["pixels"][:, cols], labels, n_classes)
+        pixel[name] = (lambda d, cols=cols, fitted=fitted:
+                       mahalanobis_score(d["pixels"][:, cols], fitted["means"], fitted["precision"]))
     return {
-        "pixel-stats": lambda d: mahalanobis_score(d["pixels"], maha_s["means"], maha_s["precision"]),
+        **pixel,
         "maha-penult": lambda d: mahalanobis_score(d["penult"], maha_p["means"], maha_p["precision"]),
         "energy": lambda d: -np.log(np.exp(d["logits"]).sum(axis=1)),
         "max-logit": lambda d: -d["logits"].max(axis=1),
@@ -86,7 +105,8 @@ def scorers(train: dict, labels: np.ndarray, n_classes: int) -> dict:
 
 def combine(candidates: dict, val: dict, fpr: float) -> None:
     """Add max-of-normalised combinations: each score over its own val threshold."""
-    for a, b in (("maha-penult", "pixel-stats"), ("maha-backbone", "pixel-stats")):
+    for a, b in (("maha-penult", "pixel-stats-26"), ("maha-penult", "pixel-stats"),
+                 ("maha-backbone", "pixel-stats")):
         ta, tb = threshold_for_fpr(candidates[a](val), fpr), threshold_for_fpr(candidates[b](val), fpr)
         candidates[f"{a} + {b}"] = (lambda d, a=a, b=b, ta=ta, tb=tb:
                                     np.maximum(candidates[a](d) / ta, candidates[b](d) / tb))
