@@ -90,6 +90,42 @@ def test_parameters_survive_checkpoint_and_compact_json(tmp_path):
     assert len(json.dumps(det.to_dict(compact=True))) < 0.6 * len(json.dumps(det.to_dict()))
 
 
+def test_texture_columns_tell_gravel_and_grass_from_crystal_crops():
+    """The photos the first 26 statistics missed (grey gravel and grass) differ in texture."""
+    from PIL import Image
+
+    from crystalscope.data.ood_sets import photo_files
+    from crystalscope.data.synth import DIFFICULTIES, render_cex, render_pg
+    from crystalscope.evaluation.ood import IMAGE_STATISTICS
+
+    textures = {f.stem: f for f in photo_files() if f.stem in ("gravel", "grass")}
+    if len(textures) < 2:
+        pytest.skip("scikit-image's gravel and grass photos are not installed (pip install .[ood])")
+    pre, rng = Preprocessing(image_size=96), np.random.default_rng(4)
+    crystals = np.stack([pre.resize_uint8(Image.fromarray(render(rng, DIFFICULTIES["realistic"])))
+                         for render in (render_cex, render_pg) * 3])
+    photos = np.stack([pre.resize_uint8(Image.open(f).convert("RGB").crop((0, 0, 180, 180)))
+                       for f in textures.values()])
+    column = {name: i for i, name in enumerate(IMAGE_STATISTICS)}
+    crystal_stats, photo_stats = image_statistics(crystals), image_statistics(photos)
+    # dense grains: many pixels are local minima (all 8 neighbours brighter)
+    minima = column["brighter_neighbours_8"]
+    assert photo_stats[:, minima].min() > crystal_stats[:, minima].max()
+    # and the power spectrum falls off more slowly than on the smooth crystal crops
+    slope = column["spectrum_slope"]
+    assert photo_stats[:, slope].min() > crystal_stats[:, slope].max()
+
+
+def test_a_model_fitted_on_the_first_26_statistics_still_scores():
+    rng = np.random.default_rng(6)
+    x, y = gaussian_classes(rng, 200)
+    stats = image_statistics(rng.integers(0, 256, size=(200, 32, 32, 3), dtype=np.uint8))
+    assert stats.shape == (200, 42)
+    old = fit_detector(x, y, x, np.zeros((200, 2)), 2, 0.05, train_image_stats=stats[:, :26],
+                       val_image_stats=stats[:, :26])
+    assert np.array_equal(old.score(x, np.zeros((200, 2)), stats), old.score(x, np.zeros((200, 2)), stats[:, :26]))
+
+
 # ---- a tiny model with a fitted rejection ------------------------------------------------
 
 
