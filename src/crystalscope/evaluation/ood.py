@@ -12,9 +12,9 @@ on 42 low-level statistics of the resized image (:func:`image_statistics`: brigh
 saturation, clipping, gradients, histogram, block contrast, and texture: a neighbour-count
 histogram and the power spectrum). The default,
 ``mahalanobis+image_statistics``, takes the larger of the two, each divided by its own
-validation threshold, and was the only candidate near the goals in ``docs/ood.md``: the
-features catch photos, text and checkerboards, the statistics catch blank, clipped, noisy and
-coloured frames. ``energy`` (``-logsumexp(logits)``) and ``max_logit`` (``-max(logits)``) need
+validation threshold (``docs/ood.md`` compares the candidates): the statistics catch blank,
+clipped, noisy and coloured frames and, with the texture columns, grey natural textures; the
+features add the network's view of the content (photos, text and checkerboards). ``energy`` (``-logsumexp(logits)``) and ``max_logit`` (``-max(logits)``) need
 no fitted parameters and are kept for comparison.
 
 Numpy only, so the ONNX Runtime path rejects without torch. The fitted parameters are plain
