@@ -14,8 +14,9 @@ histogram and the power spectrum). The default,
 ``mahalanobis+image_statistics``, takes the larger of the two, each divided by its own
 validation threshold (``docs/ood.md`` compares the candidates): the statistics catch blank,
 clipped, noisy and coloured frames and, with the texture columns, grey natural textures; the
-features add the network's view of the content (photos, text and checkerboards). ``energy`` (``-logsumexp(logits)``) and ``max_logit`` (``-max(logits)``) need
-no fitted parameters and are kept for comparison.
+features add the network's view of the content (photos, text and checkerboards). ``energy``
+(``-logsumexp(logits)``) and ``max_logit`` (``-max(logits)``) need no fitted parameters and
+are kept for comparison.
 
 Numpy only, so the ONNX Runtime path rejects without torch. The fitted parameters are plain
 lists and floats (:meth:`OODDetector.to_dict`), so they store in a checkpoint that
