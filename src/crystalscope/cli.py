@@ -307,12 +307,24 @@ def predict_cmd(
     recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Look for images in subfolders too."),
     device: str = typer.Option("auto", "--device", help="For .ckpt models: auto, cpu or cuda (ONNX runs on the CPU)."),
     show: int = typer.Option(20, "--show", min=0, help="Rows to print in the terminal table."),
+    resume: bool = typer.Option(False, "--resume", help="Append to --out, skipping the files it already "
+                                "has rows for (use it from the first run of a long campaign)."),
+    shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N", help="Label only shard I of N "
+                                        "(0-based; a fixed 1/N of the files by path hash), e.g. one per "
+                                        "machine; join the CSVs with `crystalscope merge`."),
 ):
-    """Label images with a checkpoint or an ONNX model; unreadable files get error rows."""
-    from crystalscope.inference.predictor import predict_paths
+    """Label images with a checkpoint or an ONNX model; unreadable files get error rows.
 
-    summary = predict_paths(model, paths, out, batch_size=batch_size, recursive=recursive,
-                            progress=True, device=device)
+    Streams: files are listed lazily and rows appended in blocks, so memory stays flat for any
+    number of files (docs/scaling.md).
+    """
+    from crystalscope.inference.stream import parse_shard, predict_stream
+
+    with _row_progress(sys.stderr.isatty()) as advance:
+        summary = predict_stream(model, paths, out, batch_size=batch_size, recursive=recursive, device=device,
+                                 resume=resume, shard=parse_shard(shard), keep=show, on_rows=advance)
+    if summary.get("n_skipped"):
+        typer.echo(f"resumed: {summary['n_skipped']} files already in {out} were skipped", err=True)
     _print_predictions(summary, show)
     if summary["n_ok"] == 0:
         raise fail(f"none of the {summary['n_images']} files could be read as an image (reasons in {out})", 1)
@@ -326,15 +338,15 @@ def _print_predictions(summary: dict, show: int) -> None:
     table = Table(title=Text(f"{summary['model']} ({summary['backend']})"), title_justify="left")
     for column in ("path", "predicted", "confidence", "status"):
         table.add_column(column, overflow="fold", justify="right" if column == "confidence" else "left")
-    predictions = summary["predictions"]
+    predictions = summary["predictions"]  # only the first rows when streamed
     for p in predictions[:show]:
         table.add_row(Text(p.path), Text(p.predicted or ""), f"{p.confidence:.4f}" if p.ok else "",
                       Text(p.status, style="" if p.ok else "red"))
     console = Console()
     if show:
         console.print(table)
-        if len(predictions) > show:
-            console.print(f"... {len(predictions) - show} more rows in {summary['out_csv']}", markup=False)
+        if summary["n_images"] > show:
+            console.print(f"... {summary['n_images'] - show} more rows in {summary['out_csv']}", markup=False)
     counts = ", ".join(f"{c}: {n}" for c, n in summary["counts"].items())
     console.print(f"{summary['n_images']} images: {counts}; errors: {summary['n_errors']} "
                   f"-> {summary['out_csv']}", highlight=False, markup=False)
@@ -370,6 +382,39 @@ def explain_cmd(
                f"-> {summary['out_dir']}/ (explain.png, explain.csv)")
     if summary["n_ok"] == 0:
         raise fail(f"none of the {summary['n_images']} files could be read as an image (reasons in {summary['csv']})", 1)
+
+
+def _row_progress(enabled: bool):
+    """A context giving ``advance(n)`` for a row counter on stderr (a no-op when not a terminal)."""
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext(None)
+
+    @contextlib.contextmanager
+    def bar():
+        from rich.console import Console
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        with Progress(SpinnerColumn(), TextColumn("predicting: {task.completed} rows"), TimeElapsedColumn(),
+                      console=Console(stderr=True), transient=True) as progress:
+            task = progress.add_task("predict", total=None)
+            yield lambda n: progress.advance(task, n)
+
+    return bar()
+
+
+@app.command("merge")
+@user_errors
+def merge_cmd(
+    parts: List[Path] = typer.Argument(..., help="The CSVs of `predict --shard I/N`, one per shard."),
+    out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="The joined CSV (written atomically)."),
+):
+    """Join the prediction CSVs of several shards (same model, same columns) into one."""
+    from crystalscope.inference.stream import merge_csvs
+
+    result = merge_csvs(parts, out)
+    typer.echo(f"{result['rows']} rows from {result['parts']} shard CSVs -> {result['out_csv']}")
 
 
 def main() -> None:

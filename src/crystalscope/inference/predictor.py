@@ -348,15 +348,31 @@ def collect_images(paths: Iterable[str | os.PathLike], recursive: bool = True) -
     return found
 
 
-def predictions_csv(predictions: Sequence[Prediction], class_names: Sequence[str]) -> str:
-    """CSV text with columns ``path,predicted,confidence,p_<class>...,status``."""
+def prediction_columns(class_names: Sequence[str]) -> list[str]:
+    """The predictions CSV header: the one list every writer and reader of the CSV uses.
+
+    Example:
+        >>> prediction_columns(["cex", "pg"])
+        ['path', 'predicted', 'confidence', 'p_cex', 'p_pg', 'status']
+    """
+    return ["path", "predicted", "confidence", *[f"p_{c}" for c in class_names], "status"]
+
+
+def prediction_row(p: Prediction, class_names: Sequence[str]) -> list[str]:
+    """One CSV row of ``p``, in the order of :func:`prediction_columns`."""
+    probs = [f"{p.probabilities[c]:.6f}" if p.ok else "" for c in class_names]
+    confidence = f"{p.confidence:.6f}" if p.ok else ""
+    return [p.path, p.predicted or "", confidence, *probs, p.status]
+
+
+def predictions_csv(predictions: Sequence[Prediction], class_names: Sequence[str], header: bool = True) -> str:
+    """CSV text with columns :func:`prediction_columns` (``header=False``: rows only, for appending)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "predicted", "confidence", *[f"p_{c}" for c in class_names], "status"])
+    if header:
+        writer.writerow(prediction_columns(class_names))
     for p in predictions:
-        probs = [f"{p.probabilities[c]:.6f}" if p.ok else "" for c in class_names]
-        confidence = f"{p.confidence:.6f}" if p.ok else ""
-        writer.writerow([p.path, p.predicted or "", confidence, *probs, p.status])
+        writer.writerow(prediction_row(p, class_names))
     return buffer.getvalue()
 
 
