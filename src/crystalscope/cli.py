@@ -187,6 +187,9 @@ def train(
     feature_passes: Optional[int] = typer.Option(None, help="With feature caching: passes over the training images, those after the first augmented (default: 1)."),
     cache_dir: Optional[str] = typer.Option(None, help="Where decoded images are cached; 'off' disables (default: ~/.cache/crystalscope)."),
     onnx: Optional[bool] = typer.Option(None, "--onnx/--no-onnx", help="Export model.onnx (checked against PyTorch) (default: on)."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Train with N processes (DistributedDataParallel, as torchrun --nproc-per-node N; gloo on CPU, NCCL on GPUs); --batch-size is per process (default: 1). docs/scaling.md."),
+    lr_scaling: Optional[str] = typer.Option(None, help="With several processes: none (keep --lr) or linear (--lr x processes, for the larger effective batch) (default: none)."),
+    sync_bn: Optional[bool] = typer.Option(None, "--sync-bn/--no-sync-bn", help="With several GPU processes: synchronise BatchNorm statistics across them (default: off)."),
 ):
     """Train a classifier on a split folder and write every deliverable into the run folder."""
     from crystalscope.config import load_config
@@ -200,7 +203,7 @@ def train(
         positive_class=positive_class, device=device, precision=precision, seed=seed, workers=workers,
         compile=compile, compile_mode=compile_mode, cuda_graphs=cuda_graphs,
         cache_features=cache_features, cache_frozen=cache_frozen, feature_passes=feature_passes,
-        cache_dir=cache_dir, onnx=onnx).items() if v is not None}
+        cache_dir=cache_dir, onnx=onnx, nproc=nproc, lr_scaling=lr_scaling, sync_bn=sync_bn).items() if v is not None}
     if resume is not None:
         if config is not None:
             raise fail("--resume uses the run's own config.yaml; leave out --config")
