@@ -26,6 +26,7 @@ import contextlib
 import datetime
 import logging
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -118,8 +119,9 @@ def running(world: World) -> Iterator[None]:
         if not isinstance(exc, dist.DistError) and not _is_peer_failure(exc):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]  # gloo's "[.../pair.cc:545] Read error ..."
         raise RankStopped(f"rank {world.rank}: lost contact with another rank, which died or was stopped "
-                          f"({first[:160]}); the run folder keeps its last completed epoch (--resume)") from None
+                          f"({first[:120]}); the run folder keeps its last completed epoch (--resume)") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
         if dist.is_initialized():
@@ -283,11 +285,13 @@ def launch(config_yaml: str, nproc: int) -> None:
     try:
         elastic_launch(launch_config, sys.executable)("-m", "crystalscope", "train", "--config", config_yaml)
     except ChildFailedError as exc:
-        raise CrystalscopeError(_failure_line(exc, nproc)) from None
+        raise RankStopped(_failure_line(exc, nproc)) from None
 
 
 def _failure_line(exc, nproc: int) -> str:
-    rank, failure = min(exc.failures.items())
+    # the cause is the earliest failure that is not the launcher's own SIGTERM to the survivors
+    failures = sorted(exc.failures.items(), key=lambda item: (item[1].exitcode == -signal.SIGTERM, item[1].timestamp))
+    rank, failure = failures[0]
     code = failure.exitcode
     how = f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
         else f"exited with code {code}"
