@@ -246,12 +246,15 @@ def sync_buffers(module: torch.nn.Module, world: World) -> None:
 
 
 def reseed_epoch(generators: list[torch.Generator], seed: int, epoch: int, world: World) -> None:
-    """Seed each generator from (seed, epoch, rank, which): a new order every epoch, per rank,
-    that a resumed run reproduces without saved generator states from the other ranks."""
+    """Seed each generator, and the global RNG, from (seed, epoch, rank): a new order every
+    epoch, per rank, that a resumed run reproduces without the other ranks' saved RNG states."""
     if not world.enabled:
         return
+    base = int(seed) * 1_000_003 + epoch * 10_007 + world.rank * 101
     for which, generator in enumerate(generators):
-        generator.manual_seed(int(seed) * 1_000_003 + epoch * 10_007 + world.rank * 101 + which)
+        generator.manual_seed(base + which)
+    # the global stream (dropout): its own per rank, so ranks do not drop the same units
+    torch.manual_seed(base + len(generators))
 
 
 def scaled_lr(lr: float, rule: str, world: World) -> float:
