@@ -48,12 +48,17 @@ def train_bench(work: Path) -> list[dict]:
               "--resize", "pad", "--lr", "0.01", "--batch-size", "32", "--epochs", "4", "--f1-threshold", "1.1",
               "--device", "cpu", "--no-onnx", "--cache-dir", "off", "--seed", "0"]
     rows = []
-    for name, nproc, threads in (("1 process, 1 thread", 1, 1), ("1 process, 2 threads", 1, 2),
-                                 ("2 gloo processes, 1 thread each", 2, 1)):
-        out = work / f"run-{nproc}-{threads}"
+    setups = (("1 process, 1 thread, batch 32", 1, 1, []),
+              ("1 process, 2 threads, batch 32", 1, 2, []),
+              ("2 gloo processes x 1 thread, batch 16 each (effective 32, same lr)", 2, 1, ["--batch-size", "16"]),
+              ("2 gloo processes x 1 thread, batch 32 each (effective 64, same lr)", 2, 1, []),
+              ("2 gloo processes x 1 thread, batch 32 each (effective 64), --lr-scaling linear", 2, 1,
+               ["--lr-scaling", "linear"]))
+    for index, (name, nproc, threads, extra) in enumerate(setups):
+        out = work / f"run-{index}"
         if out.exists():
             subprocess.run(["rm", "-rf", str(out)], check=True)
-        log, wall, _ = run([*common, "--out", str(out), "--nproc", str(nproc)], threads)
+        log, wall, _ = run([*common, *extra, "--out", str(out), "--nproc", str(nproc)], threads)
         rates = [float(r) for r in re.findall(r"training (\d+) img/s", log)]
         result = json.loads((out / "test_results.json").read_text())
         later = rates[1:]  # epoch 1 includes one-off warm-up
