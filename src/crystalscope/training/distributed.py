@@ -269,13 +269,14 @@ def scaled_lr(lr: float, rule: str, world: World) -> float:
 
 # ---- the launcher (``crystalscope train --nproc N``) ----------------------------------------
 
-def launch(config_yaml: str, nproc: int) -> None:
+def launch(config_yaml: str, nproc: int, run_dir: str = "RUN_FOLDER") -> None:
     """Start ``nproc`` ranks of ``python -m crystalscope train --config CONFIG_YAML`` on this
     machine through torch's elastic launcher (what torchrun runs), and wait for them.
 
     Raises:
         CrystalscopeError: a rank failed (its own message is printed above by that rank).
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -288,10 +289,15 @@ def launch(config_yaml: str, nproc: int) -> None:
     try:
         elastic_launch(launch_config, sys.executable)("-m", "crystalscope", "train", "--config", config_yaml)
     except ChildFailedError as exc:
-        raise RankStopped(_failure_line(exc, nproc)) from None
+        raise RankStopped(_failure_line(exc, nproc, run_dir)) from None
+    except SignalException as exc:  # Ctrl-C or a kill of the launcher: it has stopped every rank
+        stopped = RankStopped(f"train --nproc {nproc}: stopped by {signal.Signals(exc.sigval).name}; every rank was "
+                              f"stopped; continue with --resume {run_dir}")
+        stopped.exit_code = 130 if exc.sigval == signal.SIGINT else 1
+        raise stopped from None
 
 
-def _failure_line(exc, nproc: int) -> str:
+def _failure_line(exc, nproc: int, run_dir: str) -> str:
     # the cause is the earliest failure that is not the launcher's own SIGTERM to the survivors
     failures = sorted(exc.failures.items(), key=lambda item: (item[1].exitcode == -signal.SIGTERM, item[1].timestamp))
     rank, failure = failures[0]
@@ -299,4 +305,4 @@ def _failure_line(exc, nproc: int) -> str:
     how = f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
         else f"exited with code {code}"
     return (f"train --nproc {nproc}: rank {rank} {how}; every rank was stopped (messages above); "
-            "continue with --resume RUN_FOLDER")
+            f"continue with --resume {run_dir}")

@@ -528,7 +528,7 @@ def launch_processes(config: TrainConfig) -> dict:
     config.out = str(target_run_dir(config))  # decided here, so the summary can name it
     with tempfile.TemporaryDirectory(prefix="crystalscope-launch-") as tmp:
         config_yaml = save_config(config, Path(tmp) / "config.yaml")
-        distributed.launch(str(config_yaml), config.nproc)
+        distributed.launch(str(config_yaml), config.nproc, config.out)
     return {"run_dir": config.out, "nproc": config.nproc}
 
 
