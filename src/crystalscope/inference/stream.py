@@ -28,6 +28,7 @@ import io
 import itertools
 import logging
 import os
+import time
 import zlib
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -40,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 #: Files per appended block: big enough that the write is cheap, small enough that a kill loses little.
 DEFAULT_CHUNK = 512
+#: fsync the CSV at most this often: once per block cost ~25 % of the throughput at 100k files
+SYNC_EVERY_S = 30.0
 
 
 # ---- listing and sharding ------------------------------------------------------------------
@@ -253,7 +256,7 @@ def _append_all(predictor: Predictor, files: Iterator[Path], csv_path: Path, bat
     """Predict ``files`` in chunks and append each chunk's rows (flushed and synced) to ``csv_path``."""
     counts = {c: 0 for c in predictor.class_names}
     shown: list[Prediction] = []
-    n_images = 0
+    n_images, synced = 0, time.monotonic()
     with open(csv_path, "a", newline="", encoding="utf-8") as handle:
         if header:
             handle.write(predictions_csv([], predictor.class_names))
@@ -263,8 +266,10 @@ def _append_all(predictor: Predictor, files: Iterator[Path], csv_path: Path, bat
                 break
             predictions = predictor.predict(block, batch_size=batch_size)
             handle.write(predictions_csv(predictions, predictor.class_names, header=False))
-            handle.flush()
-            os.fsync(handle.fileno())  # a row counted as done is on disk before the next chunk starts
+            handle.flush()  # a killed process loses at most the block being predicted
+            if time.monotonic() - synced > SYNC_EVERY_S:  # a power cut, at most this much more
+                os.fsync(handle.fileno())
+                synced = time.monotonic()
             for p in predictions:
                 if p.ok:
                     counts[p.predicted] += 1
@@ -272,6 +277,7 @@ def _append_all(predictor: Predictor, files: Iterator[Path], csv_path: Path, bat
             n_images += len(predictions)
             if on_rows is not None:
                 on_rows(len(predictions))
+        os.fsync(handle.fileno())
     n_ok = sum(counts.values())
     return {"n_images": n_images, "n_ok": n_ok, "n_errors": n_images - n_ok, "counts": counts,
             "predictions": shown}
