@@ -376,6 +376,11 @@ def render_pg(rng: np.random.Generator, difficulty: Difficulty) -> np.ndarray:
     else:
         style = "saturated" if rng.random() < 0.15 else "granular"
     bright, cover = _agglomerate(rng, h, w, centre=centre, radius=radius, style=style)
+    if style == "granular" and rng.random() < 0.35:
+        # many agglomerates are fibrous inside: a felt of short bright fibres (real `PG (590)`)
+        fibres = _needle_layer(rng, h, w, int(rng.integers(40, 120)), widths=(1, 2.5),
+                               lengths=(8, 35), brightness=(0.4, 1.0), bundle_share=0.3)
+        bright = bright + cover * rng.uniform(0.3, 0.7) * _blur(fibres, 0.7)
     # the agglomerate shades its surroundings: a dark halo as in the real crops
     halo = _blur(cover, radius / 3.0)
     grey = grey * (1.0 - rng.uniform(0.3, 0.7) * cover - rng.uniform(0.1, 0.5) * halo * (1 - cover))
