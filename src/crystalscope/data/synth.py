@@ -6,10 +6,11 @@ network or in CI, so :func:`generate` writes a stand-in with the same *structure
 - the Kaggle layout ``OUT_DIR/cropped/cropped/{cex,pg}/{CEX,PG} (i).png``, numbered from 1,
   with the real counts by default (6,860 CEX and 6,804 PG);
 - CEX crops exactly 151 x 151 RGB (grey: the three channels are equal, as in the real files):
-  bundles of thin bright needles and rods at many angles, some out of focus, on a dark noisy
-  background with uneven illumination;
+  a haze of broad out-of-focus needles, often a broad bright rod speckled with grains, near-black
+  gaps, all soft at the pixel scale like the real crops (issue 17; ``benchmarks/realism.py``);
 - PG crops of a size drawn per crystal (130-230 px a side, rarely square): one roundish,
-  ragged agglomerate of bright granules, often with needles behind or in front of it,
+  ragged agglomerate of bright granules (sometimes fibrous), in a soft needle haze, often with
+  needles behind or in front of it,
   written as a group of 3-5 pixel-exact dihedral views (rotations / mirrors) under
   consecutive numbers, exactly like the augmentation groups of the real PG folder;
 - a ground-truth ``OUT_DIR/synth_manifest.csv`` (``path,class,crystal_id,view``) *outside*
