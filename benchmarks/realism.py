@@ -13,10 +13,14 @@ this script is the one definition):
   (``--rate 0.01``) of the distances of ``--held-out`` *other* generated crops, drawn with
   another seed (``--seed + 1``) so that no held-out PG crop has a dihedral twin in the
   reference (a twin would make its distance near zero and the threshold too low);
-- a real crop is *flagged* when its distance exceeds the threshold.
+- a real crop is *flagged* when its distance exceeds the threshold;
+- two-sample statistic: squared MMD between the real crops and the held-out generated crops
+  (Gaussian kernel on the normalised features, bandwidth = median pairwise distance), with a
+  permutation p-value (``--permutations`` relabellings). With 7 real crops it has little power:
+  a large p-value does not show the sets are alike.
 
 It prints and writes JSON (``--json``): per real crop its distance and flag, the flagged
-count, the threshold, and the held-out distance quantiles.
+count, the threshold, the held-out distance quantiles and the MMD test.
 
     .venv/bin/python benchmarks/realism.py [--fit 2000] [--held-out 300] [--difficulty realistic] \
         [--json benchmarks/results/realism.json]
@@ -61,6 +65,26 @@ def knn_distance(reference: np.ndarray, query: np.ndarray, k: int = 10) -> np.nd
     return np.sort(distance, axis=1)[:, :k].mean(axis=1)
 
 
+def mmd_test(a: np.ndarray, b: np.ndarray, permutations: int, seed: int = 0) -> dict:
+    """Squared MMD (biased estimate) between rows of ``a`` and ``b`` and its permutation p-value."""
+    x = np.concatenate([a, b])
+    sq = np.clip(2.0 - 2.0 * x @ x.T, 0.0, None)          # squared distances of unit vectors
+    bandwidth = float(np.median(np.sqrt(sq[np.triu_indices(len(x), 1)])))
+    kernel = np.exp(-sq / (2.0 * bandwidth ** 2))
+
+    def mmd2(labels: np.ndarray) -> float:
+        first, second = labels, ~labels
+        return float(kernel[first][:, first].mean() + kernel[second][:, second].mean()
+                     - 2.0 * kernel[first][:, second].mean())
+
+    labels = np.arange(len(x)) < len(a)
+    observed = mmd2(labels)
+    rng = np.random.default_rng(seed)
+    larger = sum(mmd2(rng.permutation(labels)) >= observed for _ in range(permutations))
+    return {"mmd2": round(observed, 5), "p_value": round((larger + 1) / (permutations + 1), 4),
+            "permutations": permutations, "bandwidth": round(bandwidth, 4)}
+
+
 def generated_paths(root: Path, count: int, seed: int, difficulty: str, workers: int) -> list[Path]:
     """Generate ``count`` crops (half per class) into ``root`` and list them."""
     from crystalscope.data.synth import generate
@@ -71,7 +95,7 @@ def generated_paths(root: Path, count: int, seed: int, difficulty: str, workers:
 
 
 def measure(real_dir: Path, work: Path, fit: int, held_out: int, seed: int, difficulty: str,
-            k: int, rate: float, workers: int) -> dict:
+            k: int, rate: float, workers: int, permutations: int) -> dict:
     """The whole measurement; returns the JSON-able result."""
     real = sorted(p for p in real_dir.glob("*.png") if p.name.startswith(("CEX", "PG")))
     if not real:
@@ -80,7 +104,8 @@ def measure(real_dir: Path, work: Path, fit: int, held_out: int, seed: int, diff
     held = imagenet_features(generated_paths(work / "held", held_out, seed + 1, difficulty, workers))
     held_d = knn_distance(reference, held, k)
     threshold = float(np.quantile(held_d, 1.0 - rate))
-    real_d = knn_distance(reference, imagenet_features(real), k)
+    real_x = imagenet_features(real)
+    real_d = knn_distance(reference, real_x, k)
     crops = {p.name: {"distance": round(float(d), 4), "flagged": bool(d > threshold)}
              for p, d in zip(real, real_d)}
     return {
@@ -89,6 +114,7 @@ def measure(real_dir: Path, work: Path, fit: int, held_out: int, seed: int, diff
         "held_out_quantiles": {q: round(float(np.quantile(held_d, float(q))), 4)
                                for q in ("0.5", "0.9", "0.99")},
         "flagged": sum(c["flagged"] for c in crops.values()), "real": len(crops), "crops": crops,
+        "mmd_real_vs_held_out": mmd_test(real_x, held, permutations),
     }
 
 
@@ -101,6 +127,7 @@ def main() -> None:
     parser.add_argument("--difficulty", default="realistic")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--rate", type=float, default=0.01, help="false-flag rate of the threshold")
+    parser.add_argument("--permutations", type=int, default=2000, help="for the MMD p-value")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/realism"))
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
@@ -111,12 +138,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     result = measure(args.real, args.work, args.fit, args.held_out, args.seed, args.difficulty,
-                     args.k, args.rate, args.threads)
+                     args.k, args.rate, args.threads, args.permutations)
     result["seconds"] = round(time.perf_counter() - started, 1)
     for name, crop in result["crops"].items():
         print(f"{name:16s} {crop['distance']:.4f} {'FLAGGED' if crop['flagged'] else 'ok'}")
     print(f"threshold {result['threshold']:.4f} (held-out quantiles {result['held_out_quantiles']}); "
           f"flagged {result['flagged']} of {result['real']}; {result['seconds']} s")
+    print(f"MMD real vs held-out generated: {result['mmd_real_vs_held_out']}")
     if args.json:
         from crystalscope.io import write_json
 
