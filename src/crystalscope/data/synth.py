@@ -275,11 +275,12 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 def _finish(rng: np.random.Generator, grey: np.ndarray, difficulty: Difficulty,
             extra_blur: float = 0.0) -> np.ndarray:
-    """Exposure, contrast, defocus, resampling and sensor noise; ``uint8 (H, W, 3)`` grey.
+    """Contrast, defocus, resampling and sensor noise; ``uint8 (H, W, 3)`` with equal channels.
 
     The real crops are soft at the pixel scale (almost no power above 0.25 cycles/px, see
-    ``benchmarks/real_stats.py``) with the blocky softness of a bilinear upscale, and their
-    highlights clip at 255: the finish reproduces the three.
+    ``benchmarks/real_stats.py``) with the blocky softness of a bilinear up-scale: the
+    down-and-up resampling reproduces both. Their highlights clip at 255, which the final
+    clip does to the bright rods and agglomerates drawn above 255.
     """
     mean = float(grey.mean())
     grey = mean + (grey - mean) * rng.uniform(*difficulty.contrast)
