@@ -239,7 +239,7 @@ def test_serve_rejects_the_foreign_image_like_predict(models, real_samples, tmp_
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from crystalscope.inference.predictor import predict_paths
+    from crystalscope.inference.stream import predict_paths
     from crystalscope.serve.app import create_app
 
     files = sorted(real_samples.glob("*.png"))

@@ -189,6 +189,9 @@ def train(
     cache_dir: Optional[str] = typer.Option(None, help="Where decoded images are cached; 'off' disables (default: ~/.cache/crystalscope)."),
     onnx: Optional[bool] = typer.Option(None, "--onnx/--no-onnx", help="Export model.onnx (checked against PyTorch) (default: on)."),
     reject_fpr: Optional[float] = typer.Option(None, help="Fit the rejection of foreign images so this fraction of valid (val) crops is rejected; 0 turns it off (default: 0.01)."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Train with N processes (DistributedDataParallel, as torchrun --nproc-per-node N; gloo on CPU, NCCL on GPUs); --batch-size is per process (default: 1). docs/scaling.md."),
+    lr_scaling: Optional[str] = typer.Option(None, help="With several processes: none (keep --lr) or linear (--lr x processes, for the larger effective batch) (default: none)."),
+    sync_bn: Optional[bool] = typer.Option(None, "--sync-bn/--no-sync-bn", help="With several GPU processes: synchronise BatchNorm statistics across them (default: off)."),
 ):
     """Train a classifier on a split folder and write every deliverable into the run folder."""
     from crystalscope.config import load_config
@@ -202,7 +205,8 @@ def train(
         positive_class=positive_class, device=device, precision=precision, seed=seed, workers=workers,
         compile=compile, compile_mode=compile_mode, cuda_graphs=cuda_graphs,
         cache_features=cache_features, cache_frozen=cache_frozen, feature_passes=feature_passes,
-        cache_dir=cache_dir, onnx=onnx, reject_fpr=reject_fpr).items() if v is not None}
+        cache_dir=cache_dir, onnx=onnx, reject_fpr=reject_fpr, nproc=nproc, lr_scaling=lr_scaling,
+        sync_bn=sync_bn).items() if v is not None}
     if resume is not None:
         if config is not None:
             raise fail("--resume uses the run's own config.yaml; leave out --config")
@@ -315,14 +319,27 @@ def predict_cmd(
                                   "rejected, unreadable and least confident come first."),
     reject: bool = typer.Option(True, "--reject/--no-reject",
                                 help="Mark foreign images (not a crystal) status=rejected when the model has a fitted rejection."),
+    resume: bool = typer.Option(False, "--resume", help="Append to --out, skipping the files it already "
+                                "has rows for (use it from the first run of a long campaign)."),
+    shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N", help="Label only shard I of N "
+                                        "(0-based; a fixed 1/N of the files by path hash), e.g. one per "
+                                        "machine; join the CSVs with `crystalscope merge`."),
 ):
-    """Label images with a checkpoint or an ONNX model; unreadable files get error rows."""
-    from crystalscope.inference.predictor import predict_paths
+    """Label images with a checkpoint or an ONNX model; unreadable files get error rows.
 
-    summary = predict_paths(model, paths, out, batch_size=batch_size, recursive=recursive,
-                            progress=True, device=device, sheet=sheet, sheet_max=sheet_max, reject=reject)
+    Streams: files are listed lazily and rows appended in blocks, so memory stays flat for any
+    number of files (docs/scaling.md).
+    """
+    from crystalscope.inference.stream import parse_shard, predict_stream
+
+    with _row_progress(sys.stderr.isatty()) as advance:
+        summary = predict_stream(model, paths, out, batch_size=batch_size, recursive=recursive, device=device,
+                                 resume=resume, shard=parse_shard(shard), keep=show, on_rows=advance,
+                                 reject=reject, sheet=sheet, sheet_max=sheet_max)
+    if summary.get("n_skipped"):
+        typer.echo(f"resumed: {summary['n_skipped']} files already in {out} were skipped", err=True)
     _print_predictions(summary, show)
-    if summary["n_ok"] + summary["n_rejected"] == 0:
+    if summary["n_images"] and summary["n_ok"] + summary["n_rejected"] == 0:  # (a resume may have nothing left)
         raise fail(f"none of the {summary['n_images']} files could be read as an image (reasons in {out})", 1)
 
 
@@ -334,15 +351,15 @@ def _print_predictions(summary: dict, show: int) -> None:
     table = Table(title=Text(f"{summary['model']} ({summary['backend']})"), title_justify="left")
     for column in ("path", "predicted", "confidence", "status"):
         table.add_column(column, overflow="fold", justify="right" if column == "confidence" else "left")
-    predictions = summary["predictions"]
+    predictions = summary["predictions"]  # only the first rows when streamed
     for p in predictions[:show]:
         table.add_row(Text(p.path), Text(p.predicted or ""), f"{p.confidence:.4f}" if p.classified else "",
                       Text(p.status, style="" if p.ok else "yellow" if p.rejected else "red"))
     console = Console()
     if show:
         console.print(table)
-        if len(predictions) > show:
-            console.print(f"... {len(predictions) - show} more rows in {summary['out_csv']}", markup=False)
+        if summary["n_images"] > show:
+            console.print(f"... {summary['n_images'] - show} more rows in {summary['out_csv']}", markup=False)
     counts = ", ".join(f"{c}: {n}" for c, n in summary["counts"].items())
     rejection = summary.get("rejection")
     rejected = (f"; rejected as foreign: {summary['n_rejected']} ({rejection['method']} score > "
@@ -673,6 +690,39 @@ def ood_eval_command(
     Console().print(table)
     if report is not None:
         typer.echo(f"report: {report / 'ood_eval.md'}, {report / 'ood_eval.json'}")
+
+
+def _row_progress(enabled: bool):
+    """A context giving ``advance(n)`` for a row counter on stderr (a no-op when not a terminal)."""
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext(None)
+
+    @contextlib.contextmanager
+    def bar():
+        from rich.console import Console
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        with Progress(SpinnerColumn(), TextColumn("predicting: {task.completed} rows"), TimeElapsedColumn(),
+                      console=Console(stderr=True), transient=True) as progress:
+            task = progress.add_task("predict", total=None)
+            yield lambda n: progress.advance(task, n)
+
+    return bar()
+
+
+@app.command("merge")
+@user_errors
+def merge_cmd(
+    parts: List[Path] = typer.Argument(..., help="The CSVs of `predict --shard I/N`, one per shard."),
+    out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="The joined CSV (written atomically)."),
+):
+    """Join the prediction CSVs of several shards (same model, same columns) into one."""
+    from crystalscope.inference.stream import merge_csvs
+
+    result = merge_csvs(parts, out)
+    typer.echo(f"{result['rows']} rows from {result['parts']} shard CSVs -> {result['out_csv']}")
 
 
 def main() -> None:

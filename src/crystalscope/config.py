@@ -78,6 +78,12 @@ class TrainConfig:
     # rejects; 0 = no rejection fit (docs/ood.md)
     reject_fpr: float = 0.01
     resume: str | None = None
+    # several processes (torchrun / --nproc; training/distributed.py, docs/scaling.md): batch_size is
+    # per process, so the effective batch is batch_size x nproc; lr_scaling "linear" multiplies lr by
+    # nproc for that larger batch, "none" keeps lr as given
+    nproc: int = 1
+    lr_scaling: str = "none"  # none | linear
+    sync_bn: bool = False  # synchronise BatchNorm statistics across processes (GPUs only)
 
     def validate(self) -> "TrainConfig":
         """Check values a user can get wrong; raise a one-line error naming the option."""
@@ -105,7 +111,11 @@ class TrainConfig:
             bad("momentum", f"{self.momentum} must be in [0, 1)")
         if not 0.0 <= self.trainable_fraction <= 1.0:
             bad("trainable_fraction", f"{self.trainable_fraction} must be between 0 and 1")
-        for name in ("batch_size", "epochs", "image_size", "f1_patience", "patience", "feature_passes"):
+        if self.lr_scaling not in ("none", "linear"):
+            bad("lr_scaling", f"{self.lr_scaling!r} is not known; use none (keep --lr) or linear (--lr x --nproc)")
+        if self.nproc > 1 and self.cuda_graphs:
+            bad("cuda_graphs", "runs in one process; leave it out with --nproc (or torchrun)")
+        for name in ("batch_size", "epochs", "image_size", "f1_patience", "patience", "feature_passes", "nproc"):
             if int(getattr(self, name)) < 1:
                 bad(name, f"{getattr(self, name)} must be at least 1")
         if self.lr <= 0:

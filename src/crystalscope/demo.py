@@ -40,7 +40,7 @@ def run_demo(out: str | Path = "demo", per_class: int = 1000, backbone: str = "e
     from crystalscope.data.audit import audit_dataset, print_audit_summary
     from crystalscope.data.split import print_split_summary, split_dataset
     from crystalscope.data.synth import generate
-    from crystalscope.inference.predictor import predict_paths
+    from crystalscope.inference.stream import predict_paths
     from crystalscope.training.run import train
 
     console = console or Console()

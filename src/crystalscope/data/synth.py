@@ -6,10 +6,11 @@ network or in CI, so :func:`generate` writes a stand-in with the same *structure
 - the Kaggle layout ``OUT_DIR/cropped/cropped/{cex,pg}/{CEX,PG} (i).png``, numbered from 1,
   with the real counts by default (6,860 CEX and 6,804 PG);
 - CEX crops exactly 151 x 151 RGB (grey: the three channels are equal, as in the real files):
-  bundles of thin bright needles and rods at many angles, some out of focus, on a dark noisy
-  background with uneven illumination;
+  a haze of broad out-of-focus needles, often a broad bright rod speckled with grains, near-black
+  gaps, all soft at the pixel scale like the real crops (issue 17; ``benchmarks/realism.py``);
 - PG crops of a size drawn per crystal (130-230 px a side, rarely square): one roundish,
-  ragged agglomerate of bright granules, often with needles behind or in front of it,
+  ragged agglomerate of bright granules (sometimes fibrous), in a soft needle haze, often with
+  needles behind or in front of it,
   written as a group of 3-5 pixel-exact dihedral views (rotations / mirrors) under
   consecutive numbers, exactly like the augmentation groups of the real PG folder;
 - a ground-truth ``OUT_DIR/synth_manifest.csv`` (``path,class,crystal_id,view``) *outside*
@@ -205,8 +206,8 @@ def _rod_layer(rng: np.random.Generator, h: int, w: int, count: int,
         angle = rng.uniform(0, math.pi) if rng.random() < 0.5 else math.pi / 2 + rng.normal(0, 0.25)
         ux, uy = math.cos(angle), math.sin(angle)
         cx, cy = rng.uniform(0.15, 0.85) * w, rng.uniform(0.15, 0.85) * h
-        width = rng.uniform(10, 40)
-        level = rng.uniform(0.6, 1.0)
+        width = rng.uniform(18, 55)
+        level = rng.uniform(0.7, 1.0)
         for offset in np.arange(-width / 2, width / 2, rng.uniform(2.0, 3.5)):
             length = rng.uniform(0.7, 1.8) * max(h, w)
             shift = rng.normal(0, 0.1) * length
@@ -217,8 +218,9 @@ def _rod_layer(rng: np.random.Generator, h: int, w: int, count: int,
                       width=int(rng.integers(2, 5)))
     layer = _blur(np.asarray(img, dtype=np.float32) / 255.0, rng.uniform(0.8, 1.4))
     if granular:
-        texture = _granules(rng, h, w, rng.uniform(0.9, 1.6))
-        layer = layer * np.clip(0.75 + 0.35 * texture, 0.0, 1.6)
+        # real rods are speckled with bright grains of a few px
+        texture = _granules(rng, h, w, rng.uniform(1.3, 2.4))
+        layer = layer * np.clip(0.85 + 0.3 * texture, 0.45, 1.6)
     else:
         layer = layer * np.clip(0.9 + 0.12 * _granules(rng, h, w, 2.5), 0.0, 1.2)
     return layer
@@ -246,7 +248,7 @@ def _agglomerate(rng: np.random.Generator, h: int, w: int, *, centre: tuple[floa
     for k in range(2, 7):
         outline += rng.normal(0, 0.22 / k) * np.cos(k * theta + rng.uniform(0, 2 * math.pi))
     inside = (radius * outline - r) / radius          # > 0 inside, in radius units
-    fine = _granules(rng, h, w, rng.uniform(1.2, 2.0))
+    fine = _granules(rng, h, w, rng.uniform(1.6, 2.8))
     coarse = _granules(rng, h, w, rng.uniform(2.5, 4.0))
     # the granular texture also decides the edge, which makes it ragged like the real ones
     edge = inside * rng.uniform(5, 10) + 0.6 * fine + 0.4 * coarse
@@ -275,7 +277,13 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 def _finish(rng: np.random.Generator, grey: np.ndarray, difficulty: Difficulty,
             extra_blur: float = 0.0) -> np.ndarray:
-    """Contrast, defocus and sensor noise; returns ``uint8 (H, W, 3)`` with equal channels."""
+    """Contrast, defocus, resampling and sensor noise; ``uint8 (H, W, 3)`` with equal channels.
+
+    The real crops are soft at the pixel scale (almost no power above 0.25 cycles/px, see
+    ``benchmarks/real_stats.py``) with the blocky softness of a bilinear up-scale: the
+    down-and-up resampling reproduces both. Their highlights clip at 255, which the final
+    clip does to the bright rods and agglomerates drawn above 255.
+    """
     mean = float(grey.mean())
     grey = mean + (grey - mean) * rng.uniform(*difficulty.contrast)
     noise_sigma = rng.uniform(*difficulty.noise)
@@ -283,8 +291,13 @@ def _finish(rng: np.random.Generator, grey: np.ndarray, difficulty: Difficulty,
     grey = grey + noise_sigma * rng.standard_normal(grey.shape, dtype=np.float32)
     blurred = Image.fromarray(np.clip(grey + 0.5, 0, 255).astype(np.uint8))
     blurred = blurred.filter(ImageFilter.GaussianBlur(rng.uniform(*difficulty.blur) + extra_blur))
-    grey = np.asarray(blurred, dtype=np.float32)
-    grey = grey + 0.4 * noise_sigma * rng.standard_normal(grey.shape, dtype=np.float32)
+    # the probe's crops are cut from frames at a lower resolution and scaled up
+    h, w = grey.shape
+    factor = rng.uniform(1.2, 1.9)
+    small = blurred.resize((max(8, round(w / factor)), max(8, round(h / factor))),
+                           Image.Resampling.BOX)
+    grey = np.asarray(small.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)
+    grey = grey + 0.3 * noise_sigma * rng.standard_normal(grey.shape, dtype=np.float32)
     channel = np.clip(grey + 0.5, 0, 255).astype(np.uint8)
     return np.repeat(channel[:, :, None], 3, axis=2)
 
@@ -298,26 +311,30 @@ def render_cex(rng: np.random.Generator, difficulty: Difficulty) -> np.ndarray:
         ((151, 151, 3), 'uint8')
     """
     h = w = CEX_SIDE
-    grey = _background(rng, h, w)
-    # a dense out-of-focus haze of needles fills most real CEX crops
-    far = _needle_layer(rng, h, w, int(rng.integers(20, 50)), widths=(2, 8), lengths=(60, 260),
+    grey = _background(rng, h, w) + rng.uniform(0, 25)
+    # a dense out-of-focus haze of broad needles fills most real CEX crops
+    far = _needle_layer(rng, h, w, int(rng.integers(30, 70)), widths=(3, 10), lengths=(60, 260),
                         brightness=(0.3, 1.0))
     grey += rng.uniform(40, 90) * _blur(far, rng.uniform(2.5, 5.0))
-    mid = _needle_layer(rng, h, w, int(rng.integers(8, 25)), widths=(1.5, 5), lengths=(40, 220),
+    mid = _needle_layer(rng, h, w, int(rng.integers(6, 18)), widths=(2.5, 7), lengths=(40, 220),
                         brightness=(0.4, 1.0))
-    grey += rng.uniform(50, 110) * _blur(mid, rng.uniform(1.0, 2.0))
-    if rng.random() < 0.6:
+    grey += rng.uniform(40, 100) * _blur(mid, rng.uniform(1.5, 2.8))
+    # gaps between the crystals stay near black in the real crops
+    gaps = np.clip(_smooth_field(rng, h, w, int(rng.integers(3, 6))), 0.0, 1.0)
+    grey *= 1.0 - rng.uniform(0.3, 0.85) * gaps
+    if rng.random() < 0.75:
         rods = _rod_layer(rng, h, w, int(rng.integers(1, 3)),
                           granular=rng.random() < difficulty.cex_granular_rod)
-        grey += rng.uniform(100, 200) * _blur(rods, rng.uniform(0.3, 1.5))
+        # bright enough to clip, as the real rods do
+        grey += rng.uniform(130, 240) * _blur(rods, rng.uniform(0.5, 1.5))
     if rng.random() < difficulty.cex_blob:
         centre = (rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w)
         bright, cover = _agglomerate(rng, h, w, centre=centre, radius=rng.uniform(15, 45),
                                      style="faint" if rng.random() < 0.5 else "granular")
         grey = grey * (1.0 - 0.5 * cover) + rng.uniform(120, 220) * bright
-    near = _needle_layer(rng, h, w, int(rng.integers(1, 6)), widths=(1.5, 3.5), lengths=(30, 160),
+    near = _needle_layer(rng, h, w, int(rng.integers(0, 4)), widths=(2, 4.5), lengths=(30, 160),
                          brightness=(0.5, 1.0), bundle_share=0.8, supersample=2)
-    grey += rng.uniform(50, 120) * _blur(near, rng.uniform(0.7, 1.4))
+    grey += rng.uniform(40, 90) * _blur(near, rng.uniform(1.0, 1.8))
     return _finish(rng, grey, difficulty)
 
 
@@ -341,6 +358,10 @@ def render_pg(rng: np.random.Generator, difficulty: Difficulty) -> np.ndarray:
     """
     h, w = pg_size(rng)
     grey = _background(rng, h, w)
+    # the suspension around a real PG crop always holds some far, soft needle haze
+    haze = _needle_layer(rng, h, w, int(rng.integers(10, 40)), widths=(3, 10), lengths=(60, 260),
+                         brightness=(0.3, 1.0))
+    grey += rng.uniform(10, 45) * _blur(haze, rng.uniform(2.5, 5.0))
     if rng.random() < difficulty.pg_needles_behind:
         behind = _needle_layer(rng, h, w, int(rng.integers(4, 20)), widths=(1, 5),
                                lengths=(40, 260), brightness=(0.3, 1.0))
@@ -359,14 +380,22 @@ def render_pg(rng: np.random.Generator, difficulty: Difficulty) -> np.ndarray:
     else:
         style = "saturated" if rng.random() < 0.15 else "granular"
     bright, cover = _agglomerate(rng, h, w, centre=centre, radius=radius, style=style)
+    if style == "granular" and rng.random() < 0.35:
+        # many agglomerates are fibrous inside: a felt of short bright fibres (real `PG (590)`)
+        fibres = _needle_layer(rng, h, w, int(rng.integers(40, 120)), widths=(1, 2.5),
+                               lengths=(8, 35), brightness=(0.4, 1.0), bundle_share=0.3)
+        bright = bright + cover * rng.uniform(0.3, 0.7) * _blur(fibres, 0.7)
     # the agglomerate shades its surroundings: a dark halo as in the real crops
     halo = _blur(cover, radius / 3.0)
     grey = grey * (1.0 - rng.uniform(0.3, 0.7) * cover - rng.uniform(0.1, 0.5) * halo * (1 - cover))
-    grey += rng.uniform(160, 240) * bright
+    grey += rng.uniform(190, 260) * bright
     if rng.random() < difficulty.pg_needles_front:
-        front = _needle_layer(rng, h, w, int(rng.integers(3, 14)), widths=(1.5, 7),
+        front = _needle_layer(rng, h, w, int(rng.integers(3, 12)), widths=(2, 9),
                               lengths=(60, 260), brightness=(0.4, 1.0), supersample=2)
-        grey += rng.uniform(60, 150) * _blur(front, rng.uniform(0.6, 1.4))
+        grey += rng.uniform(60, 150) * _blur(front, rng.uniform(0.8, 1.8))
+        if rng.random() < 0.3:
+            # sometimes a broad CEX rod lies across the agglomerate (real `PG (590)`)
+            grey += rng.uniform(80, 160) * _rod_layer(rng, h, w, 1, granular=False)
     return _finish(rng, grey, difficulty, extra_blur=rng.uniform(0.2, 0.8) if faint else 0.0)
 
 

@@ -115,15 +115,21 @@ def _short(text: str, width: int = 22) -> str:
     return text if len(text) <= width else "..." + text[-(width - 3):]
 
 
+def sheet_urgency(row) -> tuple:
+    """Sort key of a prediction sheet: rejected and unreadable first, then the least confident."""
+    flagged = row.status.startswith(("rejected", "error"))
+    return (0 if flagged else 1, row.confidence if row.confidence is not None else -1.0)
+
+
 def prediction_sheet(predictions: Sequence, out_png: str | os.PathLike, *, limit: int = 96,
-                     title: str = "") -> Image.Image:
+                     title: str = "", n_total: int | None = None) -> Image.Image:
     """``predict --sheet``: each image with its predicted class, confidence and status.
 
     ``predictions`` are :class:`~crystalscope.inference.predictor.Prediction` rows (``path``,
     ``predicted``, ``confidence``, ``status``). A rejected row (``status`` starting with
     ``rejected``) gets an orange hatched frame, an unreadable file a grey crossed cell. When
-    there are more than ``limit`` rows, the rejected and unreadable ones come first, then the
-    least confident; the title says so.
+    there are more than ``limit`` rows (or ``n_total`` says there were), the rejected and
+    unreadable ones come first, then the least confident; the title says so.
 
     Example:
         >>> from types import SimpleNamespace as Row
@@ -132,13 +138,10 @@ def prediction_sheet(predictions: Sequence, out_png: str | os.PathLike, *, limit
         (160, 208)
     """
     rows = list(predictions)
-    shown = rows
-    if len(rows) > limit:
-        def urgency(row):
-            flagged = row.status.startswith(("rejected", "error"))
-            return (0 if flagged else 1, row.confidence if row.confidence is not None else -1.0)
-        shown = sorted(rows, key=urgency)[:limit]
-        title = (title + ": " if title else "") + f"{limit} of {len(rows)} images, rejected and least confident first"
+    shown, n_total = rows, max(n_total or 0, len(rows))
+    if n_total > limit:  # n_total: rows a streaming caller has already narrowed down to ``limit``
+        shown = sorted(rows, key=sheet_urgency)[:limit]
+        title = (title + ": " if title else "") + f"{len(shown)} of {n_total} images, rejected and least confident first"
     tiles = []
     for row in shown:
         if row.status.startswith("error"):

@@ -403,104 +403,34 @@ def collect_images(paths: Iterable[str | os.PathLike], recursive: bool = True) -
     return found
 
 
-def predictions_csv(predictions: Sequence[Prediction], class_names: Sequence[str]) -> str:
-    """CSV text: ``path,predicted,confidence,p_<class>...,ood_score,ood_threshold,status``.
+def prediction_columns(class_names: Sequence[str]) -> list[str]:
+    """The predictions CSV header: the one list every writer and reader of the CSV uses.
 
     ``status`` stays the last column; ``ood_score``/``ood_threshold`` are empty when the model
     has no fitted rejection or it is turned off, and on error rows.
-    """
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "predicted", "confidence", *[f"p_{c}" for c in class_names],
-                     "ood_score", "ood_threshold", "status"])
-    for p in predictions:
-        probs = [f"{p.probabilities[c]:.6f}" if p.classified else "" for c in class_names]
-        confidence = f"{p.confidence:.6f}" if p.classified else ""
-        ood = ["" if v is None else f"{v:.6g}" for v in (p.ood_score, p.ood_threshold)]
-        writer.writerow([p.path, p.predicted or "", confidence, *probs, *ood, p.status])
-    return buffer.getvalue()
-
-
-def predict_paths(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike],
-                  out_csv: str | os.PathLike = "predictions.csv", batch_size: int = 32,
-                  recursive: bool = True, progress: bool = True, device: str = "auto",
-                  sheet: str | os.PathLike | None = None, sheet_max: int = 96, reject: bool = True) -> dict:
-    """Label every image under ``paths`` with ``model_path`` and write the CSV atomically.
-
-    With ``sheet``, also a PNG contact sheet of the images with their predicted class,
-    confidence and status (:func:`crystalscope.evaluation.sheets.prediction_sheet`); beyond
-    ``sheet_max`` images it shows the rejected, unreadable and least confident ones.
-
-    Returns a summary: ``model``, ``backend``, ``out_csv``, ``class_names``, ``n_images``,
-    ``n_ok`` (accepted), ``n_rejected`` (foreign images, ``status = rejected``), ``n_errors``,
-    ``counts`` (predicted class -> count of accepted images), ``rejection`` (``{"method",
-    "threshold"}`` or None) and ``predictions``. Unreadable files are rows with
-    ``status = error: <reason>``; the caller decides the exit code (non-zero when no file
-    could be read). ``reject=False`` is ``predict --no-reject``.
 
     Example:
-        >>> s = predict_paths("model.onnx", ["crops/"], "predictions.csv")  # doctest: +SKIP
-        >>> s["counts"]  # doctest: +SKIP
-        {'cex': 3, 'pg': 4}
+        >>> prediction_columns(["cex", "pg"])
+        ['path', 'predicted', 'confidence', 'p_cex', 'p_pg', 'ood_score', 'ood_threshold', 'status']
     """
-    from crystalscope.safety import check_output, claim_output
+    return ["path", "predicted", "confidence", *[f"p_{c}" for c in class_names], "ood_score", "ood_threshold",
+            "status"]
 
-    if sheet is not None and Path(sheet).suffix.lower() != ".png":
-        raise CrystalscopeError(f"--sheet {sheet}: give a .png file name such as predictions.png")
-    if sheet_max < 1:
-        raise CrystalscopeError(f"--sheet-max {sheet_max}: must be 1 or more")
-    # the one output rule: never onto the model or an input image; one writer at a time
-    with claim_output(out_csv, inputs=[model_path, *paths], kind="file"):
-        if sheet is not None:
-            check_output(sheet, inputs=[model_path, out_csv, *paths], kind="file", option="--sheet")
-        predictor = Predictor.load(model_path, device=device, reject=reject)
-        files = collect_images(paths, recursive=recursive)
-        if progress and len(files) > batch_size:
-            predictions = _predict_with_progress(predictor, files, batch_size)
-        else:
-            predictions = predictor.predict(files, batch_size=batch_size)
-        _write_prediction_outputs(predictions, predictor, out_csv, sheet, sheet_max, model_path)
-    counts = {c: 0 for c in predictor.class_names}
+
+def prediction_row(p: Prediction, class_names: Sequence[str]) -> list[str]:
+    """One CSV row of ``p``, in the order of :func:`prediction_columns`."""
+    probs = [f"{p.probabilities[c]:.6f}" if p.classified else "" for c in class_names]
+    confidence = f"{p.confidence:.6f}" if p.classified else ""
+    ood = ["" if v is None else f"{v:.6g}" for v in (p.ood_score, p.ood_threshold)]
+    return [p.path, p.predicted or "", confidence, *probs, *ood, p.status]
+
+
+def predictions_csv(predictions: Sequence[Prediction], class_names: Sequence[str], header: bool = True) -> str:
+    """CSV text with columns :func:`prediction_columns` (``header=False``: rows only, for appending)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    if header:
+        writer.writerow(prediction_columns(class_names))
     for p in predictions:
-        if p.ok:
-            counts[p.predicted] += 1
-    n_ok = sum(counts.values())
-    n_rejected = sum(p.rejected for p in predictions)
-    rejection = predictor.rejection
-    return {
-        "model": str(model_path), "backend": predictor.backend_name, "out_csv": str(out_csv),
-        "class_names": predictor.class_names, "temperature": predictor.temperature,
-        "n_images": len(predictions), "n_ok": n_ok, "n_rejected": n_rejected,
-        "n_errors": len(predictions) - n_ok - n_rejected, "counts": counts, "predictions": predictions,
-        "rejection": None if rejection is None else {"method": rejection.method, "threshold": rejection.threshold},
-        "sheet": str(sheet) if sheet is not None else None,
-    }
-
-
-def _write_prediction_outputs(predictions, predictor: Predictor, out_csv, sheet, sheet_max: int,
-                              model_path) -> None:
-    """The CSV, then the optional contact sheet; a file-system fault is one line naming the file."""
-    try:
-        write_text(out_csv, predictions_csv(predictions, predictor.class_names))
-    except OSError as exc:
-        raise CrystalscopeError(f"--out {out_csv}: cannot write the CSV ({exc.strerror or exc})") from None
-    if sheet is not None:
-        from crystalscope.evaluation.sheets import prediction_sheet
-
-        try:
-            prediction_sheet(predictions, sheet, limit=sheet_max,
-                             title=f"{Path(model_path).name} ({predictor.backend_name})")
-        except OSError as exc:
-            raise CrystalscopeError(f"--sheet {sheet}: cannot write the PNG ({exc.strerror or exc})") from None
-
-
-def _predict_with_progress(predictor: Predictor, files: list[Path], batch_size: int) -> list[Prediction]:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    # the bar goes to stderr so stdout (the table) stays clean when redirected
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("predict", total=len(files))
-        return predictor.predict(files, batch_size=batch_size,
-                                 on_batch=lambda n: bar.advance(task, n))
+        writer.writerow(prediction_row(p, class_names))
+    return buffer.getvalue()

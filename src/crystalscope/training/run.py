@@ -9,6 +9,7 @@ model on any folder of class folders.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import time
@@ -29,23 +30,22 @@ from crystalscope.io import atomic_dir, write_json, write_text
 from crystalscope.safety import check_output, claim_output
 from crystalscope.models.factory import (CrystalClassifier, HeadSpec, build_model, default_preprocessing,
                                          set_trainable_fraction)
-from crystalscope.training import loop
+from crystalscope.training import distributed, loop
+from crystalscope.training.distributed import World
 from crystalscope.training.checkpoint import (load_checkpoint, make_checkpoint, model_from_checkpoint,
                                               preprocessing_from_checkpoint, save_checkpoint)
 from crystalscope.training.precision import place_model, use_bf16
 from crystalscope.training.record import (ENVIRONMENT_FILE, data_hash, environment_record, restore_rng_states,
                                           rng_states, weights_hash)
+from crystalscope.evaluation.report import REPORT_FILES
 from crystalscope.training.steps import GraphedTrainStep, TrainStep
 from crystalscope.training.stopping import StoppingState
 
 SPLITS = ("train", "val", "test")
 # what `train` writes into a run folder (the demo may replace only a folder of these)
-RUN_FILES = ("config.yaml", ENVIRONMENT_FILE, "metrics.csv", "metrics_plot.png", "weights", "test_results.txt",
-             "test_results.json", "confusion_matrix.png", "roc_auc.png", "calibration.png", "misclassified.csv",
+# (the test report's files are named once, by evaluation.report, which `evaluate` writes alone)
+RUN_FILES = ("config.yaml", ENVIRONMENT_FILE, "metrics.csv", "metrics_plot.png", "weights", *REPORT_FILES,
              "model.onnx")
-# what `evaluate` writes into its report folder: --force may replace only a folder of these
-REPORT_FILES = ("confusion_matrix.png", "roc_auc.png", "calibration.png", "misclassified.csv",
-                "test_results.txt", "test_results.json")
 
 
 @dataclass
@@ -78,6 +78,9 @@ class Session:
     initial_weights: str = ""  # content hash of the weights training started from
     data_hashes: dict[str, str] = field(default_factory=dict)  # split -> content hash
     resume_rng: dict | None = None  # global RNG states to restore when the resumed epochs start
+    # several processes (training/distributed.py): this rank, and the rows of each split it holds
+    world: World = field(default_factory=World)
+    shard_index: dict[str, np.ndarray] = field(default_factory=dict)
     console: Console = field(default_factory=lambda: Console(soft_wrap=True))  # no hard wraps in paths
 
     @property
@@ -189,13 +192,16 @@ def build_session(session: Session, last: dict | None) -> None:
     else:
         session.trained = model
     params = [p for p in session.trained.parameters() if p.requires_grad]
-    session.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+    lr = distributed.scaled_lr(cfg.lr, cfg.lr_scaling, session.world)
+    session.optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum)
     session.stopping = StoppingState(cfg.f1_threshold, cfg.f1_patience, cfg.patience)
     session.shuffle_rng = torch.Generator().manual_seed(cfg.seed)
     session.augment_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     if last is not None:
         state = last["training"]
         session.optimizer.load_state_dict(state["optimizer"])
+        for group in session.optimizer.param_groups:
+            group["lr"] = lr  # the rule for this run's number of processes, which may differ from the saved one
         session.stopping = StoppingState.from_dict(state["stopping"])
         session.start_epoch = int(state["epoch"])
         session.shuffle_rng.set_state(state["shuffle_rng"])
@@ -204,7 +210,9 @@ def build_session(session: Session, last: dict | None) -> None:
             # which a resumed run rebuilds from the start: keep it freshly seeded
             session.augment_rng.set_state(state["augment_rng"])
         session.resume_rng = state.get("rng")
-    session.forward = torch.compile(session.trained, mode=cfg.compile_mode) if cfg.compile else session.trained
+    # distributed hook: a DDP replica with several processes, `trained` itself with one
+    replica = distributed.wrap_model(session.trained, session.world, device, cfg.sync_bn)
+    session.forward = torch.compile(replica, mode=cfg.compile_mode) if cfg.compile else replica
     if cfg.cuda_graphs:
         session.train_step = GraphedTrainStep(session.trained, session.optimizer, device, session.bf16)
     session.console.print(
@@ -212,7 +220,10 @@ def build_session(session: Session, last: dict | None) -> None:
         f"{len(session.class_names)} classes ({', '.join(session.class_names)}); device {device}"
         + (" (bf16 autocast)" if session.bf16 else "")
         + (f"; torch.compile mode {cfg.compile_mode}" if cfg.compile else "")
-        + ("; CUDA graph training step" if cfg.cuda_graphs else ""))
+        + ("; CUDA graph training step" if cfg.cuda_graphs else "")
+        + (f"; {session.world.size} processes: effective batch {cfg.batch_size * session.world.size} "
+           f"({cfg.batch_size} per process), lr {lr:g} (--lr-scaling {cfg.lr_scaling})"
+           + (", synchronised BatchNorm" if cfg.sync_bn else "") if session.world.enabled else ""))
 
 
 def caches_features(cfg: TrainConfig) -> bool:
@@ -314,6 +325,8 @@ def run_epoch(session: Session, epoch: int, bar) -> dict:
     n_steps = -(-session.inputs["train"].shape[0] // cfg.batch_size) + -(-session.inputs["val"].shape[0] // cfg.batch_size)
     task = bar.add_task(f"epoch {epoch}/{cfg.epochs}", total=n_steps) if bar else None
     step = (lambda: bar.advance(task)) if bar else None
+    # distributed hook: each rank's shuffle and augmentation order from (seed, epoch, rank)
+    distributed.reseed_epoch([session.shuffle_rng, session.augment_rng], cfg.seed, epoch, session.world)
     started = time.perf_counter()
     train_stats = loop.train_one_epoch(session.forward, session.inputs["train"], session.labels["train"],
                                        session.optimizer, transform=train_tf, batch_size=cfg.batch_size,
@@ -321,16 +334,17 @@ def run_epoch(session: Session, epoch: int, bar) -> dict:
                                        drop_last=cfg.compile or cfg.cuda_graphs, on_step=step, bf16=session.bf16,
                                        step=session.train_step)
     train_seconds = time.perf_counter() - started  # .item() in train_one_epoch already synchronised
-    val = loop.evaluate(session.forward, session.inputs["val"], session.labels["val"], transform=eval_tf,
-                        batch_size=cfg.batch_size, device=session.device, on_step=step, bf16=session.bf16)
+    train_stats = distributed.reduce_train_stats(train_stats, session.world)
+    val = evaluate_split(session, "val", session.forward, eval_tf, on_step=step)
     seconds = time.perf_counter() - started
     if bar:
         bar.remove_task(task)
     lr = session.optimizer.param_groups[0]["lr"]
     check_finite(session, epoch, train_stats["loss"], val["loss"])
-    metrics = classification_metrics(session.labels["val"].cpu().numpy(), val["logits"], session.class_names)
+    metrics = classification_metrics(session.splits["val"].labels, val["logits"], session.class_names)
     row = _metrics_row(epoch, train_stats, val, metrics, lr, seconds)
-    write_metrics_row(session.run_dir / "metrics.csv", metrics_columns(session.class_names), row, epoch - 1)
+    if session.world.is_main:  # distributed hook: only rank 0 writes
+        write_metrics_row(session.run_dir / "metrics.csv", metrics_columns(session.class_names), row, epoch - 1)
     improved = session.stopping.update(epoch, val["loss"], [s["f1"] for s in metrics["per_class"].values()])
     rate = train_stats["samples"] / max(train_seconds, 1e-9)
     console.print(f"Epoch {epoch}/{cfg.epochs} - {seconds:.1f} s (training {rate:.0f} img/s) - "
@@ -339,11 +353,34 @@ def run_epoch(session: Session, epoch: int, bar) -> dict:
                   + (" (best)" if improved else ""))
     for line in format_class_lines(metrics):
         console.print(f"  {line}", highlight=False)
+    if not session.world.is_main:
+        return row
     ckpt = checkpoint(session, epoch)
     if improved:
         save_checkpoint(ckpt, session.weights_dir / "best.ckpt")
     save_checkpoint(ckpt, session.weights_dir / "last.ckpt")
     return row
+
+
+def evaluate_split(session: Session, split: str, model: torch.nn.Module, transform: Callable,
+                   on_step: Callable | None = None) -> dict:
+    """Logits (whole split, in order), loss and accuracy of ``model`` on ``split``.
+
+    With several processes each rank evaluates its shard with rank 0's BatchNorm buffers and
+    the rows are gathered: every image once, the numbers of a one-process evaluation.
+    """
+    cfg, world = session.config, session.world
+    if not world.enabled:
+        return loop.evaluate(model, session.inputs[split], session.labels[split], transform=transform,
+                             batch_size=cfg.batch_size, device=session.device, on_step=on_step, bf16=session.bf16)
+    distributed.sync_buffers(session.trained, world)
+    # the plain module, not the DDP replica: shards differ in length, and eval needs no gradient sync
+    local = loop.evaluate(session.trained, session.inputs[split], None, transform=transform,
+                          batch_size=cfg.batch_size, device=session.device, on_step=on_step, bf16=session.bf16)
+    logits = distributed.gather_logits(local["logits"], session.shard_index[split], len(session.splits[split]), world)
+    scores, labels = torch.from_numpy(logits), torch.from_numpy(session.splits[split].labels).long()
+    return {"logits": logits, "loss": float(torch.nn.functional.cross_entropy(scores, labels)),
+            "accuracy": float((scores.argmax(1) == labels).float().mean())}
 
 
 class TrainingDiverged(CrystalscopeError):
@@ -469,23 +506,30 @@ def finalize(session: Session) -> dict:
 
     cfg, run_dir = session.config, session.run_dir
     best_path = session.weights_dir / "best.ckpt"
-    best = load_checkpoint(best_path)
+    # distributed hook: rank 0 reads best.ckpt and sends it (other machines need not see its disk)
+    best = distributed.from_main(lambda: load_checkpoint(best_path), session.world)
     session.model.load_state_dict(best["model_state"])
     _, eval_tf = transforms(session)
 
     def logits(split: str) -> np.ndarray:
-        return loop.evaluate(session.trained, session.inputs[split], None, transform=eval_tf,
-                             batch_size=cfg.batch_size, device=session.device, bf16=session.bf16)["logits"]
+        return evaluate_split(session, split, session.trained, eval_tf)["logits"]
 
     temperature = fit_temperature(logits("val"), session.splits["val"].labels)
+    test_logits = logits("test")
+    if not session.world.is_main:  # only rank 0 writes the report, plots and ONNX
+        return {"run_dir": str(run_dir), "rank": session.world.rank}
     best["temperature"] = float(temperature)
     rejection = None
-    if cfg.reject_fpr > 0:
+    if cfg.reject_fpr > 0 and session.world.enabled:
+        # each rank holds only its shard of the images: the fit needs them all (docs/scaling.md)
+        session.console.print("rejection: not fitted in a multi-process run; fit it afterwards on one process "
+                              "or train without --nproc (docs/scaling.md)")
+    elif cfg.reject_fpr > 0:
         best["ood"], test_scores = fit_rejection(session)
         rejection = {**best["ood"], "scores": test_scores}
     save_checkpoint(best, best_path)
     test = session.splits["test"]
-    result = write_test_report(run_dir, y_true=test.labels, logits=logits("test"), class_names=session.class_names,
+    result = write_test_report(run_dir, y_true=test.labels, logits=test_logits, class_names=session.class_names,
                                positive_class=session.positive_class, paths=[str(p) for p in test.paths],
                                temperature=temperature, seed=cfg.seed, rejection=rejection,
                                meta={"model": f"{cfg.backbone} ({best_path})", "data": str(test.root),
@@ -521,31 +565,64 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     config.validate()
     if config.data_dir is None:
         raise CrystalscopeError("train: give DATA_DIR (a folder with train/, val/ and test/)")
-    run_dir = target_run_dir(config)
-    # the one output rule: never inside the data; one writer per run folder; stale .tmp removed
-    with claim_output(run_dir, inputs=[config.data_dir, config.weights_file], kind="folder",
-                      resume=bool(config.resume)):
-        return _train_into(config, run_dir, progress)
+    world = distributed.world_from_env()
+    if config.nproc > 1 and not world.enabled:
+        return launch_processes(config)
+    if world.enabled:
+        config.nproc = world.size  # the saved config states how many processes trained it
+    device = distributed.init(world, resolve_device(config.device))
+    with distributed.running(world):
+        # rank 0 decides the run folder (next free name) and every rank uses its answer
+        run_dir, problem = distributed.from_main(lambda: _decide_run_dir(config), world)
+        if problem:
+            raise CrystalscopeError(problem)
+        # the one output rule: never inside the data; one writer per run folder; stale .tmp removed
+        claim = (claim_output(run_dir, inputs=[config.data_dir, config.weights_file], kind="folder",
+                              resume=bool(config.resume)) if world.is_main else contextlib.nullcontext())
+        with claim:
+            return _train_into(config, run_dir, progress and world.is_main, world, device)
 
 
-def _train_into(config: TrainConfig, run_dir: Path, progress: bool) -> dict:
+def _decide_run_dir(config: TrainConfig) -> tuple[Path | None, str | None]:
+    try:
+        return target_run_dir(config), None
+    except CrystalscopeError as exc:
+        return None, str(exc)
+
+
+def launch_processes(config: TrainConfig) -> dict:
+    """``--nproc N`` without torchrun: start N ranks on this machine (see
+    :func:`crystalscope.training.distributed.launch`) with this config, and wait for them."""
+    import tempfile
+
+    config.out = str(target_run_dir(config))  # decided here, so the summary can name it
+    with tempfile.TemporaryDirectory(prefix="crystalscope-launch-") as tmp:
+        config_yaml = save_config(config, Path(tmp) / "config.yaml")
+        distributed.launch(str(config_yaml), config.nproc, config.out)
+    return {"run_dir": config.out, "nproc": config.nproc}
+
+
+def _train_into(config: TrainConfig, run_dir: Path, progress: bool, world: World = World(),
+                device: torch.device | None = None) -> dict:
     from crystalscope.evaluation.report import resolve_positive_class
 
-    last = load_checkpoint(run_dir / "weights" / "last.ckpt") if config.resume else None
+    last = (distributed.from_main(lambda: load_checkpoint(run_dir / "weights" / "last.ckpt"), world)
+            if config.resume else None)
     splits = index_split(config.data_dir)
     class_names = splits["train"].class_names
     if last is not None and list(last["class_names"]) != class_names:
         raise CrystalscopeError(f"--resume {run_dir}: the data's classes ({', '.join(class_names)}) differ from "
                                 f"the run's ({', '.join(last['class_names'])})")
     positive = resolve_positive_class(class_names, config.positive_class.lower() if config.positive_class else None)
-    device = resolve_device(config.device)
+    device = device if device is not None else resolve_device(config.device)
     if config.cuda_graphs and device.type != "cuda":
         raise CrystalscopeError(f"--cuda-graphs: needs a CUDA GPU, and this run's device is {device.type}; "
                                 "leave it out (or use --device cuda on a machine with a GPU)")
     session = Session(config=config, run_dir=run_dir, device=device, splits=splits, class_names=class_names,
                       positive_class=positive, bf16=use_bf16(device, config.precision),
                       preprocessing=default_preprocessing(config.backbone, config.image_size, config.resize),
-                      head=HeadSpec(hidden=list(config.head_hidden), dropout=list(config.head_dropout)))
+                      head=HeadSpec(hidden=list(config.head_hidden), dropout=list(config.head_dropout)),
+                      world=world, console=Console(soft_wrap=True, quiet=not world.is_main))
     # model, weights and data first: a bad backbone, offline weights or an unreadable image
     # fail before the run folder exists, so nothing half-made is left behind
     build_session(session, last)
@@ -555,13 +632,17 @@ def _train_into(config: TrainConfig, run_dir: Path, progress: bool) -> dict:
         rows = {s: len(f) * (config.feature_passes if s == "train" else 1) for s, f in splits.items()}
         check_feature_memory(session.feature_extractor, config.image_size, rows, device,
                              "--cache-features" if config.cache_features else "--cache-frozen")
-    session.inputs, session.labels = load_data(config, splits, session.preprocessing, device, progress)
-    session.data_hashes = {name: data_hash(folder.root, folder.paths) for name, folder in splits.items()}
-    if config.reject_fpr > 0:  # from the images, before feature caching replaces them
+    # distributed hook: each rank decodes (and caches) only its shard of every split
+    session.shard_index = {s: distributed.shard_indices(len(f), world, pad=(s == "train")) for s, f in splits.items()}
+    local = {s: distributed.shard_folder(f, session.shard_index[s]) for s, f in splits.items()} if world.enabled else splits
+    session.inputs, session.labels = load_data(config, local, session.preprocessing, device, progress)
+    if config.reject_fpr > 0 and not world.enabled:  # from the images, before feature caching replaces them
         session.image_stats = {s: split_image_statistics(session.inputs[s]) for s in SPLITS}
-    open_run(config, run_dir, environment_record(seed=config.seed, device=device, data_hashes=session.data_hashes,
-                                                 initial_weights=session.initial_weights,
-                                                 weights_source=session.weights_source))
+    if world.is_main:
+        session.data_hashes = {name: data_hash(folder.root, folder.paths) for name, folder in splits.items()}
+        open_run(config, run_dir, environment_record(seed=config.seed, device=device, data_hashes=session.data_hashes,
+                                                     initial_weights=session.initial_weights,
+                                                     weights_source=session.weights_source))
     if caches_features(config):
         with _progress(progress) as bar:
             started = time.perf_counter()

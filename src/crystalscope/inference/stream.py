@@ -1,0 +1,433 @@
+"""Prediction at campaign scale: stream any number of files into one CSV, resumable and sharded.
+
+:func:`predict_stream` is what ``crystalscope predict`` runs, and :func:`predict_paths` (the
+Python API that also returns every row) is it with all rows kept. Three properties, each
+needed once a campaign has millions of frames:
+
+* **Bounded memory.** Files are listed lazily (:func:`iter_files`: one folder's names at a
+  time, never the whole tree) and results are appended to the CSV every ``chunk`` files;
+  only the counts and the first ``keep`` rows stay in memory.
+* **Resumable.** With ``resume=True`` the CSV is appended to: rows already there are
+  skipped, a last row cut short by a kill is dropped first, and a CSV with another header
+  (another model's classes) is refused. Without ``resume`` the CSV appears under its name only
+  when complete (the output-safety rule of :mod:`crystalscope.safety`).
+* **Sharded.** ``shard=(i, n)`` keeps the files whose path hashes to ``i`` modulo ``n``
+  (:func:`in_shard`): each file belongs to exactly one shard whatever the listing order, so
+  N machines (a SLURM array, a Kubernetes Job) each run one shard and :func:`merge_csvs`
+  joins their CSVs.
+
+The rows come from :func:`~crystalscope.inference.predictor.prediction_columns` and
+:func:`~crystalscope.inference.predictor.prediction_row`, so the streamed CSV has exactly
+the columns of the in-memory one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import itertools
+import logging
+import os
+import time
+import zlib
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from crystalscope.data.images import IMAGE_EXTENSIONS, is_image_file, natural_key
+from crystalscope.errors import CrystalscopeError
+from crystalscope.evaluation.sheets import sheet_urgency
+from crystalscope.inference.predictor import Prediction, Predictor, prediction_columns, predictions_csv
+
+logger = logging.getLogger(__name__)
+
+#: Files per appended block: big enough that the write is cheap, small enough that a kill loses little.
+DEFAULT_CHUNK = 512
+#: fsync the CSV at most this often (one disk round trip per block is not needed: a killed
+#: process loses nothing flushed; this bounds what a power cut loses)
+SYNC_EVERY_S = 30.0
+
+
+# ---- listing and sharding ------------------------------------------------------------------
+
+def iter_files(paths: Sequence[str | os.PathLike], recursive: bool = True) -> Iterator[Path]:
+    """Yield the files to label, lazily, in a fixed order (per folder, natural name order).
+
+    A folder contributes its image files and (with ``recursive``) those of its sub-folders,
+    depth first; only one folder's names are held at a time. A file given by name is always
+    yielded. Hidden files and folders are skipped, as in
+    :func:`~crystalscope.data.images.list_images`.
+
+    Raises:
+        CrystalscopeError: a given path does not exist.
+
+    Example:
+        >>> next(iter_files(["crops/"]))  # doctest: +SKIP
+        PosixPath('crops/CEX (1).png')
+    """
+    given = [Path(p) for p in paths]
+    for path in given:
+        if not path.exists():
+            raise CrystalscopeError(f"{path}: no such file or folder")
+    folders = [p.resolve() for p in given if p.is_dir()]
+    for path in given:
+        if path.is_dir():
+            # a folder inside another given folder is already covered: no file gets two rows
+            if any(f != path.resolve() and f in path.resolve().parents for f in folders):
+                continue
+            yield from _walk(path, recursive)
+        else:
+            yield path
+
+
+def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
+    try:
+        entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")),
+                         key=lambda e: natural_key(e.name))
+    except OSError as exc:
+        raise CrystalscopeError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
+    for entry in entries:
+        if entry.is_dir():
+            if recursive:
+                yield from _walk(folder / entry.name, recursive)
+        elif entry.is_file() and is_image_file(entry.name):
+            yield folder / entry.name
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"1/4"`` -> ``(1, 4)``; None stays None.
+
+    Raises:
+        CrystalscopeError: not ``I/N`` with ``0 <= I < N``.
+
+    Example:
+        >>> parse_shard("0/2")
+        (0, 2)
+    """
+    if text is None:
+        return None
+    try:
+        index, count = (int(part) for part in str(text).split("/"))
+    except ValueError:
+        raise CrystalscopeError(f"--shard {text}: expected I/N, e.g. 0/4 for the first of 4 shards") from None
+    if count < 1 or not 0 <= index < count:
+        raise CrystalscopeError(f"--shard {text}: I must be between 0 and N-1 (shards are numbered from 0)")
+    return index, count
+
+
+def in_shard(path: str | os.PathLike, shard: tuple[int, int] | None) -> bool:
+    """Whether ``path`` (as written in the CSV) belongs to ``shard = (i, n)``.
+
+    CRC-32 of the path text, not Python's ``hash`` (salted per process): every machine
+    computes the same answer, whatever order its file system lists the files in.
+
+    Example:
+        >>> sum(in_shard("a.png", (i, 3)) for i in range(3))
+        1
+    """
+    if shard is None or shard[1] == 1:
+        return True
+    return zlib.crc32(str(path).encode("utf-8", "surrogateescape")) % shard[1] == shard[0]
+
+
+# ---- resuming ------------------------------------------------------------------------------
+
+def existing_rows(csv_path: Path, header: list[str]) -> tuple[int, str | None]:
+    """(complete rows, path of the last one) of a CSV to resume; a cut-off last row is removed.
+
+    Raises:
+        CrystalscopeError: the CSV's header is not ``header`` (another model or version).
+    """
+    _drop_partial_last_line(csv_path)
+    rows, last = 0, None
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        found = next(reader, None)
+        if found is None:
+            return 0, None
+        if found != header:
+            raise CrystalscopeError(
+                f"--resume: {csv_path} has the columns {','.join(found)[:120]}, not this model's "
+                f"{','.join(header)[:120]}; use another --out (or the model that wrote it)")
+        for row in reader:
+            rows += 1
+            last = row[0] if row else None
+    return rows, last
+
+
+def _drop_partial_last_line(csv_path: Path) -> None:
+    """Truncate after the last newline: a kill during an append can cut the last row short."""
+    with open(csv_path, "rb+") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        position = size
+        while position > 0:
+            step = min(65536, position)
+            handle.seek(position - step)
+            block = handle.read(step)
+            newline = block.rfind(b"\n")
+            if newline >= 0:
+                end = position - step + newline + 1
+                if end != size:
+                    logger.warning("%s: dropped a last row cut short by an interruption", csv_path)
+                    handle.truncate(end)
+                return
+            position -= step
+        handle.truncate(0)
+
+
+def _done_paths(csv_path: Path) -> set[str]:
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        next(reader, None)
+        return {row[0] for row in reader if row}
+
+
+def _skip_done(files: Iterator[Path], csv_path: Path, n_done: int, last: str | None) -> Iterator[Path]:
+    """``files`` without those already in the CSV.
+
+    The CSV's rows are the listing's first ``n_done`` files when nothing changed on disk, so
+    skipping by count keeps memory flat; if the ``n_done``-th file is not the CSV's last row
+    (files added or removed meanwhile) the set of done paths is read instead.
+    """
+    head = list(itertools.islice(files, n_done))
+    if not head or str(head[-1]) == last:
+        return files
+    logger.warning("%s: the files changed since the interrupted run; skipping by name", csv_path)
+    done = _done_paths(csv_path)
+    return (f for f in itertools.chain(head, files) if str(f) not in done)
+
+
+# ---- the streamed prediction ---------------------------------------------------------------
+
+def predict_stream(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike],
+                   out_csv: str | os.PathLike = "predictions.csv", *, batch_size: int = 32,
+                   recursive: bool = True, device: str = "auto", resume: bool = False,
+                   shard: tuple[int, int] | None = None, chunk: int = DEFAULT_CHUNK, keep: int | None = 20,
+                   on_rows: Callable[[int], None] | None = None, reject: bool = True,
+                   sheet: str | os.PathLike | None = None, sheet_max: int = 96) -> dict:
+    """Label every image under ``paths`` into ``out_csv``, ``chunk`` files at a time.
+
+    The one prediction path of the ``predict`` command and of
+    :func:`~crystalscope.inference.predictor.predict_paths`.
+
+    Args:
+        resume: append to ``out_csv`` (created if absent), skipping rows it already holds.
+        shard: ``(i, n)``: only the files :func:`in_shard` gives to shard ``i`` of ``n``.
+        keep: how many rows the summary keeps (for the terminal table; ``None``: all); the rest
+            are only in the CSV.
+        on_rows: called with the number of rows after each appended chunk (progress).
+        reject: ``False`` is ``--no-reject``: every readable image ``ok``.
+        sheet: also write a PNG contact sheet (at most ``sheet_max`` images; beyond that the
+            rejected, unreadable and least confident, kept in bounded memory while streaming).
+
+    Returns:
+        ``model``, ``backend``, ``out_csv``, ``class_names``, ``temperature``, ``n_images``,
+        ``n_ok`` (accepted), ``n_rejected``, ``n_errors``, ``counts`` (accepted per class),
+        ``rejection`` (``{"method", "threshold"}`` or None), ``predictions`` (the first
+        ``keep`` new rows), ``sheet``, ``n_skipped`` (rows already in the CSV) and ``shard``.
+
+    Example:
+        >>> s = predict_stream("model.onnx", ["campaign/"], "part0.csv", shard=(0, 4), resume=True)  # doctest: +SKIP
+        >>> s["n_images"] + s["n_skipped"]  # doctest: +SKIP
+        250123
+    """
+    from crystalscope.io import atomic_path
+    from crystalscope.safety import check_output, claim_output
+
+    if batch_size < 1 or chunk < 1:
+        raise CrystalscopeError(f"--batch-size {batch_size} must be 1 or more")
+    _check_sheet_options(sheet, sheet_max)
+    out_csv = Path(out_csv)
+    with claim_output(out_csv, inputs=[model_path, *paths], kind="file", resume=resume):
+        if sheet is not None:
+            check_output(sheet, inputs=[model_path, out_csv, *paths], kind="file", option="--sheet")
+        predictor = Predictor.load(model_path, device=device, reject=reject)
+        sheet_rows = SheetRows(sheet_max) if sheet is not None else None
+        header = prediction_columns(predictor.class_names)
+        files = (f for f in iter_files(paths, recursive) if in_shard(f, shard))
+        n_done = 0
+        if resume and out_csv.is_file():
+            n_done, last = existing_rows(out_csv, header)
+            files = _skip_done(files, out_csv, n_done, last)
+        if resume:
+            summary = _append_all(predictor, files, out_csv, batch_size, chunk, keep, on_rows,
+                                  header=not out_csv.is_file() or out_csv.stat().st_size == 0, sheet_rows=sheet_rows)
+        else:
+            # not resumable: the CSV appears under its name only once complete
+            with atomic_path(out_csv) as staging:
+                summary = _append_all(predictor, files, staging, batch_size, chunk, keep, on_rows, header=True,
+                                      sheet_rows=sheet_rows)
+                _require_some(summary, paths, recursive, shard)
+        if sheet is not None:
+            _write_sheet(sheet_rows, sheet, model_path, predictor)
+    if resume and summary["n_images"] + n_done == 0:
+        _require_some(summary, paths, recursive, shard)
+    rejection = predictor.rejection
+    summary.update(model=str(model_path), backend=predictor.backend_name, out_csv=str(out_csv),
+                   class_names=predictor.class_names, temperature=predictor.temperature,
+                   n_skipped=n_done, shard=f"{shard[0]}/{shard[1]}" if shard else None,
+                   rejection=None if rejection is None else {"method": rejection.method,
+                                                             "threshold": rejection.threshold},
+                   sheet=str(sheet) if sheet is not None else None)
+    return summary
+
+
+def predict_paths(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike],
+                  out_csv: str | os.PathLike = "predictions.csv", batch_size: int = 32,
+                  recursive: bool = True, progress: bool = True, device: str = "auto",
+                  sheet: str | os.PathLike | None = None, sheet_max: int = 96, reject: bool = True) -> dict:
+    """Label every image under ``paths``, write the CSV atomically and return every row.
+
+    :func:`predict_stream` keeping all results (``predictions``) in memory: for the Python API,
+    the demo and tests; the ``predict`` command streams. Unreadable files are rows with
+    ``status = error: <reason>``; the caller decides the exit code (non-zero when no file could
+    be read). ``reject=False`` is ``predict --no-reject``.
+
+    Example:
+        >>> s = predict_paths("model.onnx", ["crops/"], "predictions.csv")  # doctest: +SKIP
+        >>> s["counts"], s["n_rejected"]  # doctest: +SKIP
+        ({'cex': 3, 'pg': 4}, 1)
+    """
+    with _rows_bar(progress) as on_rows:
+        return predict_stream(model_path, paths, out_csv, batch_size=batch_size, recursive=recursive,
+                              device=device, keep=None, on_rows=on_rows, reject=reject, sheet=sheet,
+                              sheet_max=sheet_max)
+
+
+@contextlib.contextmanager
+def _rows_bar(enabled: bool):
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    # on stderr so stdout stays clean when redirected; no total: files are listed lazily
+    with Progress(SpinnerColumn(), TextColumn("predicting: {task.completed} images"),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("predict", total=None)
+        yield lambda n: bar.advance(task, n)
+
+
+def _check_sheet_options(sheet, sheet_max: int) -> None:
+    if sheet is not None and Path(sheet).suffix.lower() != ".png":
+        raise CrystalscopeError(f"--sheet {sheet}: give a .png file name such as predictions.png")
+    if sheet_max < 1:
+        raise CrystalscopeError(f"--sheet-max {sheet_max}: must be 1 or more")
+
+
+class SheetRows:
+    """The rows a contact sheet shows, in bounded memory: all of them while at most ``limit``,
+    then the rejected, unreadable and least confident (the same order the sheet uses)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.rows, self.total = limit, [], 0
+
+    def add(self, predictions: Sequence[Prediction]) -> None:
+        self.total += len(predictions)
+        self.rows += predictions
+        if len(self.rows) > self.limit:
+            self.rows = sorted(self.rows, key=sheet_urgency)[:self.limit]
+
+
+def _write_sheet(rows: SheetRows, sheet, model_path, predictor: Predictor) -> None:
+    from crystalscope.evaluation.sheets import prediction_sheet
+
+    try:
+        prediction_sheet(rows.rows, sheet, limit=rows.limit, n_total=rows.total,
+                         title=f"{Path(model_path).name} ({predictor.backend_name})")
+    except OSError as exc:
+        raise CrystalscopeError(f"--sheet {sheet}: cannot write the PNG ({exc.strerror or exc})") from None
+
+
+def _append_all(predictor: Predictor, files: Iterator[Path], csv_path: Path, batch_size: int, chunk: int,
+                keep: int | None, on_rows, header: bool, sheet_rows: SheetRows | None = None) -> dict:
+    """Predict ``files`` in chunks and append each chunk's rows (flushed and synced) to ``csv_path``."""
+    counts = {c: 0 for c in predictor.class_names}
+    n_rejected = 0
+    shown: list[Prediction] = []
+    n_images, synced = 0, time.monotonic()
+    with open(csv_path, "a", newline="", encoding="utf-8") as handle:
+        if header:
+            handle.write(predictions_csv([], predictor.class_names))
+        while True:
+            block = list(itertools.islice(files, chunk))
+            if not block:
+                break
+            predictions = predictor.predict(block, batch_size=batch_size)
+            handle.write(predictions_csv(predictions, predictor.class_names, header=False))
+            handle.flush()  # a killed process loses at most the block being predicted
+            if time.monotonic() - synced > SYNC_EVERY_S:  # a power cut, at most this much more
+                os.fsync(handle.fileno())
+                synced = time.monotonic()
+            for p in predictions:
+                if p.ok:
+                    counts[p.predicted] += 1
+                n_rejected += p.rejected
+            shown += predictions if keep is None else predictions[:max(0, keep - len(shown))]
+            if sheet_rows is not None:
+                sheet_rows.add(predictions)
+            n_images += len(predictions)
+            if on_rows is not None:
+                on_rows(len(predictions))
+        os.fsync(handle.fileno())
+    n_ok = sum(counts.values())
+    return {"n_images": n_images, "n_ok": n_ok, "n_rejected": n_rejected, "n_errors": n_images - n_ok - n_rejected,
+            "counts": counts, "predictions": shown}
+
+
+def _require_some(summary: dict, paths, recursive: bool, shard) -> None:
+    if summary["n_images"]:
+        return
+    where = ", ".join(str(p) for p in paths) or "(no paths given)"
+    hint = f" in shard {shard[0]}/{shard[1]}" if shard and shard[1] > 1 else ""
+    hint += "" if recursive else " (add --recursive to look in subfolders)"
+    raise CrystalscopeError(f"no image files found in {where}{hint}: expected {', '.join(IMAGE_EXTENSIONS)}")
+
+
+# ---- joining shard outputs -----------------------------------------------------------------
+
+def merge_csvs(parts: Sequence[str | os.PathLike], out_csv: str | os.PathLike, *, force: bool = False) -> dict:
+    """Concatenate the CSVs of several shards (same header) into ``out_csv``, streaming.
+
+    Rows keep each part's order, parts in the order given. A part's cut-off last row (a
+    shard still running or killed) is an error: finish it with ``predict --resume`` first.
+
+    Raises:
+        CrystalscopeError: no parts, a missing part, different headers or a cut-off row.
+
+    Example:
+        >>> merge_csvs(["part0.csv", "part1.csv"], "predictions.csv")["rows"]  # doctest: +SKIP
+        250123
+    """
+    from crystalscope.io import atomic_path
+    from crystalscope.safety import check_output, claim_output
+
+    parts = [Path(p) for p in parts]
+    if not parts:
+        raise CrystalscopeError("merge: give the shard CSVs to join")
+    header, rows = None, 0
+    with claim_output(out_csv, inputs=parts, kind="file"), atomic_path(out_csv) as staging, \
+            open(staging, "w", newline="", encoding="utf-8") as out:
+        for part in parts:
+            if not part.is_file():
+                raise CrystalscopeError(f"merge: {part}: no such file")
+            with open(part, "rb") as raw:
+                raw.seek(max(0, raw.seek(0, os.SEEK_END) - 1))
+                if raw.tell() and raw.read(1) != b"\n":
+                    raise CrystalscopeError(f"merge: {part} ends in a cut-off row; finish that shard with "
+                                            "`crystalscope predict ... --resume` first")
+            with open(part, newline="", encoding="utf-8") as handle:
+                first = handle.readline()
+                if header is None:
+                    header = first
+                    out.write(first)
+                elif first != header:
+                    raise CrystalscopeError(f"merge: {part} has other columns than {parts[0]} "
+                                            "(another model?); merge only shards of one model")
+                for line in handle:
+                    out.write(line)
+                    rows += 1
+    return {"out_csv": str(out_csv), "rows": rows, "parts": len(parts)}
