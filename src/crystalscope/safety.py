@@ -113,9 +113,12 @@ def check_output(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike |
 def _check_file(path: Path, target: Path, option: str) -> None:
     if target.is_dir():
         raise OutputError(f"{option} {path} is a folder: give a file name")
-    parent = target.parent
-    while not parent.exists():
-        parent = parent.parent
+    _check_parent(path, target, option)
+
+
+def _check_parent(path: Path, target: Path, option: str) -> None:
+    """The nearest existing ancestor of the output must be a folder (``a.txt/out`` is not)."""
+    parent = _existing_parent(target)
     if not parent.is_dir():
         raise OutputError(f"{option} {path}: {parent} is a file, not a folder; choose another path")
 
@@ -128,11 +131,7 @@ def _check_folder(path: Path, target: Path, force: bool, owned: Sequence[str] | 
                           f"name, e.g. {option} out")
     if target.exists() and not target.is_dir():
         raise OutputError(f"{option} {path} is a file: give a folder path")
-    parent = target.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputError(f"{option} {path}: {parent} is a file, not a folder; choose another path")
+    _check_parent(path, target, option)
     if resume or not target.is_dir():
         return
     entries = [p.name for p in target.iterdir() if not _LEFTOVER.match(p.name)]
