@@ -1,7 +1,12 @@
-"""The distance and the two-sample test of benchmarks/realism.py, on small synthetic vectors."""
+"""benchmarks/realism.py's own part: the generated reference and its crystal groups.
+
+The distance, threshold and MMD are the library's (tested in tests/test_insight.py); here we
+check that the script holds views of one crystal out together and tests one view per crystal.
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 from pathlib import Path
 
@@ -17,26 +22,21 @@ def _realism():
     return module
 
 
-def _unit(rows: np.ndarray) -> np.ndarray:
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+def test_leave_one_crystal_out_uses_the_generators_groups(tmp_path):
+    from crystalscope.insight.drift import held_out_distances
+    from crystalscope.insight.embedding import read_groups
 
-
-def test_knn_distance_is_zero_for_a_reference_row_and_one_for_an_orthogonal_one():
     realism = _realism()
-    reference = np.eye(4)[:3]
-    query = np.stack([reference[1], np.eye(4)[3]])
-    distance = realism.knn_distance(reference, query, k=1)
-    assert np.allclose(distance, [0.0, 1.0])
-    # with k = 3 the first query also averages in its two orthogonal neighbours
-    assert np.isclose(realism.knn_distance(reference, query[:1], k=3)[0], 2.0 / 3.0)
-
-
-def test_mmd_separates_shifted_sets_and_not_identical_distributions():
-    realism = _realism()
+    paths = realism.generated_paths(tmp_path, count=24, seed=0, difficulty="realistic", workers=1)
+    groups = read_groups(tmp_path / "synth_manifest.csv", [str(p) for p in paths])
+    assert len(set(groups)) < len(paths), "the generator should emit several views of some crystals"
+    # features that make views of one crystal identical: with groups ignored they are each other's neighbours
+    codes = {g: i for i, g in enumerate(sorted(set(groups)))}
     rng = np.random.default_rng(0)
-    reference = _unit(rng.normal(size=(120, 16)))
-    same = _unit(rng.normal(size=(20, 16)))
-    shifted = _unit(rng.normal(size=(20, 16)) + 2.0)
-    assert realism.mmd_test(same, reference, permutations=200)["p_value"] > 0.05
-    far = realism.mmd_test(shifted, reference, permutations=200)
-    assert far["p_value"] < 0.01 and far["mmd2"] > 0
+    reference = rng.normal(size=(len(codes), 16))[[codes[g] for g in groups]]
+    reference /= np.linalg.norm(reference, axis=1, keepdims=True)
+    args = argparse.Namespace(held_out=0, k=3)
+    distances, rows = realism.held_out(None, reference, paths, args)
+    assert len(rows) == len(set(groups))
+    assert np.allclose(distances, held_out_distances(reference, 3, groups)[0])
+    assert distances.min() > held_out_distances(reference, 3)[0].min() + 0.1
