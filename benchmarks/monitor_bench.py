@@ -33,9 +33,9 @@ from PIL import Image
 
 from crystalscope.data.synth import DIFFICULTIES, render_cex
 from crystalscope.inference.predictor import Predictor
-from crystalscope.monitor.frames import ProcessSpec, generate_process
+from crystalscope.monitor.frames import ProcessSpec, generate_process, read_truth
 from crystalscope.monitor.run import MonitorSettings, run_monitor
-from crystalscope.monitor.score import score_run
+from crystalscope.monitor.score import alarm_scores, score_run
 from crystalscope.monitor.timeline import AlarmRule, FrameRecord, Timeline
 
 RUN = dict(frames=120, interval_s=30.0, pg_onset_s=1800.0)  # one hour, PG from 30 min
@@ -73,15 +73,20 @@ def replay(timeline_csv: Path, rule: AlarmRule) -> list[dict]:
 
 
 def monitored(work: Path, name: str, model: Path, seed: int, onset: float, settings: MonitorSettings,
-              frames: int = RUN["frames"]) -> dict:
+              frames: int = RUN["frames"], reuse: bool = False) -> dict:
+    """Generate (once) and monitor one run, and score it; ``reuse`` keeps an earlier monitor pass
+    (its counts do not depend on the alarm rule) and replays ``settings.rule`` on them."""
     run = work / name
     if not (run / "truth" / "run.json").exists():
         generate_process(run, ProcessSpec(seed=seed, **{**RUN, "pg_onset_s": onset, "frames": frames}), force=True)
-    started = time.perf_counter()
-    summary = run_monitor(model, run / "frames", run / "monitor", settings)
-    seconds = time.perf_counter() - started
-    return {"name": name, "seed": seed, "fps": summary["n_frames"] / seconds,
-            **score_run(run / "monitor", run / "frames")}
+    speed = run / "speed.json"
+    if not (reuse and speed.exists() and (run / "monitor" / "timeline.csv").exists()):
+        started = time.perf_counter()
+        summary = run_monitor(model, run / "frames", run / "monitor", settings, force=True)
+        speed.write_text(json.dumps({"fps": summary["n_frames"] / (time.perf_counter() - started)}))
+    scores = score_run(run / "monitor", run / "frames")
+    scores.update(alarm_scores(replay(run / "monitor" / "timeline.csv", settings.rule), read_truth(run / "frames")))
+    return {"name": name, "seed": seed, **json.loads(speed.read_text()), **scores}
 
 
 def in_control_fractions(work: Path, names: list[str]) -> np.ndarray:
@@ -96,7 +101,7 @@ def in_control_fractions(work: Path, names: list[str]) -> np.ndarray:
     return np.array(values)
 
 
-def calibrate(work: Path, model: Path) -> AlarmRule:
+def calibrate(work: Path, model: Path, reuse: bool = False) -> AlarmRule:
     """Textbook EWMA chart: limit = in-control mean + 3 sigma * sqrt(lambda / (2 - lambda)).
 
     Mean and sigma of the per-frame fraction come from calibration runs (seeds apart from the
@@ -106,7 +111,7 @@ def calibrate(work: Path, model: Path) -> AlarmRule:
     runs = {"cal-pg": (101, RUN["pg_onset_s"]), "cal-nopg": (102, NO_PG), "cal-nopg2": (103, NO_PG),
             "cal-nopg3": (104, NO_PG)}
     for name, (seed, onset) in runs.items():
-        monitored(work, name, model, seed, onset, MonitorSettings())
+        monitored(work, name, model, seed, onset, MonitorSettings(), reuse=reuse)
     fractions = in_control_fractions(work, list(runs))
     mean, sigma = float(fractions.mean()), float(fractions.std(ddof=1))
     print(f"in-control per-frame fraction: mean {mean:.3f}, sigma {sigma:.3f} over {fractions.size} frames")
@@ -165,6 +170,10 @@ def main() -> None:
     parser.add_argument("model", type=Path)
     parser.add_argument("--work", type=Path, default=Path("/tmp/monitor-bench"))
     parser.add_argument("--skip-detector", action="store_true")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep earlier monitor passes in --work (same model) and replay the rule on their counts")
+    parser.add_argument("--rule", metavar="LIMIT,K,LAMBDA",
+                        help="evaluate this alarm rule instead of calibrating one (e.g. 0.15,2,0.1)")
     parser.add_argument("--screening", action="store_true",
                         help="only print the focus and confidence figures of a monitored calibration run")
     args = parser.parse_args()
@@ -178,18 +187,24 @@ def main() -> None:
         results["detector"] = {}
         for detector in ("segment", "tiles"):
             r = monitored(args.work, "det", args.model, 201, 0.0, MonitorSettings(detector=detector), frames=30)
+            (args.work / "det" / "speed.json").unlink()  # the two detectors share one run folder
             results["detector"][detector] = r
             print(detector, {k: r[k] for k in ("precision", "recall", "accuracy", "fraction_mae", "fps")})
-    rule = calibrate(args.work, args.model)
+    if args.rule:
+        limit, frames, smoothing = args.rule.split(",")
+        rule = AlarmRule(float(limit), int(frames), float(smoothing))
+    else:
+        rule = calibrate(args.work, args.model, args.reuse)
     results["rule"] = rule.__dict__
     results["evaluate"] = []
     for name, seed, onset in (("pg-1", 1, RUN["pg_onset_s"]), ("pg-2", 2, RUN["pg_onset_s"]),
                               ("nopg-3", 3, NO_PG), ("nopg-4", 4, NO_PG), ("nopg-5", 5, NO_PG)):
-        r = monitored(args.work, name, args.model, seed, onset, MonitorSettings(rule=rule))
+        r = monitored(args.work, name, args.model, seed, onset, MonitorSettings(rule=rule), reuse=args.reuse)
         results["evaluate"].append(r)
         print(name, json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
-    (args.work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.work / 'results.json'}")
+    out = args.work / (f"results-{args.rule}.json" if args.rule else "results.json")
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
