@@ -41,8 +41,11 @@ MAX_DELAY_S = 80.0
 #: 0.3-1: these runs use their own rule, not the default (0.32, K 2, lambda 0.1) calibrated for
 #: 1024 x 768 frames 30 s apart.
 SMALL_RULE = AlarmRule(fraction=0.3, frames=3, smoothing=0.3)
+#: The tiny 64-px model is less sure of itself than the demo's: with the 2026-11-29 crop generator
+#: most of its CEX calls fell between 0.7 and 0.9 and the default 0.9 left ~1 counted particle in 3 frames.
+SMALL_MIN_CONFIDENCE = 0.7
 SMALL_RULE_OPTIONS = ("--alarm-fraction", str(SMALL_RULE.fraction), "--alarm-frames", str(SMALL_RULE.frames),
-                      "--smoothing", str(SMALL_RULE.smoothing))
+                      "--smoothing", str(SMALL_RULE.smoothing), "--min-confidence", str(SMALL_MIN_CONFIDENCE))
 RUNNER = CliRunner()
 
 
@@ -159,7 +162,7 @@ def test_alarm_fires_after_the_onset_within_the_stated_delay(tiny_onnx, onset_ru
 def test_no_alarm_on_a_run_without_pg(tiny_onnx, tmp_path):
     run = tmp_path / "run"
     generate_process(run, ProcessSpec(frames=30, pg_onset_s=1e6, seed=8, **SMALL))
-    summary = run_monitor(tiny_onnx, run / "frames", tmp_path / "out", MonitorSettings(rule=SMALL_RULE))
+    summary = run_monitor(tiny_onnx, run / "frames", tmp_path / "out", MonitorSettings(rule=SMALL_RULE, min_confidence=SMALL_MIN_CONFIDENCE))
     assert summary["n_frames"] == 30 and summary["n_particles"] >= 30
     assert json.loads((tmp_path / "out" / "alarms.json").read_text()) == []
 
