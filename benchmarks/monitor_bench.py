@@ -5,10 +5,11 @@ Steps, all through the project's own library (the same code as `synth-process` a
 1. ``feather``: what a crop-trained model says about CEX crops faded into a dark background over
    0-20 % of their side (why synth-process blends particles in with a narrow band only);
 2. ``detector``: segmentation vs crop-sized tiles on one run (detection, accuracy, fraction MAE);
-3. ``calibrate``: four runs with seeds kept apart from the evaluation (one with PG, three
-   without) are monitored once; EWMA limits are set at the in-control mean + 3 sigma of the EWMA for
-   each (lambda, K), replayed on their per-frame counts, and the pair with no false alarm and
-   the shortest onset delay is kept;
+3. ``calibrate``: four runs with seeds kept apart from the evaluation (101-104: one with PG,
+   three without) are monitored once; for each (lambda, K) the lowest limit whose false-alarm
+   rate on in-control runs resampled from their per-frame counts is at most 0.05 per hour is
+   found, and of those with no false alarm on the calibration runs the one with the shortest
+   onset delay on seed 101 is kept;
 4. ``evaluate``: fresh runs with PG and without, monitored with that rule on ONNX Runtime
    (no overlays): detection precision/recall at IoU >= 0.5, classification accuracy, fraction
    MAE, onset delay, false alarms per hour, frames per second (median and min-max over the
@@ -17,6 +18,7 @@ Steps, all through the project's own library (the same code as `synth-process` a
 Example:
     PYTHONPATH=src .venv/bin/python benchmarks/monitor_bench.py /tmp/monitor-demo/run/model.onnx \\
         --work /tmp/monitor-bench
+    # another rule on the same monitored runs (no model pass): --reuse --skip-detector --rule 0.15,2,0.1
 """
 
 from __future__ import annotations
