@@ -241,6 +241,12 @@ def test_default_rule_stays_quiet_at_the_in_control_level_and_fires_on_pg():
         rising.add(FrameRecord(i, f"r{i}.png", 30.0 * i, {"cex": 88, "pg": 12} if i < 60 else {"cex": 60, "pg": 40}))
     assert quiet.alarms == []
     assert rising.alarms and 60 < rising.alarms[0]["frame"] <= 60 + 30
+    # the CLI repeats these defaults (it imports the monitor lazily): they must stay the same
+    import inspect
+    from crystalscope.cli import monitor_command
+    options = inspect.signature(monitor_command).parameters
+    assert (options["alarm_fraction"].default.default, options["alarm_frames"].default.default,
+            options["smoothing"].default.default) == (AlarmRule().fraction, AlarmRule().frames, AlarmRule().smoothing)
 
 
 def test_ewma_alarm_needs_k_frames_and_rearms():
