@@ -601,7 +601,7 @@ def monitor_command(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for particles.csv, timeline.csv, timeline.png, alarms.json."),
     watch: bool = typer.Option(False, "--watch", help="Keep processing frames as they appear; Ctrl-C stops "
                                "with every output written."),
-    alarm_fraction: float = typer.Option(0.15, "--alarm-fraction", help="Alarm limit on the smoothed PG fraction."),
+    alarm_fraction: float = typer.Option(0.32, "--alarm-fraction", help="Alarm limit on the smoothed PG fraction."),
     alarm_frames: int = typer.Option(2, "--alarm-frames", help="Consecutive frames above the limit before the alarm."),
     smoothing: float = typer.Option(0.1, "--smoothing", help="EWMA weight of the newest frame (0..1]."),
     detector: str = typer.Option("segment", "--detector", help="segment (particles) | tiles (crop-sized grid)."),

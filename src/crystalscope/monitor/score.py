@@ -65,6 +65,7 @@ def score_run(monitor_dir: str | os.PathLike, frames_dir: str | os.PathLike, wat
     for row in _read_csv(monitor_dir / "particles.csv"):
         particles.setdefault(row["file"], []).append(row)
     tp = fp = fn = correct = classified = 0
+    rejected = {"cex": 0, "pg": 0}  # matched particles the model's rejection set aside, by true class
     errors = []
     for row in _read_csv(monitor_dir / "timeline.csv"):
         index = by_name.get(row["file"])
@@ -78,16 +79,27 @@ def score_run(monitor_dir: str | os.PathLike, frames_dir: str | os.PathLike, wat
             if found[i]["status"] == "ok":
                 classified += 1
                 correct += found[i]["class"] == true[j]["class"]
+            elif found[i]["status"] == "rejected":
+                rejected[true[j]["class"]] = rejected.get(true[j]["class"], 0) + 1
         if row[f"{watched}_fraction"] and true:
             errors.append(abs(float(row[f"{watched}_fraction"]) - float(truth["frames"][index]["pg_fraction"])))
     alarms = json.loads((monitor_dir / "alarms.json").read_text(encoding="utf-8"))
     return {"precision": tp / max(tp + fp, 1), "recall": tp / max(tp + fn, 1), "true_particles": tp + fn,
             "accuracy": correct / max(classified, 1), "classified_matched": classified,
-            "fraction_mae": float(np.mean(errors)) if errors else None, **_alarm_scores(alarms, truth)}
+            **{f"rejected_true_{c}": n for c, n in rejected.items()},
+            "fraction_mae": float(np.mean(errors)) if errors else None, **alarm_scores(alarms, truth)}
 
 
-def _alarm_scores(alarms: list[dict], truth: dict) -> dict:
-    """Onset delay (first alarm at or after the onset) and false alarms (before it, or with no PG)."""
+def alarm_scores(alarms: list[dict], truth: dict) -> dict:
+    """Onset delay (first alarm at or after the onset) and false alarms (before it, or with no PG).
+
+    Public so a benchmark can score the alarms another rule would have raised (replayed counts).
+
+    Example:
+        >>> truth = {"onset_s": 60.0, "frames": {0: {"time_s": "0"}, 1: {"time_s": "90"}}}
+        >>> alarm_scores([{"time_s": 90.0}], truth)["onset_delay_s"]
+        30.0
+    """
     times = sorted(float(row["time_s"]) for row in truth["frames"].values())
     onset = truth["onset_s"]
     start = times[0]
