@@ -55,8 +55,8 @@ def snapshot(*roots: Path) -> dict[str, str]:
     return files
 
 
-def attack(name: str, args: list[str], *, code: int, words: tuple[str, ...] = (), roots: tuple[Path, ...] = (),
-           shown: str | None = None):
+def check_attack(name: str, args: list[str], *, code: int, words: tuple[str, ...] = (), roots: tuple[Path, ...] = (),
+                 shown: str | None = None):
     """Run ``crystalscope ARGS`` and assert the outcome; record it for docs/reliability.md."""
     before = snapshot(*roots)
     result = RUNNER.invoke(app, [str(a) for a in args])
@@ -130,22 +130,22 @@ def assets(tmp_path_factory) -> dict[str, Path]:
 def test_predict_never_writes_onto_its_model_or_an_image(assets, target):
     out = assets["images"] / "CEX (1).png" if target == "image" else assets[target]
     model = assets["onnx"] if target != "ckpt" else assets["ckpt"]
-    attack(f"predict --out = its {target}", ["predict", model, assets["images"], "--out", out],
+    check_attack(f"predict --out = its {target}", ["predict", model, assets["images"], "--out", out],
            code=2, words=("the input", "choose an output path"), roots=(assets["root"],))
 
 
 def test_export_never_writes_onto_its_checkpoint(assets):
-    attack("export --out = its checkpoint", ["export", assets["ckpt"], "--out", assets["ckpt"]],
+    check_attack("export --out = its checkpoint", ["export", assets["ckpt"], "--out", assets["ckpt"]],
            code=2, words=("is the input",), roots=(assets["root"],))
 
 
 def test_outputs_inside_or_around_an_input_are_refused(assets, tmp_path):
-    attack("split OUT_DIR inside the source", ["split", assets["split"] / "train", assets["split"] / "train" / "x"],
+    check_attack("split OUT_DIR inside the source", ["split", assets["split"] / "train", assets["split"] / "train" / "x"],
            code=2, words=("inside the input",), roots=(assets["root"],))
-    attack("evaluate --out inside the data", ["evaluate", assets["ckpt"], assets["split"] / "test", "--out",
+    check_attack("evaluate --out inside the data", ["evaluate", assets["ckpt"], assets["split"] / "test", "--out",
                                               assets["split"] / "test" / "report"],
            code=2, words=("inside the input",), roots=(assets["root"],))
-    attack("train --out = the data folder", ["train", assets["split"], "--out", assets["split"] / "test",
+    check_attack("train --out = the data folder", ["train", assets["split"], "--out", assets["split"] / "test",
                                              "--weights", "none", "--backbone", "resnet18"],
            code=2, words=("not empty",), roots=(assets["root"],))
 
@@ -154,10 +154,10 @@ def test_outputs_inside_or_around_an_input_are_refused(assets, tmp_path):
 
 def test_audit_rerun_keeps_a_users_files(assets, tmp_path):
     out = tmp_path / "report"
-    attack("audit into a fresh folder", ["audit", assets["split"], "--out", out, "-q"], code=0, roots=(assets["root"],))
+    check_attack("audit into a fresh folder", ["audit", assets["split"], "--out", out, "-q"], code=0, roots=(assets["root"],))
     (out / "mywork").mkdir()
     (out / "mywork" / "notes.txt").write_text("mine")
-    attack("audit rerun into a folder holding mywork/", ["audit", assets["split"], "--out", out, "-q"], code=2,
+    check_attack("audit rerun into a folder holding mywork/", ["audit", assets["split"], "--out", out, "-q"], code=2,
            words=("did not write", "mywork"), roots=(assets["root"], tmp_path))
 
 
@@ -165,17 +165,17 @@ def test_current_folder_is_never_an_output_folder(assets, tmp_path, monkeypatch)
     (tmp_path / "keep.txt").write_text("mine")
     monkeypatch.chdir(tmp_path)
     for out in (".", str(tmp_path)):
-        attack(f"audit --out {'.' if out == '.' else '$PWD'}", ["audit", assets["split"], "--out", out, "-q"],
+        check_attack(f"audit --out {'.' if out == '.' else '$PWD'}", ["audit", assets["split"], "--out", out, "-q"],
                code=2, words=("current folder",), roots=(tmp_path,))
-    attack("synth OUT_DIR .", ["synth", ".", "--per-class", "2", "-q"], code=2, words=("current folder",),
+    check_attack("synth OUT_DIR .", ["synth", ".", "--per-class", "2", "-q"], code=2, words=("current folder",),
            roots=(tmp_path,))
 
 
 def test_force_replaces_only_our_own_earlier_output(assets, tmp_path):
     out = tmp_path / "synth"
-    attack("synth into a new folder", ["synth", out, "--per-class", "2", "--workers", "1", "-q"], code=0)
+    check_attack("synth into a new folder", ["synth", out, "--per-class", "2", "--workers", "1", "-q"], code=0)
     (out / "thesis.docx").write_text("mine")
-    attack("synth --force into a folder holding a user's file",
+    check_attack("synth --force into a folder holding a user's file",
            ["synth", out, "--per-class", "2", "--workers", "1", "--force", "-q"],
            code=2, words=("did not write", "thesis.docx"), roots=(tmp_path,))
 
@@ -192,14 +192,14 @@ def _train_args(split: Path, out: Path, *extra: str) -> list[str]:
                                                 ("--lr", "inf", ("--lr", "finite"))])
 def test_training_that_cannot_learn_is_refused_before_anything_is_written(assets, tmp_path, option, value, words):
     out = tmp_path / "run"
-    attack(f"train {option} {value}", _train_args(assets["split"], out, option, value), code=2, words=words,
+    check_attack(f"train {option} {value}", _train_args(assets["split"], out, option, value), code=2, words=words,
            roots=(assets["root"],))
     assert not out.exists()
 
 
 def test_a_non_finite_loss_stops_the_run(assets, tmp_path):
     out = tmp_path / "run"
-    attack("train --lr 1e30 (loss becomes NaN)", _train_args(assets["split"], out, "--lr", "1e30", "--epochs", "3"),
+    check_attack("train --lr 1e30 (loss becomes NaN)", _train_args(assets["split"], out, "--lr", "1e30", "--epochs", "3"),
            code=1, words=("diverged in epoch 1", "lower --lr"), roots=(assets["root"],))
     assert not (out / "weights" / "best.ckpt").exists() and not (out / "test_results.json").exists()
 
@@ -222,7 +222,7 @@ def test_an_existing_file_as_output_folder_is_one_line(assets, tmp_path):
                        ("audit", ["audit", assets["split"], "--out", blocker, "-q"]),
                        ("train", _train_args(assets["split"], blocker)),
                        ("evaluate", ["evaluate", assets["ckpt"], assets["split"] / "test", "--out", blocker])]:
-        attack(f"{name}: output folder is an existing file", args, code=2, words=("is a file",),
+        check_attack(f"{name}: output folder is an existing file", args, code=2, words=("is a file",),
                roots=(assets["root"], tmp_path))
 
 
@@ -234,23 +234,23 @@ def test_read_only_output_is_one_line(assets, tmp_path, tmpfs):
                        ("train", _train_args(assets["split"], ro / "run")),
                        ("evaluate", ["evaluate", assets["ckpt"], assets["split"] / "test", "--out", ro / "e"]),
                        ("predict", ["predict", assets["onnx"], assets["images"], "--out", ro / "p.csv"])]:
-        attack(f"{name}: read-only output", args, code=1,
+        check_attack(f"{name}: read-only output", args, code=1,
                words=("read-only file system",), roots=(assets["root"], ro))
 
 
 def test_disk_full_is_named_and_leaves_nothing_half_written(assets, tmp_path, tmpfs):
     full = tmpfs("48k")
-    attack("evaluate on a nearly full disk", ["evaluate", assets["ckpt"], assets["split"] / "test", "--out",
+    check_attack("evaluate on a nearly full disk", ["evaluate", assets["ckpt"], assets["split"] / "test", "--out",
                                               full / "report"],
            code=1, words=("no space left on device",), roots=(assets["root"],))
     assert sorted(p.name for p in full.iterdir()) == []  # no report folder, no .partial, no lock
-    attack("train on a full disk", _train_args(assets["split"], full / "run"), code=1,
+    check_attack("train on a full disk", _train_args(assets["split"], full / "run"), code=1,
            words=("no space left on device", "best.ckpt"), roots=(assets["root"],))
     assert not list(full.rglob("*.tmp")) and not (full / "run" / "weights" / "best.ckpt").exists()
 
 
 def test_evaluate_batch_size_zero_is_one_line(assets, tmp_path):
-    attack("evaluate --batch-size 0", ["evaluate", assets["ckpt"], assets["split"] / "test", "--batch-size", "0",
+    check_attack("evaluate --batch-size 0", ["evaluate", assets["ckpt"], assets["split"] / "test", "--batch-size", "0",
                                        "--out", tmp_path / "e"], code=2, words=("--batch-size",), roots=(assets["root"],))
 
 
@@ -273,17 +273,17 @@ def test_huge_images_are_skipped_with_their_reason(assets, tmp_path):
     source = tmp_path / "source"
     shutil.copytree(assets["split"] / "train", source)
     huge_png(source / "PG" / "PG (99).png", 20000, 20000)
-    result = attack("split with a 20000x20000 PNG in the source", ["split", source, tmp_path / "out", "--group-by",
+    result = check_attack("split with a 20000x20000 PNG in the source", ["split", source, tmp_path / "out", "--group-by",
                                                                     "none", "-q"], code=0, words=("unreadable",),
                     roots=(source,))
     split_json = json.loads((tmp_path / "out" / "split.json").read_text())
     assert any("above the limit" in s for s in split_json["skipped_unreadable"]), result.output
-    attack("audit with a 20000x20000 PNG", ["audit", source, "--out", tmp_path / "audit", "-q"], code=0,
+    check_attack("audit with a 20000x20000 PNG", ["audit", source, "--out", tmp_path / "audit", "-q"], code=0,
            roots=(source,))
     reasons = json.loads((tmp_path / "audit" / "audit.json").read_text())["unreadable_errors"]
     assert any("above the limit" in reason for reason in reasons.values()), reasons
     big = huge_png(tmp_path / "big.png", 12000, 12000)
-    attack("predict a 12000x12000 PNG", ["predict", assets["onnx"], big, "--out", tmp_path / "p.csv"], code=1,
+    check_attack("predict a 12000x12000 PNG", ["predict", assets["onnx"], big, "--out", tmp_path / "p.csv"], code=1,
            words=("could be read",), roots=(assets["root"],))
     rows = list(csv.DictReader(io.StringIO((tmp_path / "p.csv").read_text())))
     assert rows[0]["status"].startswith("error:") and "12000 x 12000" in rows[0]["status"]
@@ -324,7 +324,7 @@ def test_a_small_grouped_class_gets_test_images():
 
 
 def test_nan_ratios_are_named_as_not_a_number(assets, tmp_path):
-    attack("split --ratios nan,0.5,0.5", ["split", assets["split"] / "train", tmp_path / "o", "--ratios", "nan,0.5,0.5"],
+    check_attack("split --ratios nan,0.5,0.5", ["split", assets["split"] / "train", tmp_path / "o", "--ratios", "nan,0.5,0.5"],
            code=2, words=("not a finite number",), roots=(assets["root"],))
 
 
@@ -339,8 +339,8 @@ def test_leftovers_of_a_killed_run_are_removed(assets, tmp_path):
     stale_file.write_bytes(b"half")
     foreign = tmp_path / ".other.tmp"  # not ours: never touched
     foreign.write_text("mine")
-    attack("synth after a kill -9 left a .partial", ["synth", tmp_path / "synth", "--per-class", "2", "-q"], code=0)
-    attack("predict after a kill -9 left a .tmp", ["predict", assets["onnx"], assets["images"], "--out",
+    check_attack("synth after a kill -9 left a .partial", ["synth", tmp_path / "synth", "--per-class", "2", "-q"], code=0)
+    check_attack("predict after a kill -9 left a .tmp", ["predict", assets["onnx"], assets["images"], "--out",
                                                    tmp_path / "p.csv"], code=0, roots=(assets["root"],))
     assert not stale_dir.exists() and not stale_file.exists() and foreign.read_text() == "mine"
 
@@ -360,7 +360,7 @@ def test_a_real_kill_9_leaves_nothing_the_next_run_does_not_remove(tmp_path):
     proc.kill()  # SIGKILL: no cleanup code runs
     proc.wait()
     assert list(tmp_path.glob(".synth.*.partial")) and (tmp_path / ".synth.lock").exists()
-    attack("synth again after kill -9 mid-write", ["synth", out, "--per-class", "2", "--workers", "1", "-q"], code=0)
+    check_attack("synth again after kill -9 mid-write", ["synth", out, "--per-class", "2", "--workers", "1", "-q"], code=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synth"]
 
 
@@ -381,7 +381,7 @@ def test_a_second_writer_to_the_same_output_is_refused(assets, tmp_path):
     out = tmp_path / "p.csv"
     out.write_text("first result set\n")
     with output_lock(out):  # another predict is still writing out
-        attack("two predicts writing one --out", ["predict", assets["onnx"], assets["images"], "--out", out], code=2,
+        check_attack("two predicts writing one --out", ["predict", assets["onnx"], assets["images"], "--out", out], code=2,
                words=("being written by another",), roots=(tmp_path,))
     assert out.read_text() == "first result set\n"
 
@@ -454,7 +454,7 @@ def test_environment_json_records_the_run(assets, uninterrupted):
 
 def test_evaluate_warns_on_the_training_split(assets, uninterrupted, tmp_path):
     best = uninterrupted / "weights" / "best.ckpt"
-    warned = attack("evaluate on the training split", ["evaluate", best, assets["split"] / "train", "--out",
+    warned = check_attack("evaluate on the training split", ["evaluate", best, assets["split"] / "train", "--out",
                                                          tmp_path / "e1"], code=0, roots=(assets["root"],))
     assert "warning:" in warned.output and "trained on" in warned.output
     clean = RUNNER.invoke(app, ["evaluate", str(best), str(assets["split"] / "test"), "--out", str(tmp_path / "e2")])
