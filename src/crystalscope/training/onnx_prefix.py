@@ -3,8 +3,8 @@
 On a 2-core CPU the frozen prefix is most of a cached run's cost, and ONNX Runtime runs the
 same convolutions 2-4x faster than eager PyTorch (fused Conv+BN+activation, its own
 threading). The prefix is exported once per run, and used only after its output has been
-checked against the PyTorch prefix on the run's own images (``max |diff| <= 1e-4`` by
-default); otherwise, or without ``onnxruntime`` installed, the run keeps the PyTorch prefix
+checked against the PyTorch prefix on the run's own images (``max |diff| <= 1e-4`` of the
+maps' largest value by default); otherwise, or without ``onnxruntime`` installed, the run keeps the PyTorch prefix
 and logs why. Only the cached maps come from ONNX Runtime: the trained tail, the checkpoint,
 the test report and ``model.onnx`` are those of the PyTorch model, as in end-to-end training.
 """
@@ -85,12 +85,13 @@ def onnx_runtime_prefix(prefix: nn.Module, check_batch: torch.Tensor, *, atol: f
 
     ``runner`` is None when ONNX Runtime is not installed, the export fails, or the largest
     absolute difference to the PyTorch prefix on ``check_batch`` (real, normalised images)
-    exceeds ``atol``; ``why`` says which, or the measured difference on success.
+    exceeds ``atol`` times the largest absolute value of the PyTorch maps (at least 1); ``why``
+    says which, or the measured difference on success.
 
     Example:
         >>> runner, why = onnx_runtime_prefix(prefix, normalised_images[:16])  # doctest: +SKIP
         >>> why  # doctest: +SKIP
-        'ONNX Runtime prefix matches PyTorch on 16 images (max |diff| 3.8e-06)'
+        'ONNX Runtime prefix matches PyTorch on 16 images (max |diff| 1.5e-04, 4e-06 of the largest value 37.8)'
     """
     try:
         import onnxruntime as ort
@@ -105,17 +106,23 @@ def onnx_runtime_prefix(prefix: nn.Module, check_batch: torch.Tensor, *, atol: f
         with torch.inference_mode():
             expected = prefix(check_batch).float()
         runner = OrtPrefix(session, 0.0)
-        diff = float((runner(check_batch) - expected).abs().max())
+        got = runner(check_batch)
+        diff = float((got - expected).abs().max())
+        # relative to the maps' scale: they reach ~40 on real crops, where float32 summation
+        # order alone moves single values by ~1e-4 (a 4e-6 fraction of the range)
+        scale = max(1.0, float(expected.abs().max()))
+        same = diff <= atol * scale
     except Exception as exc:  # any export/runtime failure only costs speed, never the run
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         return None, f"the ONNX export of the frozen prefix failed ({first})"
     finally:
         prefix.train(was_training)
-    if not diff <= atol:  # also catches NaN
-        return None, (f"the ONNX Runtime prefix differs from PyTorch by {diff:.1e} (> {atol:.0e}) "
-                      f"on {check_batch.shape[0]} images")
+    if not same:  # also catches NaN
+        return None, (f"the ONNX Runtime prefix differs from PyTorch by up to {diff:.1e}, more than {atol:.0e} of "
+                      f"the maps' largest value {scale:.1f}, on {check_batch.shape[0]} images")
     runner.max_abs_diff = diff
-    return runner, f"ONNX Runtime prefix matches PyTorch on {check_batch.shape[0]} images (max |diff| {diff:.1e})"
+    return runner, (f"ONNX Runtime prefix matches PyTorch on {check_batch.shape[0]} images (max |diff| {diff:.1e}, "
+                    f"{diff / scale:.0e} of the largest value {scale:.1f})")
 
 
 def choose_prefix(prefix: nn.Module, check_batch: torch.Tensor, runtime: str, device: torch.device,
