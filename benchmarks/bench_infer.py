@@ -60,7 +60,9 @@ def make_checkpoint_file(backbone: str, image_size: int, out: Path, resize: str 
 
 
 def bench_infer(checkpoint: Path, onnx_path: Path, images: list[Path], batch_sizes: list[int], *,
-                device: str = "cpu", n_model: int = 256, repeats: int = 3) -> dict:
+                device: str = "cpu", n_model: int = 256, repeats: int = 3,
+                backends: tuple[str, ...] = ("pytorch", "onnxruntime"),
+                files_batch_sizes: tuple[int, ...] = (32,)) -> dict:
     """Measure every row described in the module docstring; returns a dict of rows and facts.
 
     Example:
@@ -74,8 +76,9 @@ def bench_infer(checkpoint: Path, onnx_path: Path, images: list[Path], batch_siz
     t0 = time.perf_counter()
     export = export_checkpoint(checkpoint, onnx_path, check_images=images[:8] or None)
     export_s = time.perf_counter() - t0
-    predictors = {"pytorch": Predictor.load(checkpoint, device=device), "onnxruntime": Predictor.load(onnx_path)}
-    pre = predictors["pytorch"].preprocessing
+    loaders = {"pytorch": lambda: Predictor.load(checkpoint, device=device), "onnxruntime": lambda: Predictor.load(onnx_path)}
+    predictors = {name: loaders[name]() for name in backends}
+    pre = next(iter(predictors.values())).preprocessing
     rng = np.random.default_rng(0)
     uint8 = rng.integers(0, 256, size=(n_model, pre.image_size, pre.image_size, 3), dtype=np.uint8)
     normalised = pre.normalize(uint8)
@@ -87,15 +90,39 @@ def bench_infer(checkpoint: Path, onnx_path: Path, images: list[Path], batch_siz
                     p.logits(normalised[start:start + bs])
             rows.append({"backend": backend, "mode": "model", "batch_size": bs,
                          "img_s": _median_rate(model_pass, n_model, repeats)})
-        if images:
-            rows.append({"backend": backend, "mode": "files", "batch_size": 32,
-                         "img_s": _median_rate(lambda p=predictor: p.predict(images, batch_size=32), len(images),
-                                               repeats)})
-    rows += _training_eval_rows(predictors["pytorch"].backend.model, pre, uint8, batch_sizes, device, repeats)
+        for bs in files_batch_sizes if images else ():
+            rows.append({"backend": backend, "mode": "files", "batch_size": bs,
+                         "img_s": _median_rate(lambda p=predictor, bs=bs: p.predict(images, batch_size=bs),
+                                               len(images), repeats)})
+    if "pytorch" in predictors:
+        rows += _training_eval_rows(predictors["pytorch"].backend.model, pre, uint8, batch_sizes, device, repeats)
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    return {"rows": rows, "export_s": export_s, "onnx_max_abs_diff": export["max_abs_diff"],
+    return {"rows": rows, "files_to_model": files_to_model(rows), "export_s": export_s,
+            "onnx_max_abs_diff": export["max_abs_diff"],
             "image_size": pre.image_size, "n_model_images": n_model, "n_files": len(images),
             "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
+
+
+def files_to_model(rows: list[dict]) -> dict:
+    """Per back end: end to end from files / the model alone on pre-decoded batches (the ceiling,
+    its best batch size), both from the same run; the best files batch size and its ratio.
+
+    Example:
+        >>> files_to_model([{"backend": "onnxruntime", "mode": "model", "batch_size": 32, "img_s": 500.0},
+        ...                 {"backend": "onnxruntime", "mode": "files", "batch_size": 32, "img_s": 420.0}])
+        {'onnxruntime': {'ceiling_img_s': 500.0, 'ceiling_batch_size': 32, 'files_img_s': 420.0, 'files_batch_size': 32, 'ratio': 0.84}}
+    """
+    out = {}
+    for backend in sorted({r["backend"] for r in rows}):
+        model = [r for r in rows if r["backend"] == backend and r["mode"] == "model"]
+        files = [r for r in rows if r["backend"] == backend and r["mode"] == "files"]
+        if not model or not files:
+            continue
+        ceiling, best = max(model, key=lambda r: r["img_s"]), max(files, key=lambda r: r["img_s"])
+        out[backend] = {"ceiling_img_s": ceiling["img_s"], "ceiling_batch_size": ceiling["batch_size"],
+                        "files_img_s": best["img_s"], "files_batch_size": best["batch_size"],
+                        "ratio": round(best["img_s"] / ceiling["img_s"], 3)}
+    return out
 
 
 def _training_eval_rows(model, pre, uint8: np.ndarray, batch_sizes: list[int], device: str, repeats: int) -> list:
@@ -135,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="1,32,128", help="comma-separated batch sizes")
     parser.add_argument("--n-model", type=int, default=256, help="images per model-only pass")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes (median)")
+    parser.add_argument("--backends", default="pytorch,onnxruntime", help="comma-separated: pytorch, onnxruntime")
+    parser.add_argument("--files-batch-sizes", default="32", help="comma-separated batch sizes of the files rows")
     parser.add_argument("--device", default="cpu", help="PyTorch device: cpu, cuda or auto")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--name", required=True, help="row name in the results")
@@ -156,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     images = list_images(args.images, recursive=True)[:args.max_images] if args.images else []
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     record = bench_infer(Path(checkpoint), work / f"{args.name}.onnx", images, batch_sizes, device=args.device,
-                         n_model=args.n_model, repeats=args.repeats)
+                         n_model=args.n_model, repeats=args.repeats,
+                         backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
+                         files_batch_sizes=tuple(int(b) for b in args.files_batch_sizes.split(",") if b.strip()))
     record.update(kind="infer", name=args.name, group=args.group, checkpoint=str(checkpoint),
                   backbone=args.backbone if not args.checkpoint else None, peak_rss_mib=peak_rss_mib(),
                   threads=torch.get_num_threads(), machine=machine_info(),
@@ -165,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     for row in record["rows"]:
         print(f"{args.name}: {row['backend']:<11} {row['mode']:<13} batch {row['batch_size']:>4}: "
               f"{row['img_s']:8.1f} img/s")
+    for backend, ratio in record["files_to_model"].items():
+        print(f"{args.name}: {backend} from files {ratio['files_img_s']:.1f} img/s (batch {ratio['files_batch_size']}) = "
+              f"{100 * ratio['ratio']:.0f} % of the model alone, {ratio['ceiling_img_s']:.1f} img/s "
+              f"(batch {ratio['ceiling_batch_size']})")
     print(f"export {record['export_s']:.1f} s (max |dp| {record['onnx_max_abs_diff']:.1e}); peak RSS "
           f"{record['peak_rss_mib']:.0f} MiB -> {path}")
     return 0

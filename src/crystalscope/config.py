@@ -73,6 +73,7 @@ class TrainConfig:
     cache_features: bool = False
     feature_passes: int = 1  # train feature passes with --cache-features; passes after the first are augmented
     cache_frozen: bool = False  # cache the frozen layers' output; train the trainable tail + head on it
+    prefix_runtime: str = "auto"  # what runs the cached frozen part: auto (ONNX Runtime on the CPU if it matches) | onnxruntime | torch
     onnx: bool = True
     # rejection of foreign images: fraction of in-distribution (val) images the threshold
     # rejects; 0 = no rejection fit (docs/ood.md)
@@ -123,6 +124,8 @@ class TrainConfig:
         if int(self.batch_size) < 2:
             # BatchNorm cannot normalise one image: every step would be skipped and nothing learnt
             bad("batch_size", f"{self.batch_size} is too small: BatchNorm needs at least 2 images per step")
+        if self.prefix_runtime not in ("auto", "onnxruntime", "torch"):
+            bad("prefix_runtime", f"{self.prefix_runtime!r} is not one of auto, onnxruntime, torch")
         if self.workers is not None and self.workers < 1:
             bad("workers", f"{self.workers} must be at least 1")
         if self.cache_features and self.trainable_fraction != 0:

@@ -236,11 +236,22 @@ def cache_features(session: Session, progress) -> None:
     from crystalscope.training.features import split_features
 
     cfg = session.config
-    feats, labels = split_features(session.feature_extractor, session.inputs, session.labels, session.preprocessing,
+    feats, labels = split_features(_prefix_runner(session), session.inputs, session.labels, session.preprocessing,
                                    batch_size=cfg.batch_size, device=session.device, augment=augment_spec(cfg),
                                    passes=cfg.feature_passes, generator=session.augment_rng, progress=progress,
                                    bf16=session.bf16)
     session.inputs, session.labels = feats, labels
+
+
+def _prefix_runner(session: Session):
+    """The frozen part as ONNX Runtime runs it when that is numerically the same, else PyTorch."""
+    from crystalscope.training.onnx_prefix import choose_prefix
+
+    check = session.preprocessing.normalize_torch(session.inputs["train"][:16].to(session.device))
+    runner, line = choose_prefix(session.feature_extractor, check, session.config.prefix_runtime,
+                                 session.device, session.bf16)
+    session.console.print(line)
+    return runner
 
 
 def augment_spec(cfg: TrainConfig) -> AugmentSpec:
