@@ -140,7 +140,7 @@ def _blur(layer: np.ndarray, sigma: float) -> np.ndarray:
     return np.asarray(img.filter(ImageFilter.GaussianBlur(sigma)), dtype=np.float32) / 255.0
 
 
-def _smooth_field(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
+def smooth_field(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
     """Smooth random field in about -1..1: a few random control points, bicubic upsampling."""
     grid = rng.uniform(-1.0, 1.0, size=(cells, cells)).astype(np.float32)
     return np.asarray(Image.fromarray(grid, mode="F").resize((w, h), Image.Resampling.BICUBIC))
@@ -270,8 +270,8 @@ def _agglomerate(rng: np.random.Generator, h: int, w: int, *, centre: tuple[floa
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """Dark grey base with uneven illumination and near-black gaps (grey levels 0..255)."""
     base = rng.uniform(30, 65)
-    light = _smooth_field(rng, h, w, int(rng.integers(3, 6)))
-    patches = _smooth_field(rng, h, w, int(rng.integers(4, 8)))
+    light = smooth_field(rng, h, w, int(rng.integers(3, 6)))
+    patches = smooth_field(rng, h, w, int(rng.integers(4, 8)))
     return base + rng.uniform(10, 30) * light - rng.uniform(0, 35) * np.clip(patches, 0, None)
 
 
@@ -320,7 +320,7 @@ def render_cex(rng: np.random.Generator, difficulty: Difficulty) -> np.ndarray:
                         brightness=(0.4, 1.0))
     grey += rng.uniform(40, 100) * _blur(mid, rng.uniform(1.5, 2.8))
     # gaps between the crystals stay near black in the real crops
-    gaps = np.clip(_smooth_field(rng, h, w, int(rng.integers(3, 6))), 0.0, 1.0)
+    gaps = np.clip(smooth_field(rng, h, w, int(rng.integers(3, 6))), 0.0, 1.0)
     grey *= 1.0 - rng.uniform(0.3, 0.85) * gaps
     if rng.random() < 0.75:
         rods = _rod_layer(rng, h, w, int(rng.integers(1, 3)),

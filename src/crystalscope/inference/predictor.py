@@ -30,7 +30,6 @@ from PIL import Image
 from crystalscope.data.images import IMAGE_EXTENSIONS, list_images
 from crystalscope.data.transforms import Preprocessing
 from crystalscope.errors import CrystalscopeError, require
-from crystalscope.io import write_text
 
 #: Metadata key (ONNX ``metadata_props``) holding the model description as JSON.
 METADATA_KEY = "crystalscope"

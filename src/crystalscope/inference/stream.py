@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import itertools
 import logging
 import os
@@ -403,7 +402,7 @@ def merge_csvs(parts: Sequence[str | os.PathLike], out_csv: str | os.PathLike, *
         250123
     """
     from crystalscope.io import atomic_path
-    from crystalscope.safety import check_output, claim_output
+    from crystalscope.safety import claim_output
 
     parts = [Path(p) for p in parts]
     if not parts:

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from crystalscope.data.synth import DIFFICULTIES, Difficulty, render_cex, render_pg
+from crystalscope.data.synth import DIFFICULTIES, Difficulty, render_cex, render_pg, smooth_field
 from crystalscope.errors import CrystalscopeError
 from crystalscope.io import atomic_dir
 from crystalscope.safety import claim_output
@@ -105,11 +105,6 @@ def pg_rate(spec: ProcessSpec, time_s: float) -> float:
     if time_s < spec.pg_onset_s:
         return 0.0
     return spec.pg_max * (1.0 - math.exp(-(time_s - spec.pg_onset_s) / max(spec.pg_rise_s, 1e-9)))
-
-
-def _smooth_field(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
-    grid = rng.uniform(-1.0, 1.0, size=(cells, cells)).astype(np.float32)
-    return np.asarray(Image.fromarray(grid, mode="F").resize((w, h), Image.Resampling.BICUBIC))
 
 
 def _feather(h: int, w: int) -> np.ndarray:
@@ -230,7 +225,7 @@ def run_illumination(spec: ProcessSpec) -> np.ndarray:
     """The probe's dark field with uneven illumination, the same in every frame of a run."""
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, _STATIC_CODE]))
     h, w = spec.height, spec.width
-    return (rng.uniform(35, 50) + 10.0 * _smooth_field(rng, h, w, 4)).astype(np.float32)
+    return (rng.uniform(35, 50) + 10.0 * smooth_field(rng, h, w, 4)).astype(np.float32)
 
 
 def _check_spec(spec: ProcessSpec) -> None:
@@ -272,8 +267,6 @@ def generate_process(out_dir: str | os.PathLike, spec: ProcessSpec = ProcessSpec
     Example:
         >>> generate_process("/tmp/run1", ProcessSpec(frames=10, pg_onset_s=120))  # doctest: +SKIP
     """
-    import json
-    import time
 
     _check_spec(spec)
     # the one output rule: a new folder, or an earlier synth-process run replaced with --force
