@@ -49,7 +49,7 @@ def make_checkpoint_file(backbone: str, image_size: int, out: Path, resize: str 
     import torch
 
     from crystalscope.models.factory import HeadSpec, build_model, default_preprocessing
-    from crystalscope.training.checkpoint import make_checkpoint, save_checkpoint
+    from crystalscope.models.checkpoint import make_checkpoint, save_checkpoint
 
     torch.manual_seed(0)
     head = HeadSpec()
@@ -130,7 +130,7 @@ def _training_eval_rows(model, pre, uint8: np.ndarray, batch_sizes: list[int], d
     import torch
 
     from crystalscope.training import loop
-    from crystalscope.training.precision import place_model
+    from crystalscope.models.precision import place_model
     from crystalscope.training.run import resolve_device
 
     dev = resolve_device(device)

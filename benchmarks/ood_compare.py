@@ -38,7 +38,7 @@ from crystalscope.data.images import list_images
 from crystalscope.data.ood_sets import set_folders
 from crystalscope.evaluation.ood import (IMAGE_STATISTICS, auroc, fit_mahalanobis, image_statistics,
                                         mahalanobis_score, threshold_for_fpr)
-from crystalscope.training.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_from_checkpoint
+from crystalscope.models.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_from_checkpoint
 
 
 def extract(model, preprocessing, paths, cache: Path | None = None) -> dict[str, np.ndarray]:

@@ -90,7 +90,7 @@ def make_model(work: Path) -> Path:
     from crystalscope.data.transforms import Preprocessing
     from crystalscope.export.onnx import export_checkpoint
     from crystalscope.models.factory import HeadSpec, build_model
-    from crystalscope.training.checkpoint import make_checkpoint, save_checkpoint
+    from crystalscope.models.checkpoint import make_checkpoint, save_checkpoint
 
     onnx_path = work / "resnet18-32.onnx"
     if not onnx_path.is_file():

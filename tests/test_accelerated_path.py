@@ -20,7 +20,7 @@ from crystalscope.errors import CrystalscopeError
 from crystalscope.models.factory import build_model, set_trainable_fraction
 from crystalscope.training import features, loop
 from crystalscope.training.features import check_feature_memory, split_for_caching
-from crystalscope.training.precision import use_bf16
+from crystalscope.models.precision import use_bf16
 from crystalscope.training.steps import GraphedTrainStep, TrainStep
 from lines_and_discs import make_split
 

@@ -19,7 +19,7 @@ from crystalscope.data.transforms import Preprocessing
 from crystalscope.insight.explain import (EXPLAIN_CSV, SHEET_PNG, default_target_layer, explain_batch,
                                           heatmap_on_image)
 from crystalscope.models.factory import CrystalClassifier, HeadSpec, build_model
-from crystalscope.training.checkpoint import make_checkpoint, save_checkpoint
+from crystalscope.models.checkpoint import make_checkpoint, save_checkpoint
 
 SIZE = 48
 

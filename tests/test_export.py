@@ -18,7 +18,7 @@ from crystalscope.data.transforms import Preprocessing  # noqa: E402
 from crystalscope.errors import CrystalscopeError  # noqa: E402
 from crystalscope.export import onnx as export_onnx  # noqa: E402
 from crystalscope.models.factory import HeadSpec, build_model  # noqa: E402
-from crystalscope.training.checkpoint import make_checkpoint, save_checkpoint  # noqa: E402
+from crystalscope.models.checkpoint import make_checkpoint, save_checkpoint  # noqa: E402
 
 IMAGE_SIZE = 48
 TEMPERATURE = 1.7

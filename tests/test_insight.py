@@ -31,7 +31,7 @@ from crystalscope.insight.drift import (DriftSettings, drift_report, flag_thresh
 from crystalscope.insight.embedding import cluster_features, project_2d, view_cohesion  # noqa: E402
 from crystalscope.insight.features import l2_normalise  # noqa: E402
 from crystalscope.models.factory import HeadSpec, build_model  # noqa: E402
-from crystalscope.training.checkpoint import make_checkpoint, save_checkpoint  # noqa: E402
+from crystalscope.models.checkpoint import make_checkpoint, save_checkpoint  # noqa: E402
 from lines_and_discs import make_split  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"

@@ -243,7 +243,7 @@ def test_default_rule_stays_quiet_at_the_in_control_level_and_fires_on_pg():
     assert rising.alarms and 60 < rising.alarms[0]["frame"] <= 60 + 30
     # the CLI repeats these defaults (it imports the monitor lazily): they must stay the same
     import inspect
-    from crystalscope.cli import monitor_command
+    from crystalscope.cli.monitor import monitor_command
     options = inspect.signature(monitor_command).parameters
     assert (options["alarm_fraction"].default.default, options["alarm_frames"].default.default,
             options["smoothing"].default.default) == (AlarmRule().fraction, AlarmRule().frames, AlarmRule().smoothing)

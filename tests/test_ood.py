@@ -22,7 +22,7 @@ from crystalscope.evaluation.ood import OODDetector, auroc, fit_detector, fpr_at
 from crystalscope.export.onnx import export_checkpoint  # noqa: E402
 from crystalscope.inference.predictor import collect_images  # noqa: E402
 from crystalscope.models.factory import HeadSpec, build_model  # noqa: E402
-from crystalscope.training.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint  # noqa: E402
+from crystalscope.models.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint  # noqa: E402
 
 RUNNER = CliRunner()
 

@@ -26,7 +26,7 @@ from crystalscope.errors import CrystalscopeError  # noqa: E402
 from crystalscope.export.onnx import export_checkpoint  # noqa: E402
 from crystalscope.inference.predictor import collect_images  # noqa: E402
 from crystalscope.models.factory import HeadSpec, build_model  # noqa: E402
-from crystalscope.training.checkpoint import make_checkpoint, save_checkpoint  # noqa: E402
+from crystalscope.models.checkpoint import make_checkpoint, save_checkpoint  # noqa: E402
 
 TEMPERATURE = 1.7
 COLUMNS = ["path", "predicted", "confidence", "p_cex", "p_pg", "ood_score", "ood_threshold", "status"]

@@ -11,7 +11,7 @@ from PIL import Image
 from crystalscope.data.transforms import Preprocessing
 from crystalscope.inference.predictor import Predictor
 from crystalscope.models.factory import HeadSpec, build_model
-from crystalscope.training.checkpoint import make_checkpoint
+from crystalscope.models.checkpoint import make_checkpoint
 
 
 def _predictor() -> Predictor:

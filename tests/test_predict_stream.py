@@ -17,7 +17,7 @@ from crystalscope.inference.stream import predict_paths
 from crystalscope.inference.stream import in_shard, iter_files, parse_shard, predict_stream
 from crystalscope.errors import CrystalscopeError
 from crystalscope.models.factory import HeadSpec, build_model
-from crystalscope.training.checkpoint import make_checkpoint, save_checkpoint
+from crystalscope.models.checkpoint import make_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from crystalscope.data.transforms import Preprocessing
 from crystalscope.models.factory import HeadSpec, build_model
 from crystalscope.safety import output_lock
 from crystalscope.training import run as run_module
-from crystalscope.training.checkpoint import make_checkpoint, save_checkpoint
+from crystalscope.models.checkpoint import make_checkpoint, save_checkpoint
 from lines_and_discs import make_split
 
 pytest.importorskip("onnxruntime")
@@ -205,9 +205,9 @@ def test_a_non_finite_loss_stops_the_run(assets, tmp_path):
 
 
 def test_a_trailing_single_image_is_trained_not_skipped():
-    from crystalscope.training.loop import _batches
+    from crystalscope.training.loop import batches
 
-    slices = list(_batches(17, 4, min_rows=2))
+    slices = list(batches(17, 4, min_rows=2))
     assert [s.stop - s.start for s in slices] == [4, 4, 4, 5]
     assert sum(s.stop - s.start for s in slices) == 17
 

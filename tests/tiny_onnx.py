@@ -9,7 +9,7 @@ import torch
 from crystalscope.data.transforms import Preprocessing
 from crystalscope.export.onnx import export_checkpoint
 from crystalscope.models.factory import HeadSpec, build_model
-from crystalscope.training.checkpoint import make_checkpoint, save_checkpoint
+from crystalscope.models.checkpoint import make_checkpoint, save_checkpoint
 
 TEMPERATURE = 1.3
 

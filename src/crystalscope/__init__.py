@@ -4,7 +4,7 @@
 cheap and never pulls in torch or onnxruntime by itself.
 """
 
-__version__ = "0.1.0"
+from crystalscope.version import __version__
 
 __all__ = ["Predictor", "Prediction", "__version__"]
 

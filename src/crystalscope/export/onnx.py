@@ -26,7 +26,8 @@ import numpy as np
 from PIL import Image
 
 from crystalscope.errors import CrystalscopeError, require
-from crystalscope.inference.predictor import METADATA_KEY, ONNX_FORMAT, _softmax
+from crystalscope.evaluation.calibration import softmax
+from crystalscope.formats import ONNX_FORMAT, ONNX_METADATA_KEY as METADATA_KEY
 from crystalscope.io import atomic_path
 
 INPUT_NAME = "input"
@@ -65,7 +66,7 @@ def export_checkpoint(checkpoint: str | os.PathLike | dict, out_path: str | os.P
     """
     require("torch", "train")
     require("onnx", "train")
-    from crystalscope.training.checkpoint import load_checkpoint, model_from_checkpoint
+    from crystalscope.models.checkpoint import load_checkpoint, model_from_checkpoint
 
     if isinstance(checkpoint, dict):
         ckpt = checkpoint
@@ -244,10 +245,10 @@ def parity_check(model, onnx_path: str | os.PathLike, batch: np.ndarray, tempera
     import torch
 
     with torch.inference_mode():
-        torch_probs = _softmax(model(torch.from_numpy(batch)).numpy(), temperature)
+        torch_probs = softmax(model(torch.from_numpy(batch)).numpy().astype(np.float64), temperature)
     full_logits, single_logits = _run_onnx(onnx_path, batch, batch[:1])
-    onnx_probs = _softmax(full_logits, temperature)
-    single = _softmax(single_logits, temperature)
+    onnx_probs = softmax(np.asarray(full_logits, dtype=np.float64), temperature)
+    single = softmax(np.asarray(single_logits, dtype=np.float64), temperature)
     if onnx_probs.shape != torch_probs.shape:
         raise CrystalscopeError(f"export check failed: ONNX output shape {onnx_probs.shape} != PyTorch {torch_probs.shape}")
     diffs = np.abs(onnx_probs - torch_probs).max(axis=1)

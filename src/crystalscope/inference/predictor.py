@@ -32,8 +32,7 @@ from crystalscope.data.transforms import Preprocessing
 from crystalscope.errors import CrystalscopeError, require
 
 #: Metadata key (ONNX ``metadata_props``) holding the model description as JSON.
-METADATA_KEY = "crystalscope"
-ONNX_FORMAT = "crystalscope-onnx/1"
+from crystalscope.formats import ONNX_FORMAT, ONNX_METADATA_KEY as METADATA_KEY  # noqa: F401  (re-exported)
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 
 
@@ -157,8 +156,8 @@ class _TorchBackend:
 
     def __init__(self, path: Path | None, device: str = "auto", checkpoint: dict | None = None):
         torch = require("torch", "train")
-        from crystalscope.training.checkpoint import load_checkpoint, model_from_checkpoint
-        from crystalscope.training.precision import model_input, place_model
+        from crystalscope.models.checkpoint import load_checkpoint, model_from_checkpoint
+        from crystalscope.models.precision import model_input, place_model
 
         ckpt = checkpoint if checkpoint is not None else load_checkpoint(path)
         self.torch, self.model_input = torch, model_input

@@ -275,7 +275,7 @@ def explain_batch(predictor: Predictor, items: Sequence, target_class: str | Non
     """
     import torch
 
-    from crystalscope.training.precision import model_input
+    from crystalscope.models.precision import model_input
 
     if predictor.backend_name != "torch":
         require_checkpoint(predictor.source)

@@ -29,7 +29,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from crystalscope import __version__
+from crystalscope.version import __version__
 from crystalscope.inference.predictor import Prediction, Predictor, predictions_csv
 from crystalscope.serve.uploads import ServeLimits, UploadError, decode_upload, display_name
 

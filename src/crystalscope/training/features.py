@@ -33,8 +33,8 @@ from torch import nn
 from crystalscope.data.augment import AugmentSpec, augment_batch
 from crystalscope.data.transforms import Preprocessing
 from crystalscope.errors import CrystalscopeError
-from crystalscope.training.loop import _batches, _to_device
-from crystalscope.training.precision import autocast, model_input, use_bf16
+from crystalscope.training.loop import batches, to_device
+from crystalscope.models.precision import autocast, model_input, use_bf16
 
 
 def backbone_parts(backbone: nn.Module) -> list[nn.Module]:
@@ -174,8 +174,8 @@ def backbone_features(backbone: nn.Module, images: torch.Tensor, preprocessing: 
     bf16 = use_bf16(device) if bf16 is None else bf16
     backbone.eval()
     chunks = []
-    for rows in _batches(images.shape[0], batch_size):
-        batch = _to_device(images, rows, device)
+    for rows in batches(images.shape[0], batch_size):
+        batch = to_device(images, rows, device)
         x = (augment_batch(batch, preprocessing, augment, generator=generator) if augment
              else preprocessing.normalize_torch(batch))
         x = model_input(x)

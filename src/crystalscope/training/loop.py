@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from crystalscope.errors import CrystalscopeError
-from crystalscope.training.precision import autocast, model_input, use_bf16
+from crystalscope.models.precision import autocast, model_input, use_bf16
 from crystalscope.training.steps import TrainStep
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -41,7 +41,7 @@ def train_mode(model: nn.Module) -> nn.Module:
     return model
 
 
-def _batches(n: int, batch_size: int, drop_last: bool = False, min_rows: int = 1):
+def batches(n: int, batch_size: int, drop_last: bool = False, min_rows: int = 1):
     """Slices ``[start, stop)`` over ``n`` rows; ``drop_last`` drops a trailing partial batch.
 
     A trailing batch smaller than ``min_rows`` joins the one before it (BatchNorm cannot
@@ -57,7 +57,7 @@ def _batches(n: int, batch_size: int, drop_last: bool = False, min_rows: int = 1
         yield slice(start, stop)
 
 
-def _to_device(inputs: torch.Tensor, index, device: torch.device) -> torch.Tensor:
+def to_device(inputs: torch.Tensor, index, device: torch.device) -> torch.Tensor:
     """Rows ``index`` of ``inputs`` on ``device`` (async copy from pinned memory on CUDA)."""
     batch = inputs[index]
     if batch.device != device:
@@ -83,7 +83,7 @@ def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
         generator: CPU generator for the shuffle order (reproducible runs).
         drop_last: drop a trailing partial batch (static shapes for ``torch.compile`` and CUDA graphs).
         on_step: called after each step (progress bar); must not synchronise.
-        bf16: bf16 autocast; None = :func:`~crystalscope.training.precision.use_bf16` (on CUDA only).
+        bf16: bf16 autocast; None = :func:`~crystalscope.models.precision.use_bf16` (on CUDA only).
         step: what runs forward, backward and the update (e.g. a
             :class:`~crystalscope.training.steps.GraphedTrainStep` kept across epochs); default
             an eager :class:`~crystalscope.training.steps.TrainStep` on ``model``/``optimizer``.
@@ -101,12 +101,12 @@ def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
     # one copy of the order per epoch, so indexing device-resident data needs no per-step transfer
     order_on_device = order.to(device)
     seen = 0
-    for rows in _batches(n, batch_size, drop_last, min_rows=2):
+    for rows in batches(n, batch_size, drop_last, min_rows=2):
         if rows.stop - rows.start < 2:
             continue  # only when the whole split is one image: refused before training starts
         index = order_on_device[rows]
         host_index = order[rows] if inputs.device != device else index
-        x = model_input(transform(_to_device(inputs, host_index, device)))
+        x = model_input(transform(to_device(inputs, host_index, device)))
         y = labels[index]
         step(x, y)
         seen += y.shape[0]
@@ -136,8 +136,8 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None
     bf16 = use_bf16(device) if bf16 is None else bf16
     model.eval()
     chunks = []
-    for rows in _batches(inputs.shape[0], batch_size):
-        x = model_input(transform(_to_device(inputs, rows, device)))
+    for rows in batches(inputs.shape[0], batch_size):
+        x = model_input(transform(to_device(inputs, rows, device)))
         with autocast(device, bf16):
             # a copy: under CUDA graphs the next call overwrites the model's output buffer
             chunks.append(model(x).to(torch.float32, copy=True))

@@ -80,7 +80,7 @@ def environment_record(*, seed: int, device: torch.device, data_hashes: dict[str
         ...                    initial_weights="sha256:..", weights_source="none")["seed"]
         0
     """
-    from crystalscope import __version__
+    from crystalscope.version import __version__
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {

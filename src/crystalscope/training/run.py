@@ -32,9 +32,9 @@ from crystalscope.models.factory import (CrystalClassifier, HeadSpec, build_mode
                                          set_trainable_fraction)
 from crystalscope.training import distributed, loop
 from crystalscope.training.distributed import World
-from crystalscope.training.checkpoint import (load_checkpoint, make_checkpoint, model_from_checkpoint,
+from crystalscope.models.checkpoint import (load_checkpoint, make_checkpoint, model_from_checkpoint,
                                               preprocessing_from_checkpoint, save_checkpoint)
-from crystalscope.training.precision import place_model, use_bf16
+from crystalscope.models.precision import place_model, use_bf16
 from crystalscope.training.record import (ENVIRONMENT_FILE, data_hash, environment_record, restore_rng_states,
                                           rng_states, weights_hash)
 from crystalscope.evaluation.report import REPORT_FILES

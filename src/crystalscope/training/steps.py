@@ -16,7 +16,7 @@ What a graph needs, and how it is met here:
   stream the capture uses (SGD allocates its momentum buffers, cuBLAS/cuDNN pick their kernels
   and workspaces); the next batch is captured and then replayed, so every batch is trained on
   exactly once, as in eager mode.
-- No autocast weight cache across the capture boundary (:func:`~crystalscope.training.precision.autocast`).
+- No autocast weight cache across the capture boundary (:func:`~crystalscope.models.precision.autocast`).
 - Random numbers in the graph (dropout) come from the default CUDA generator, which graphs
   support; augmentation runs outside the graph with its own seeded generator.
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crystalscope.training.precision import autocast
+from crystalscope.models.precision import autocast
 
 
 class TrainStep:

@@ -17,10 +17,11 @@ import torch
 
 from crystalscope.data.transforms import Preprocessing
 from crystalscope.errors import CrystalscopeError
+from crystalscope.formats import CHECKPOINT_FORMAT
 from crystalscope.io import write_bytes
 from crystalscope.models.factory import CrystalClassifier, HeadSpec, build_model
 
-FORMAT = "crystalscope-checkpoint/1"
+FORMAT = CHECKPOINT_FORMAT
 
 
 def make_checkpoint(model: CrystalClassifier, *, backbone: str, head: HeadSpec, class_names: list[str],

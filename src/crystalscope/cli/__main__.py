@@ -1,0 +1,3 @@
+from crystalscope.cli import main
+
+main()

@@ -1,0 +1,88 @@
+"""What every command shares: the Typer app, the one error boundary, progress and logging.
+
+Each command parses its options, calls one library function, prints a summary and sets the
+exit code. Heavy libraries (torch, timm, onnxruntime) are imported inside the commands, so
+`crystalscope predict model.onnx ...` works where PyTorch is not installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import typer
+
+from crystalscope.version import __version__
+from crystalscope.errors import CrystalscopeError
+
+app = typer.Typer(
+    name="crystalscope",
+    help="Trustworthy image classifiers for crystallization microscopy: synthesize or split a "
+    "dataset, audit it, train, evaluate, export to ONNX and predict.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def fail(message: str, code: int = 2) -> "typer.Exit":
+    """Print a one-line error to stderr and return the Exit to raise."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def user_errors(func):
+    """The CLI's one error boundary: expected mistakes and faults become one line and an exit code.
+
+    ``CrystalscopeError`` (bad input; exit 2, or its own code) and file-system faults (disk full,
+    read-only, permission denied: exit 1, described by :func:`crystalscope.safety.describe_os_error`)
+    never show a traceback. Every command decorates itself with it.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from crystalscope.safety import describe_os_error
+
+        try:
+            return func(*args, **kwargs)
+        except CrystalscopeError as exc:
+            raise fail(str(exc), exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted", 130) from None
+        except OSError as exc:
+            raise fail(describe_os_error(exc), 1) from None
+        except MemoryError:
+            raise fail("out of memory: lower --batch-size or --workers, or use smaller images", 1) from None
+
+    return wrapper
+
+
+def _version_callback(value: bool):
+    if value:
+        typer.echo(f"crystalscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                 help="Print the version and exit."),
+):
+    """crystalscope: split, audit, train, evaluate, export and predict."""
+
+
+
+
+@contextlib.contextmanager
+def progress_callback(description: str):
+    """A transient rich bar on stderr, driven by a library's ``on_progress(done, total)``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+

@@ -1,0 +1,105 @@
+"""Data commands: synth, split, audit and synth-ood."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from crystalscope.cli.common import app, user_errors
+
+
+@app.command("synth")
+@user_errors
+def synth_command(
+    out_dir: Path = typer.Argument(..., help="Output folder: OUT_DIR/cropped/cropped/{cex,pg}/"
+                                   "{CEX,PG} (i).png (the Kaggle layout) plus OUT_DIR/synth_manifest.csv."),
+    per_class: Optional[int] = typer.Option(None, "--per-class", help="Crops per class (default: "
+                                            "the real counts, 6,860 CEX and 6,804 PG)."),
+    seed: int = typer.Option(0, "--seed", help="The same seed gives byte-identical files, whatever "
+                             "--workers is."),
+    difficulty: str = typer.Option("realistic", "--difficulty", help="easy | realistic | hard: how "
+                                   "much the classes overlap (CEX with granule blobs, PG with needles, "
+                                   "blur, noise). realistic is calibrated in docs/synthetic.md."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes (default: "
+                                          "all cores)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT_DIR (swapped in only "
+                               "once the new set is complete)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Generate the synthetic CEX/PG stand-in for the OpenCrystalData crops (Kaggle layout)."""
+    from crystalscope.data.synth import generate
+
+    summary = generate(out_dir, per_class=per_class, seed=seed, difficulty=difficulty,
+                       workers=workers, force=force, progress=not quiet)
+    counts, crystals = summary["counts"], summary["crystals"]
+    typer.echo(f"wrote {counts['cex']} CEX + {counts['pg']} PG crops ({crystals['pg']} PG crystals, "
+               f"3-5 views each) to {Path(out_dir) / 'cropped' / 'cropped'} in {summary['seconds']:.1f} s "
+               f"(difficulty {difficulty}, seed {seed}); ground truth: {summary['manifest']}")
+
+
+@app.command("split")
+@user_errors
+def split_command(
+    source: Path = typer.Argument(..., help="Folder of class folders (e.g. cex/, pg/), or the Kaggle "
+                                  "root: cropped/cropped/ inside it is found by itself. Never modified."),
+    out_dir: Path = typer.Argument(..., help="Output folder: OUT_DIR/{train,val,test}/<class>/<file> "
+                                   "plus split.csv (path,class,split,source,group) and split.json."),
+    ratios: str = typer.Option("0.70,0.25,0.05", "--ratios", help="train,val,test fractions, summing to 1."),
+    seed: int = typer.Option(42, "--seed", help="Shuffle seed: the same seed and files give the same split."),
+    mode: str = typer.Option("copy", "--mode", help="copy | hardlink (no extra disk, same file system) "
+                             "| symlink (absolute links to the source)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT_DIR (swapped in only "
+                               "once the new split is complete)."),
+    group_by: str = typer.Option("near-duplicates", "--group-by", help="near-duplicates: identical, "
+                                 "rotated and mirrored copies share a split (pixel-verified); none: "
+                                 "split by file; regex:<pattern>: files whose names give the same first "
+                                 "capture group (or match) share a split."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decoding processes "
+                                          "(default: all cores, at most 8)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+):
+    """Split a dataset into train/val/test, stratified per class, without leakage between views."""
+    from crystalscope.data.split import print_split_summary, split_dataset
+
+    summary = split_dataset(source, out_dir, ratios=ratios, seed=seed, mode=mode, force=force,
+                            group_by=group_by, progress=not quiet, workers=workers)
+    print_split_summary(summary)
+
+
+@app.command("audit")
+@user_errors
+def audit_command(
+    data_dir: Path = typer.Argument(..., help="Class folders, the Kaggle root, or a split folder "
+                                    "(train/val/test/<class>/)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default ./audit-<DATA_DIR "
+                                       "name>); an earlier audit there is replaced."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decoding processes "
+                                          "(default: all cores, at most 8)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+):
+    """Audit a dataset: duplicates incl. rotations/mirrors, leakage across splits, size shortcuts."""
+    from crystalscope.data.audit import audit_dataset, print_audit_summary
+
+    result = audit_dataset(data_dir, out_dir=out, progress=not quiet, workers=workers)
+    print_audit_summary(result)
+
+# ---- training commands (train, evaluate, demo) ---------------------------------------------
+
+
+@app.command("synth-ood")
+@user_errors
+def synth_ood_command(
+    out: Path = typer.Argument(..., help="Folder to create: one subfolder of PNGs per foreign-image set."),
+    per_set: int = typer.Option(100, "--per-set", min=1, help="Images per set."),
+    seed: int = typer.Option(0, "--seed", help="The same seed gives the same images."),
+    crystals: Optional[Path] = typer.Option(None, "--crystals", help="Crops for the exposure, blurred and cropped sets (default: generated)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing OUT folder."),
+):
+    """Write foreign-image sets (photos, uniform, gradient, noise, exposure, text, checkerboard, blurred, cropped)."""
+    from crystalscope.data.ood_sets import generate
+
+    summary = generate(out, per_set=per_set, seed=seed, crystal_dir=crystals, force=force)
+    sets = ", ".join(f"{name} ({info['kind']})" for name, info in summary["sets"].items())
+    typer.echo(f"{per_set} images each in {out}: {sets}; photos from {summary['photo_source'] or '-'}")

@@ -1,0 +1,61 @@
+"""Contracts between modules and with the files crystalscope writes, named once.
+
+Everything a file or another process relies on lives here, at the bottom of the layers, so a
+producer and its consumers cannot drift apart: the checkpoint and ONNX metadata formats, the
+names of the files in a run folder, the columns of ``metrics.csv`` and the split names. Changing
+a value here is a format change: bump the version in the format string.
+"""
+
+from __future__ import annotations
+
+# ---- splits -------------------------------------------------------------------------------
+SPLITS = ("train", "val", "test")
+
+# ---- checkpoint (.ckpt) -----------------------------------------------------------------------
+CHECKPOINT_FORMAT = "crystalscope-checkpoint/1"
+
+# ---- exported model (.onnx) ---------------------------------------------------------------------
+ONNX_FORMAT = "crystalscope-onnx/1"
+ONNX_METADATA_KEY = "crystalscope"  # metadata_props entry holding the JSON description
+
+# ---- a run folder -----------------------------------------------------------------------------
+CONFIG_FILE = "config.yaml"
+ENVIRONMENT_FILE = "environment.json"
+METRICS_FILE = "metrics.csv"
+METRICS_PLOT_FILE = "metrics_plot.png"
+WEIGHTS_DIR = "weights"
+BEST_CHECKPOINT = "best.ckpt"
+LAST_CHECKPOINT = "last.ckpt"
+ONNX_FILE = "model.onnx"
+# the test report, written by ``train`` at the end and by ``evaluate`` alone
+REPORT_FILES = ("test_results.txt", "test_results.json", "confusion_matrix.png", "roc_auc.png",
+                "calibration.png", "misclassified.csv", "misclassified.png")
+# what ``train`` writes into a run folder (a folder of only these may be replaced with --force)
+RUN_FILES = (CONFIG_FILE, ENVIRONMENT_FILE, METRICS_FILE, METRICS_PLOT_FILE, WEIGHTS_DIR, *REPORT_FILES,
+             ONNX_FILE)
+
+# ---- metrics.csv ------------------------------------------------------------------------------
+METRICS_PER_CLASS = ("precision", "recall", "f1")
+
+
+def metrics_columns(class_names: list[str]) -> list[str]:
+    """The header of ``metrics.csv``: one row per epoch, per-class validation scores in the middle.
+
+    Example:
+        >>> metrics_columns(["cex", "pg"])[:3]
+        ['epoch', 'train_loss', 'train_accuracy']
+    """
+    per_class = [f"val_{m}_{c}" for c in class_names for m in METRICS_PER_CLASS]
+    return (["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1"]
+            + per_class + ["val_weighted_f1", "lr", "epoch_time_s"])
+
+
+def metrics_class_names(columns: list[str]) -> list[str]:
+    """The class names a ``metrics.csv`` header was written for (inverse of :func:`metrics_columns`).
+
+    Example:
+        >>> metrics_class_names(metrics_columns(["cex", "pg"]))
+        ['cex', 'pg']
+    """
+    prefix = "val_f1_"
+    return [c[len(prefix):] for c in columns if c.startswith(prefix)]

@@ -1,0 +1,114 @@
+"""Runtime plumbing shared by every layer: devices, worker counts, progress, error text.
+
+Written once here so that commands agree (the same worker default, the same device rules, the
+same first line of an exception) instead of each module carrying its own copy. Nothing here
+imports torch or rich at module level: a plant PC that only runs ``predict`` with ONNX Runtime
+imports this module without them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Callable, Iterator
+
+from crystalscope.errors import CrystalscopeError
+
+log = logging.getLogger("crystalscope")
+
+# decoding small PNGs scales well with processes, but beyond 8 the pool's start-up dominates
+MAX_WORKERS = 8
+
+# a library reports progress by calling on_progress(done, total); total None = unknown
+ProgressCallback = Callable[[int, "int | None"], None]
+
+
+def cpu_count() -> int:
+    """CPUs this process may use (the affinity mask when the OS has one, else all; at least 1)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - macOS/Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def default_workers(requested: int | None = None, cap: int = MAX_WORKERS) -> int:
+    """Worker processes or threads to use: ``requested`` if given, else every CPU up to ``cap``.
+
+    Example:
+        >>> default_workers(3)
+        3
+        >>> 1 <= default_workers() <= MAX_WORKERS
+        True
+    """
+    if requested is not None:
+        if int(requested) < 1:
+            raise CrystalscopeError(f"--workers {requested}: must be at least 1")
+        return int(requested)
+    return max(1, min(cap, cpu_count()))
+
+
+def resolve_device(name: str = "auto"):
+    """A ``torch.device`` from ``auto``/``cpu``/``cuda[:N]``/``mps``; one line of error if unusable.
+
+    ``auto`` means CUDA when a GPU is visible, else the CPU.
+
+    Example:
+        >>> str(resolve_device("cpu"))
+        'cpu'
+    """
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise CrystalscopeError(f"--device {name!r} is not a device: use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CrystalscopeError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    return device
+
+
+def first_line(exc: BaseException, limit: int | None = 200) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none).
+
+    Example:
+        >>> first_line(ValueError("bad value\\nmore detail"))
+        'bad value'
+        >>> first_line(KeyError())
+        'KeyError'
+    """
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line[:limit] if limit else line
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int | None = None, enabled: bool = True,
+                 transient: bool = True) -> Iterator[ProgressCallback]:
+    """A rich progress bar on stderr, as an ``on_progress(done, total)`` callback.
+
+    The one bar of the project: libraries take an ``on_progress`` callback (or this), so they
+    never depend on how progress is shown. Disabled, it yields a callback that does nothing.
+
+    Example:
+        >>> with progress_bar("decode", total=3, enabled=False) as advance:
+        ...     advance(3, 3)
+    """
+    if not enabled:
+        yield lambda done, total=None: None
+        return
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=transient) as bar:
+        task = bar.add_task(description, total=total)
+
+        def advance(done: int, new_total: int | None = None) -> None:
+            bar.update(task, completed=done, total=new_total if new_total is not None else total)
+
+        yield advance
