@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 
 import typer
 
@@ -64,14 +65,29 @@ def _version_callback(value: bool):
         raise typer.Exit()
 
 
+def log_to_terminal(verbose: bool = False) -> None:
+    """Show the library's log records (``logging.getLogger("crystalscope")``) on stderr, message only.
+
+    The library logs and returns results; this is the one place that decides how its log lines
+    look to a user. INFO (progress notes such as one line per epoch) by default, DEBUG with -v.
+    """
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("crystalscope")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
                                  help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show debugging log lines."),
 ):
     """crystalscope: split, audit, train, evaluate, export and predict."""
-
-
+    log_to_terminal(verbose)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Training commands: train and evaluate."""
+"""The train command."""
 
 from __future__ import annotations
 
@@ -69,28 +69,3 @@ def train(
     else:
         cfg = load_config(config, overrides)
     run_training(cfg, progress=sys.stderr.isatty())
-
-
-@app.command("evaluate")
-@user_errors
-def evaluate(
-    checkpoint: Path = typer.Argument(..., help="A crystalscope checkpoint, e.g. runs/train/weights/best.ckpt."),
-    data_dir: Path = typer.Argument(..., help="Folder of class folders (names must be the model's classes), e.g. SPLIT/test."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: runs/evaluate, runs/evaluate2, ...)."),
-    batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    workers: Optional[int] = typer.Option(None, help="Image decoding threads (default: CPU count)."),
-    force: bool = typer.Option(False, "--force", help="Replace an earlier report in --out (only a folder "
-                               "holding nothing but report files)."),
-):
-    """Write the test report (txt, json, plots, misclassified.csv/.png) of a saved model on a folder."""
-    from crystalscope.training.run import evaluate_checkpoint
-
-    result = evaluate_checkpoint(checkpoint, data_dir, out, batch_size=batch_size, device=device, workers=workers,
-                                 progress=sys.stderr.isatty(), force=force)
-    if result.get("meta", {}).get("warning"):
-        typer.secho(f"warning: {result['meta']['warning']}", fg=typer.colors.YELLOW, err=True)
-    typer.echo(f"accuracy {result['accuracy']:.4f}, macro F1 {result['macro']['f1']:.4f}, "
-               f"{result['n_missed']} of {result['n_images']} missed")
-    for name, s in result["per_class"].items():
-        typer.echo(f"{name} - Precision: {s['precision']:.4f}, Recall: {s['recall']:.4f}, F1-Score: {s['f1']:.4f}")
