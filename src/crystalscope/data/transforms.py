@@ -175,10 +175,22 @@ class Preprocessing:
 
     # -- stage 2: normalisation ----------------------------------------------------------
     def normalize(self, batch_uint8: np.ndarray) -> np.ndarray:
-        """``uint8 (N, H, W, 3)`` -> ``float32 (N, 3, H, W)`` normalised."""
-        x = np.asarray(batch_uint8, dtype=np.float32) / 255.0
-        x = (x - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        """``uint8 (N, H, W, 3)`` -> ``float32 (N, 3, H, W)`` normalised.
+
+        uint8 input goes through a 256-entry table per channel holding exactly
+        :func:`normalize_arithmetic` of every grey level, so the result is bit-identical to the
+        arithmetic at about a third of its cost (it was as costly as decoding a PNG in
+        ``predict``). Other dtypes take the arithmetic itself.
+        """
+        batch = np.asarray(batch_uint8)
+        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
+            return normalize_arithmetic(batch, self.mean, self.std)
+        table = _normalize_table(self.mean, self.std)
+        planes = np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+        out = np.empty(planes.shape, dtype=np.float32)
+        for channel in range(3):
+            np.take(table[channel], planes[:, channel], out=out[:, channel], mode="clip")
+        return out
 
     def normalize_torch(self, batch_uint8):
         """Torch twin of :meth:`normalize`: ``uint8 (N, H, W, 3)`` or ``(N, 3, H, W)`` tensor
@@ -198,6 +210,25 @@ class Preprocessing:
     def prepare(self, sources: Sequence) -> np.ndarray:
         """Files or PIL images -> model-ready ``float32 (N, 3, H, W)``."""
         return self.normalize(np.stack([self.resize_uint8(s) for s in sources]))
+
+
+def normalize_arithmetic(batch: np.ndarray, mean: tuple, std: tuple) -> np.ndarray:
+    """The normalisation itself: ``(x / 255 - mean) / std`` in float32, NHWC -> NCHW.
+
+    Example:
+        >>> normalize_arithmetic(np.full((1, 1, 1, 3), 255, np.uint8), (0.5,) * 3, (0.5,) * 3).ravel().tolist()
+        [1.0, 1.0, 1.0]
+    """
+    x = np.asarray(batch, dtype=np.float32) / 255.0
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+@functools.lru_cache(maxsize=16)
+def _normalize_table(mean: tuple, std: tuple) -> np.ndarray:
+    """``(3, 256)`` float32: the normalised value of every uint8 level, per channel."""
+    levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)[None, None]  # (1, 1, 256, 3)
+    return np.ascontiguousarray(normalize_arithmetic(levels, mean, std)[0, :, 0, :])
 
 
 @functools.lru_cache(maxsize=16)
