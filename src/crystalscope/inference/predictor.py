@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import os
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -196,6 +197,18 @@ def _torch_device(torch, device: str):
     return resolved
 
 
+PIPELINE_DEPTH = 2  # batches prepared ahead of the model (two keep two cores busy)
+
+
+@dataclass
+class _Prepared:
+    """One batch ready for the model: its rows (errors filled in), model input and image statistics."""
+
+    rows: list
+    batch: np.ndarray | None = None
+    statistics: np.ndarray | None = None
+
+
 class Predictor:
     """A trained classifier ready to label images.
 
@@ -300,48 +313,54 @@ class Predictor:
         if batch_size < 1:
             raise CrystalscopeError(f"--batch-size {batch_size} must be 1 or more")
         items = list(items)
+        starts = range(0, len(items), batch_size)
         results: list[Prediction] = []
-        # a pipeline one batch deep: the pool decodes batch k + 1 while the model runs batch k
-        pending = self._submit(items[:batch_size])
-        for start in range(0, len(items), batch_size):
-            chunk, decoded = items[start:start + batch_size], [job.result() for job in pending]
-            pending = self._submit(items[start + batch_size:start + 2 * batch_size])
-            results += self._predict_chunk(chunk, start, decoded)
+        # A pipeline PIPELINE_DEPTH batches deep: the pool's threads decode, resize, normalise and
+        # take the image statistics of the next batches while the model runs this one, so both
+        # cores stay busy (Pillow and numpy release the GIL; ONNX Runtime runs without spinning).
+        pool = self._decoder()
+        pending = deque(pool.submit(self._prepare, items[s:s + batch_size], s) for s in starts[:PIPELINE_DEPTH])
+        for index, start in enumerate(starts):
+            prepared = pending.popleft().result()
+            if index + PIPELINE_DEPTH < len(starts):
+                ahead = starts[index + PIPELINE_DEPTH]
+                pending.append(pool.submit(self._prepare, items[ahead:ahead + batch_size], ahead))
+            results += self._classify(prepared)
             if on_batch is not None:
-                on_batch(len(chunk))
+                on_batch(len(prepared.rows))
         return results
 
-    def _submit(self, chunk: Sequence) -> list:
-        """Start decoding ``chunk`` in the pool; futures of uint8 arrays or exceptions."""
-        pool = self._decoder()
-        return [pool.submit(self._decode, item) for item in chunk]
-
-    def _predict_chunk(self, chunk: Sequence, offset: int, ready: Sequence | None = None) -> list[Prediction]:
+    def _prepare(self, chunk: Sequence, offset: int) -> "_Prepared":
+        """Everything before the model for one batch: rows, decoded pixels, model input, statistics."""
         rows: list[Prediction] = []
         arrays: list[np.ndarray] = []
-        # Pillow releases the GIL while decoding and resizing, so threads give real speed-up
-        if ready is None:  # not decoded ahead by predict's pipeline
-            ready = [job.result() for job in self._submit(chunk)]
-        for i, (item, decoded) in enumerate(zip(chunk, ready)):
+        for i, item in enumerate(chunk):
             name = f"<image {offset + i}>" if isinstance(item, Image.Image) else str(item)
             rows.append(Prediction(path=name))
+            decoded = self._decode(item)
             if isinstance(decoded, Exception):  # one bad file must not stop the batch
                 rows[-1].status = f"error: {_reason(decoded, name)}"
             else:
                 arrays.append(decoded)
-        good = [r for r in rows if r.ok]
-        if not good:
-            return rows
+        if not arrays:
+            return _Prepared(rows)
         resized = np.stack(arrays)
-        batch = self.preprocessing.normalize(resized)
+        statistics = None if self.rejection is None else _image_statistics(resized, self.rejection)
+        return _Prepared(rows, self.preprocessing.normalize(resized), statistics)
+
+    def _classify(self, prepared: "_Prepared") -> list[Prediction]:
+        """The model and the rejection on a prepared batch; fills the rows that decoded."""
+        rows, batch = prepared.rows, prepared.batch
+        if batch is None:
+            return rows
         scores = None
         if self.rejection is None:
             logits = self.logits(batch)
         else:
             logits, features = self.logits_and_features(batch)
-            scores = self.rejection.score(features, logits, _image_statistics(resized, self.rejection))
+            scores = self.rejection.score(features, logits, prepared.statistics)
         probs = _softmax(logits, self.temperature)
-        for i, (row, p) in enumerate(zip(good, probs)):
+        for i, (row, p) in enumerate(zip([r for r in rows if r.ok], probs)):
             best = int(np.argmax(p))
             row.predicted = self.class_names[best]
             row.confidence = float(p[best])
