@@ -136,13 +136,13 @@ def _validate_group_by(group_by: str | GroupKey) -> None:
     make_group_key(group_by, [], {})
 
 
-def make_group_key(group_by: str | GroupKey, records, class_of: dict[Path, str],
+def make_group_key(group_by: str | GroupKey, records: Sequence[ImageRecord], class_of: dict[Path, str],
                    progress: bool = False, workers: int | None = None) -> GroupKey:
     """Turn the ``--group-by`` option (or a callable) into a :data:`GroupKey`.
 
     Args:
         group_by: ``near-duplicates``, ``none``, ``regex:<pattern>`` or a callable.
-        records: the readable images' :class:`~crystalscope.data.audit.ImageRecord` (used by
+        records: the readable images' :class:`~crystalscope.data.audit.fingerprint.ImageRecord` (used by
             ``near-duplicates``).
         class_of: class name per path (keeps regex groups within a class).
         progress: show a progress bar while duplicates are verified.
@@ -308,7 +308,8 @@ def _write_csv(path: Path, rows: Iterable[Sequence[str]]) -> None:
     write_text(path, buffer.getvalue())
 
 
-def _scan_source(root: Path, progress: bool, workers: int | None):
+def _scan_source(root: Path, progress: bool,
+                 workers: int | None) -> tuple[ClassFiles, dict[str, list[Path]], list[ImageRecord]]:
     """Class files with unreadable images removed; raises when fewer than two classes remain."""
     found = collect_class_files(root)
     n_images = sum(len(f) for f in found.files.values())

@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from crystalscope.data.images import ImageReadError, load_rgb
+from crystalscope.runtime import first_line
 
 THUMB_SIZE = 32
 HASH_SIDE = 8  # 8 x 8 lowest DCT frequencies -> 64 bits
@@ -130,7 +131,7 @@ def fingerprint(path: Path) -> tuple[ImageRecord, np.ndarray | None]:
     try:
         image = load_rgb(path)
     except ImageReadError as exc:
-        return ImageRecord(path=path, error=str(exc)), None
+        return ImageRecord(path=path, error=first_line(exc, limit=None)), None
     # intensity = ITU-R 601 luma (PIL "L"); per-pixel, so rotations and mirrors commute with it
     grey = np.asarray(image.convert("L"))
     counts = np.bincount(grey.ravel(), minlength=256)
