@@ -1,13 +1,67 @@
-"""Data commands: synth, split, audit and synth-ood."""
+"""Data commands: synth, split, audit and synth-ood (the library returns results; this renders them)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from crystalscope.cli.common import app, user_errors
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from crystalscope.data.audit import AuditResult
+    from crystalscope.data.split import SplitSummary
+
+
+def render_split(summary: "SplitSummary", console: "Console | None" = None) -> None:
+    """The class x split counts table, then what was grouped, skipped or warned about."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from crystalscope.data.split import summary_lines
+    from crystalscope.formats import SPLITS
+
+    console = console or Console()
+    table = Table(title=f"split of {summary.source} -> {summary.out_dir} (seed {summary.seed})")
+    table.add_column("class")
+    for split_name in SPLITS:
+        table.add_column(split_name, justify="right")
+    table.add_column("total", justify="right")
+    totals: Counter = Counter()
+    for class_name, counts in summary.counts.items():
+        n = sum(counts.values())
+        totals.update(counts)
+        table.add_row(class_name, *(f"{counts[s]} ({counts[s] / n:.1%})" for s in SPLITS), str(n))
+    table.add_row("all", *(str(totals[s]) for s in SPLITS), str(sum(totals.values())), style="bold")
+    console.print(table)
+    for line in summary_lines(summary):
+        console.print(line, markup=False, style="yellow" if line.startswith("warning:") else None)
+
+
+def render_audit(result: "AuditResult", console: "Console | None" = None) -> None:
+    """The counts table and the audit's findings; warnings in bold red."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from crystalscope.data.audit import summary_lines
+
+    console = console or Console()
+    table = Table(title=f"audit of {result.data_dir}")
+    table.add_column("split")
+    for class_name in result.classes:
+        table.add_column(class_name, justify="right")
+    for split_name, counts in result.counts.items():
+        table.add_row(split_name, *(str(counts.get(c, 0)) for c in result.classes))
+    console.print(table)
+    for line in summary_lines(result):
+        style = "bold red" if "WARNING" in line else None
+        console.print(line, style=style, markup=False, highlight=False)
+    console.print(f"report: {result.out_dir}/audit.md, audit.json, sizes.png, intensity.png "
+                  f"({result.run_time_s:.1f} s, {result.workers} workers)", markup=False)
 
 
 @app.command("synth")
@@ -61,11 +115,11 @@ def split_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
     """Split a dataset into train/val/test, stratified per class, without leakage between views."""
-    from crystalscope.data.split import print_split_summary, split_dataset
+    from crystalscope.data.split import split_dataset
 
     summary = split_dataset(source, out_dir, ratios=ratios, seed=seed, mode=mode, force=force,
                             group_by=group_by, progress=not quiet, workers=workers)
-    print_split_summary(summary)
+    render_split(summary)
 
 
 @app.command("audit")
@@ -80,12 +134,10 @@ def audit_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
     """Audit a dataset: duplicates incl. rotations/mirrors, leakage across splits, size shortcuts."""
-    from crystalscope.data.audit import audit_dataset, print_audit_summary
+    from crystalscope.data.audit import audit_dataset
 
     result = audit_dataset(data_dir, out_dir=out, progress=not quiet, workers=workers)
-    print_audit_summary(result)
-
-# ---- training commands (train, evaluate, demo) ---------------------------------------------
+    render_audit(result)
 
 
 @app.command("synth-ood")

@@ -5,13 +5,15 @@ GPU step. So each split is decoded and resized ONCE through :meth:`Preprocessing
 (the same geometry that evaluation, export and prediction use) into a ``uint8 (N, H, W, 3)``
 array, by a thread pool (Pillow releases the GIL while decoding and resampling). The array is
 also written to an on-disk cache keyed by the files (path, size, mtime) and the geometry, so a
-second run on the same data skips decoding entirely.
+second run on the same data skips decoding entirely. Which folders are splits and classes, and
+which files are images, is :mod:`crystalscope.data.layout`'s rule (the same as audit and split).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,12 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from crystalscope.data.images import class_folders, list_images
+from crystalscope.data.layout import class_folders, find_split_folders, list_images
 from crystalscope.data.transforms import Preprocessing
 from crystalscope.errors import CrystalscopeError
+from crystalscope.formats import SPLITS
 from crystalscope.io import atomic_path
+from crystalscope.runtime import cpu_count, default_workers, first_line, progress_bar
 
-SPLITS = ("train", "val", "test")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,19 +89,26 @@ def index_folder(root: str | os.PathLike, class_names: list[str] | None = None) 
 def index_split(data_dir: str | os.PathLike) -> dict[str, ImageFolder]:
     """Index ``train/``, ``val/`` and ``test/`` of a split folder; they must share their classes.
 
+    The split folders are found by :func:`crystalscope.data.layout.find_split_folders` (all
+    three names, any case), as ``audit`` finds them.
+
     Raises:
         CrystalscopeError: a split is missing, classes differ between splits, fewer than two
             classes, or a class without images.
+
+    Example:
+        >>> index_split("split")["test"].class_names  # doctest: +SKIP
+        ['cex', 'pg']
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise CrystalscopeError(f"{data_dir}: folder not found")
-    missing = [s for s in SPLITS if not (data_dir / s).is_dir()]
-    if missing:
+    folders = find_split_folders(data_dir)
+    if folders is None:
         raise CrystalscopeError(
-            f"{data_dir}: missing split folder(s) {', '.join(missing)}; expected train/, val/ and test/ "
-            "(make one with `crystalscope split`)")
-    splits = {s: index_folder(data_dir / s) for s in SPLITS}
+            f"{data_dir}: missing split folder(s) {', '.join(SPLITS)}; expected train/, val/ and test/ "
+            "(any case) (make one with `crystalscope split`)")
+    splits = {s: index_folder(folders[s]) for s in SPLITS}
     reference = splits["train"].class_names
     for s in ("val", "test"):
         if splits[s].class_names != reference:
@@ -138,18 +149,17 @@ def decode_images(paths: list[Path], preprocessing: Preprocessing, *, workers: i
     """
     size = preprocessing.image_size
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-    workers = workers or os.cpu_count() or 1
+    # threads, not processes: Pillow releases the GIL while decoding and resampling
+    workers = default_workers(workers or None, cap=cpu_count())  # 0 or None: every CPU
 
     def decode_one(i: int) -> None:
         out[i] = preprocessing.resize_uint8(paths[i])
 
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        with _progress(progress) as bar:
-            task = bar.add_task(description, total=len(paths)) if bar else None
-            for _ in pool.map(decode_one, range(len(paths))):
-                if bar:
-                    bar.advance(task)
+        with progress_bar(description, len(paths), enabled=progress) as advance:
+            for done, _ in enumerate(pool.map(decode_one, range(len(paths))), start=1):
+                advance(done)
     finally:
         # on an error or Ctrl-C, drop the queued files instead of decoding them all first
         pool.shutdown(wait=True, cancel_futures=True)
@@ -174,6 +184,7 @@ def load_images(paths: list[Path], preprocessing: Preprocessing, *, workers: int
         try:
             cached = np.load(cache_file)
             if cached.shape == (len(paths), preprocessing.image_size, preprocessing.image_size, 3):
+                log.debug("%s: %d images from the decode cache %s", description, len(paths), cache_file)
                 return cached
         except (OSError, ValueError):
             pass  # a damaged cache file is simply rebuilt
@@ -183,17 +194,6 @@ def load_images(paths: list[Path], preprocessing: Preprocessing, *, workers: int
         with atomic_path(cache_file) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, images)
-    except OSError:
-        pass  # a read-only cache location must not stop training
+    except OSError as exc:  # a read-only cache location must not stop training
+        log.debug("decode cache not written (%s): %s", cache_file, first_line(exc))
     return images
-
-
-def _progress(enabled: bool):
-    import contextlib
-
-    if not enabled:
-        return contextlib.nullcontext(None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), transient=True)

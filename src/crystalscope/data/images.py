@@ -2,7 +2,8 @@
 
 Training, evaluation, export checks and both prediction back ends decode through
 :func:`load_rgb`, so a greyscale, RGBA, palette or 16-bit file is converted the same way
-everywhere.
+everywhere. Which files count as images, and which folders as classes, is decided by
+:mod:`crystalscope.data.layout` (re-exported here for the modules that import it from here).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from crystalscope.data.layout import (IMAGE_EXTENSIONS, class_folders, is_image_file, list_images,  # noqa: F401
+                                      natural_key, visible_subfolders)
 from crystalscope.errors import CrystalscopeError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DEFAULT_MAX_PIXELS = 25_000_000
 EXIF_ORIENTATION = 0x0112
 # our own limit is checked from the header first; Pillow's bomb check stays as a second line
@@ -25,69 +27,6 @@ Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, DEFAULT_MAX_PIXELS)
 
 class ImageReadError(CrystalscopeError):
     """A file could not be decoded as an image."""
-
-
-def is_image_file(path: str | os.PathLike) -> bool:
-    """True when the file name has an image extension (any case)."""
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
-
-
-def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
-    """All image files under ``folder``, sorted by path (hidden files skipped).
-
-    Example:
-        >>> list_images("split/train/cex")  # doctest: +SKIP
-        [PosixPath('split/train/cex/CEX (1).png'), ...]
-    """
-    folder = Path(folder)
-    pattern = "**/*" if recursive else "*"
-    found = [
-        p
-        for p in folder.glob(pattern)
-        if p.is_file() and is_image_file(p) and not p.name.startswith(".")
-    ]
-    return sorted(found, key=natural_key)
-
-
-def visible_subfolders(folder: str | os.PathLike) -> list[Path]:
-    """Non-hidden sub-folders of ``folder`` in natural order.
-
-    Hidden ones are skipped on purpose: the staging folders of an interrupted run start with
-    ``.`` and must never look like a class or a split.
-    """
-    return sorted((p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith(".")),
-                  key=natural_key)
-
-
-def class_folders(root: str | os.PathLike) -> dict[str, Path]:
-    """``{lower-cased name: folder}`` of the class folders in ``root``, sorted by name.
-
-    Raises:
-        CrystalscopeError: ``root`` is missing, or two folders differ only in case.
-
-    Example:
-        >>> class_folders("split/train")  # doctest: +SKIP
-        {'cex': PosixPath('split/train/cex'), 'pg': PosixPath('split/train/pg')}
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise CrystalscopeError(f"{root}: folder not found")
-    found: dict[str, Path] = {}
-    for sub in visible_subfolders(root):
-        name = sub.name.lower()
-        if name in found:
-            raise CrystalscopeError(f"{root}: class folders {found[name].name!r} and {sub.name!r} differ "
-                                    "only in case: rename one of them")
-        found[name] = sub
-    return dict(sorted(found.items()))
-
-
-def natural_key(path: str | os.PathLike):
-    """Sort key that orders ``CEX (2).png`` before ``CEX (10).png``."""
-    import re
-
-    parts = re.split(r"(\d+)", str(path))
-    return [int(p) if p.isdigit() else p.lower() for p in parts]
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:

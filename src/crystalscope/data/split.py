@@ -7,8 +7,9 @@ keeps every *group* of files in one split, and writes ``split.csv`` so the assig
 inspected and reproduced.
 
 A group key is any function ``path -> group id``: the default groups pixel-exact duplicates
-and their rotations/mirror images (found by :mod:`crystalscope.data.audit`), ``regex:<pattern>``
-groups by a part of the file name, ``none`` splits file by file.
+and their rotations/mirror images (found by :mod:`crystalscope.data.audit.duplicates`),
+``regex:<pattern>`` groups by a part of the file name, ``none`` splits file by file. Which folders
+are classes and which files are images is :mod:`crystalscope.data.layout`'s rule.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import csv
 import errno
 import io
+import logging
 import math
 import os
 import random
@@ -23,94 +25,29 @@ import re
 import shutil
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from crystalscope.data.images import class_folders, is_image_file, natural_key, visible_subfolders
+from crystalscope.data.audit.duplicates import find_duplicates
+from crystalscope.data.audit.fingerprint import ImageRecord
+from crystalscope.data.audit.scan import scan_images
+from crystalscope.data.layout import (ClassFiles, collect_class_files, find_split_folders, natural_key,
+                                      resolve_source_root)
 from crystalscope.errors import CrystalscopeError
+from crystalscope.formats import SPLITS
 from crystalscope.io import atomic_dir, write_json, write_text
+from crystalscope.runtime import progress_bar
 from crystalscope.safety import check_output, claim_output
 
-SPLIT_NAMES = ("train", "val", "test")
+log = logging.getLogger(__name__)
+
 DEFAULT_RATIOS = (0.70, 0.25, 0.05)
 SPLIT_MODES = ("copy", "hardlink", "symlink")
 GROUP_BY_CHOICES = "near-duplicates|none|regex:<pattern>"
 
 #: A group key maps a source file to the id of the group it must share a split with.
 GroupKey = Callable[[Path], str]
-
-
-@dataclass
-class ClassFiles:
-    """Image files found per class, plus what was skipped and why."""
-
-    root: Path
-    files: dict[str, list[Path]] = field(default_factory=dict)
-    dirs: dict[str, Path] = field(default_factory=dict)
-    non_images: list[Path] = field(default_factory=list)
-
-
-# ---- finding the data -------------------------------------------------------------------
-
-
-def resolve_source_root(source: str | os.PathLike) -> Path:
-    """The folder that holds the class folders, looking inside a Kaggle download by itself.
-
-    The Kaggle archive keeps its crops in ``cropped/cropped/{cex,pg}``; a user may pass the
-    archive root, the first ``cropped`` or the class-folder parent itself.
-
-    Example:
-        >>> resolve_source_root("archive")  # doctest: +SKIP
-        PosixPath('archive/cropped/cropped')
-    """
-    root = Path(source)
-    if not root.exists():
-        raise CrystalscopeError(f"source folder '{root}' does not exist: pass the folder of class folders")
-    if not root.is_dir():
-        raise CrystalscopeError(f"source '{root}' is not a folder: pass the folder of class folders")
-    for _ in range(2):
-        nested = root / "cropped"
-        if nested.is_dir() and not _has_images_directly(root):
-            root = nested
-    return root
-
-
-def _has_images_directly(folder: Path) -> bool:
-    return any(p.is_file() and is_image_file(p) for p in folder.iterdir())
-
-
-def find_split_folders(root: Path) -> dict[str, Path] | None:
-    """``{"train": ..., "val": ..., "test": ...}`` when ``root`` is a split folder, else None.
-
-    A folder counts as a split folder when at least two of its sub-folders are named
-    train/val/test (any case), so a two-way split is recognised too.
-    """
-    found = {p.name.lower(): p for p in visible_subfolders(root) if p.name.lower() in SPLIT_NAMES}
-    return found if len(found) >= 2 else None
-
-
-def collect_class_files(root: Path) -> ClassFiles:
-    """Image files per class folder (class = folder name in lower case), naturally sorted.
-
-    Files inside nested sub-folders of a class folder belong to that class. Files that are not
-    images are listed in ``non_images``; loose files beside the class folders are ignored.
-
-    Example:
-        >>> collect_class_files(Path("data")).files.keys()  # doctest: +SKIP
-        dict_keys(['cex', 'pg'])
-    """
-    found = ClassFiles(root=root)
-    for name, class_dir in class_folders(root).items():
-        images: list[Path] = []
-        for path in class_dir.rglob("*"):
-            if not path.is_file() or any(part.startswith(".") for part in path.relative_to(class_dir).parts):
-                continue
-            (images if is_image_file(path) else found.non_images).append(path)
-        found.files[name] = sorted(images, key=natural_key)
-        found.dirs[name] = class_dir
-    found.non_images.sort(key=natural_key)
-    return found
 
 
 # ---- options -----------------------------------------------------------------------------
@@ -186,9 +123,7 @@ def regex_group_key(pattern: str, class_of: dict[Path, str] | None = None) -> Gr
     return key
 
 
-def _near_duplicate_key(records, progress: bool, workers: int | None) -> GroupKey:
-    from crystalscope.data.audit import find_duplicates
-
+def _near_duplicate_key(records: Sequence[ImageRecord], progress: bool, workers: int | None) -> GroupKey:
     groups = find_duplicates(records, progress=progress, workers=workers).groups
     group_of = {p: f"dup:{i}" for i, group in enumerate(groups) for p in group}
     return lambda path: group_of.get(path, f"file:{path}")
@@ -201,13 +136,13 @@ def _validate_group_by(group_by: str | GroupKey) -> None:
     make_group_key(group_by, [], {})
 
 
-def make_group_key(group_by: str | GroupKey, records, class_of: dict[Path, str],
+def make_group_key(group_by: str | GroupKey, records: Sequence[ImageRecord], class_of: dict[Path, str],
                    progress: bool = False, workers: int | None = None) -> GroupKey:
     """Turn the ``--group-by`` option (or a callable) into a :data:`GroupKey`.
 
     Args:
         group_by: ``near-duplicates``, ``none``, ``regex:<pattern>`` or a callable.
-        records: the readable images' :class:`~crystalscope.data.audit.ImageRecord` (used by
+        records: the readable images' :class:`~crystalscope.data.audit.fingerprint.ImageRecord` (used by
             ``near-duplicates``).
         class_of: class name per path (keeps regex groups within a class).
         progress: show a progress bar while duplicates are verified.
@@ -253,8 +188,8 @@ def assign_splits(files_by_class: dict[str, list[Path]], group_key: GroupKey,
         random.Random(f"{seed}:{class_name}").shuffle(order)
         order.sort(key=lambda item: -len(item[1]))  # stable: the shuffle breaks ties
         targets = split_targets(len(files_by_class[class_name]), ratios)
-        counts = [0] * len(SPLIT_NAMES)
-        placed: list[list[str]] = [[] for _ in SPLIT_NAMES]
+        counts = [0] * len(SPLITS)
+        placed: list[list[str]] = [[] for _ in SPLITS]
         for gid, members in order:
             if gid in fixed:
                 index = fixed[gid]
@@ -267,7 +202,7 @@ def assign_splits(files_by_class: dict[str, list[Path]], group_key: GroupKey,
         _fill_empty_splits(class_name, groups, placed, ratios, fixed, warnings)
         for gid, members in groups.items():
             for path in members:
-                assignment[path] = SPLIT_NAMES[fixed[gid]]
+                assignment[path] = SPLITS[fixed[gid]]
     return assignment
 
 
@@ -281,7 +216,7 @@ def _fill_empty_splits(class_name: str, groups: dict[str, list[Path]], placed: l
         if not donors:
             if warnings is not None:
                 warnings.append(f"class {class_name!r} has too few groups ({len(groups)}) to give the "
-                                f"{SPLIT_NAMES[index]} split any image: it has 0 there")
+                                f"{SPLITS[index]} split any image: it has 0 there")
             continue
         donor = max(donors, key=lambda i: len(placed[i]))
         gid = min(reversed(placed[donor]), key=lambda g: len(groups[g]))  # smallest, last placed on ties
@@ -293,7 +228,39 @@ def _fill_empty_splits(class_name: str, groups: dict[str, list[Path]], placed: l
 # ---- writing the split -------------------------------------------------------------------
 
 
-OWNED = (*SPLIT_NAMES, "split.csv", "split.json")  # what a split writes: --force may replace only these
+@dataclass
+class SplitSummary:
+    """What :func:`split_dataset` did; :meth:`to_json` is the content of ``split.json``.
+
+    Attributes:
+        counts: class -> split -> files.
+        groups_kept_together: groups of two or more files placed in one split.
+        skipped_non_images: files in class folders that are not images.
+        skipped_unreadable: ``"path: reason"`` of images that could not be decoded.
+    """
+
+    source: str
+    out_dir: str
+    ratios: list[float]
+    seed: int
+    mode: str
+    force: bool
+    warnings: list[str]
+    group_by: str
+    n_files: int = 0
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    groups_kept_together: int = 0
+    files_in_groups: int = 0
+    skipped_non_images: list[str] = field(default_factory=list)
+    skipped_unreadable: list[str] = field(default_factory=list)
+    split_csv: str = ""
+
+    def to_json(self) -> dict:
+        """The ``split.json`` content (keys in this order)."""
+        return asdict(self)
+
+
+OWNED = (*SPLITS, "split.csv", "split.json")  # what a split writes: --force may replace only these
 
 
 def _check_out_dir(out_dir: Path, source: Path, root: Path, force: bool) -> None:
@@ -326,12 +293,11 @@ def _place(job: tuple[Path, Path, str]) -> None:
 
 
 def _place_all(jobs: list[tuple[Path, Path, str]], progress: bool) -> None:
-    from crystalscope.data.audit import progress_bar
-
-    with progress_bar(progress) as bar, ThreadPoolExecutor(max_workers=4) as pool:
-        task = bar.add_task("writing split", total=len(jobs))
-        for _ in pool.map(_place, jobs):  # pool.map re-raises a worker's error here
-            bar.advance(task)
+    # threads (copying is I/O), started before the bar as everywhere (see audit.parallel)
+    with ThreadPoolExecutor(max_workers=4) as pool, \
+            progress_bar("writing split", len(jobs), enabled=progress) as advance:
+        for done, _ in enumerate(pool.map(_place, jobs), start=1):  # re-raises a worker's error here
+            advance(done)
 
 
 def _write_csv(path: Path, rows: Iterable[Sequence[str]]) -> None:
@@ -342,10 +308,9 @@ def _write_csv(path: Path, rows: Iterable[Sequence[str]]) -> None:
     write_text(path, buffer.getvalue())
 
 
-def _scan_source(root: Path, progress: bool, workers: int | None):
+def _scan_source(root: Path, progress: bool,
+                 workers: int | None) -> tuple[ClassFiles, dict[str, list[Path]], list[ImageRecord]]:
     """Class files with unreadable images removed; raises when fewer than two classes remain."""
-    from crystalscope.data.audit import scan_images
-
     found = collect_class_files(root)
     n_images = sum(len(f) for f in found.files.values())
     if n_images == 0:
@@ -368,7 +333,7 @@ def _scan_source(root: Path, progress: bool, workers: int | None):
 def split_dataset(source: str | os.PathLike, out_dir: str | os.PathLike,
                   ratios: str | Sequence[float] = DEFAULT_RATIOS, seed: int = 42, mode: str = "copy",
                   force: bool = False, group_by: str | GroupKey = "near-duplicates",
-                  progress: bool = True, workers: int | None = None) -> dict:
+                  progress: bool = True, workers: int | None = None) -> SplitSummary:
     """Split a class-folder dataset into ``OUT_DIR/{train,val,test}/<class>/`` without touching it.
 
     Args:
@@ -386,12 +351,11 @@ def split_dataset(source: str | os.PathLike, out_dir: str | os.PathLike,
         workers: decoding processes (default: all cores, at most 8).
 
     Returns:
-        A summary: ``counts`` (class -> split -> files), ``groups_kept_together``,
-        ``files_in_groups``, ``skipped_non_images``, ``skipped_unreadable``, ``split_csv``...
+        A :class:`SplitSummary` (its :meth:`~SplitSummary.to_json` is ``split.json``).
 
     Example:
         >>> summary = split_dataset("synth", "split", seed=42, progress=False)  # doctest: +SKIP
-        >>> summary["counts"]["pg"], summary["groups_kept_together"]  # doctest: +SKIP
+        >>> summary.counts["pg"], summary.groups_kept_together  # doctest: +SKIP
         ({'train': 4763, 'val': 1702, 'test': 339}, 1712)
     """
     ratios = parse_ratios(ratios)
@@ -411,17 +375,20 @@ def split_dataset(source: str | os.PathLike, out_dir: str | os.PathLike,
     group_key = make_group_key(group_by, readable_records, class_of, progress, workers)
     warnings: list[str] = []
     assignment = assign_splits(files, group_key, ratios, seed, warnings)
-    return _write_split(out_dir, root, files, found, records, assignment, group_key,
-                        dict(ratios=list(ratios), seed=seed, mode=mode, force=force, warnings=warnings,
-                             group_by=group_by if isinstance(group_by, str) else "custom"), progress)
+    summary = SplitSummary(source=str(root), out_dir=str(out_dir), ratios=list(ratios), seed=seed, mode=mode,
+                           force=force, warnings=warnings,
+                           group_by=group_by if isinstance(group_by, str) else "custom")
+    return _write_split(summary, files, found, records, assignment, group_key, progress)
 
 
-def _write_split(out_dir: Path, root: Path, files: dict[str, list[Path]], found: ClassFiles,
-                 records, assignment: dict[Path, str], group_key: GroupKey, options: dict,
-                 progress: bool) -> dict:
+def _write_split(summary: SplitSummary, files: dict[str, list[Path]], found: ClassFiles,
+                 records: Sequence[ImageRecord], assignment: dict[Path, str], group_key: GroupKey,
+                 progress: bool) -> SplitSummary:
+    """Fill in the counts and write the split (files, split.csv, split.json) atomically."""
+    out_dir, force = Path(summary.out_dir), summary.force
     group_sizes = Counter(group_key(p) for paths in files.values() for p in paths)
     jobs, rows = [], []
-    counts = {c: {s: 0 for s in SPLIT_NAMES} for c in sorted(files)}
+    counts = {c: {s: 0 for s in SPLITS} for c in sorted(files)}
     for class_name in sorted(files):
         names = _destination_names(found.dirs[class_name], files[class_name])
         for path in files[class_name]:
@@ -430,58 +397,68 @@ def _write_split(out_dir: Path, root: Path, files: dict[str, list[Path]], found:
             gid = group_key(path)
             rows.append([target.as_posix(), class_name, split_name, str(path.resolve()),
                          gid if group_sizes[gid] > 1 else ""])
-            jobs.append((path, target, options["mode"]))
+            jobs.append((path, target, summary.mode))
             counts[class_name][split_name] += 1
-    summary = {
-        "source": str(root), "out_dir": str(out_dir), **options,
-        "n_files": len(rows), "counts": counts,
-        "groups_kept_together": sum(1 for n in group_sizes.values() if n > 1),
-        "files_in_groups": sum(n for n in group_sizes.values() if n > 1),
-        "skipped_non_images": [str(p) for p in found.non_images],
-        "skipped_unreadable": [f"{r.path}: {r.error}" for r in records if not r.readable],
-        "split_csv": str(out_dir / "split.csv"),
-    }
-    with claim_output(out_dir, inputs=[root], kind="folder", force=options["force"], owned=OWNED,
-                      option="OUT_DIR"), atomic_dir(out_dir, force=options["force"]) as staging:
-        for split_name in SPLIT_NAMES:
+    summary.n_files, summary.counts = len(rows), counts
+    summary.groups_kept_together = sum(1 for n in group_sizes.values() if n > 1)
+    summary.files_in_groups = sum(n for n in group_sizes.values() if n > 1)
+    summary.skipped_non_images = [str(p) for p in found.non_images]
+    summary.skipped_unreadable = [f"{r.path}: {r.error}" for r in records if not r.readable]
+    summary.split_csv = str(out_dir / "split.csv")
+    with claim_output(out_dir, inputs=[Path(summary.source)], kind="folder", force=force, owned=OWNED,
+                      option="OUT_DIR"), atomic_dir(out_dir, force=force) as staging:
+        for split_name in SPLITS:
             for class_name in counts:
                 (staging / split_name / class_name).mkdir(parents=True, exist_ok=True)
         _place_all([(src, staging / target, mode) for src, target, mode in jobs], progress)
         _write_csv(staging / "split.csv", rows)
-        write_json(staging / "split.json", summary)
+        write_json(staging / "split.json", summary.to_json())
     return summary
 
 
-def _first_few(items: Sequence[str], n: int = 5) -> str:
+def first_few(items: Sequence[str], n: int = 5) -> str:
+    """The file names of the first ``n`` of ``"path[: reason]"`` items, and how many more.
+
+    Example:
+        >>> first_few(["a/1.png", "a/2.png: broken"], n=1)
+        '1.png, ... (+1 more)'
+    """
     names = ", ".join(Path(item.split(": ")[0]).name for item in items[:n])
     return names + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
 
 
-def print_split_summary(summary: dict, console=None) -> None:
-    """Print the class x split counts table and what was grouped or skipped (rich)."""
-    from rich.console import Console
-    from rich.table import Table
+def summary_lines(summary: SplitSummary) -> list[str]:
+    """What was grouped, skipped and warned about, as plain lines (after the counts table).
 
-    console = console or Console()
-    table = Table(title=f"split of {summary['source']} -> {summary['out_dir']} (seed {summary['seed']})")
-    table.add_column("class")
-    for split_name in SPLIT_NAMES:
-        table.add_column(split_name, justify="right")
-    table.add_column("total", justify="right")
-    totals = Counter()
-    for class_name, counts in summary["counts"].items():
-        n = sum(counts.values())
-        totals.update(counts)
-        table.add_row(class_name, *(f"{counts[s]} ({counts[s] / n:.1%})" for s in SPLIT_NAMES), str(n))
-    table.add_row("all", *(str(totals[s]) for s in SPLIT_NAMES), str(sum(totals.values())), style="bold")
-    console.print(table)
-    if summary["group_by"] != "none":
-        console.print(f"group-by {summary['group_by']}: {summary['groups_kept_together']} groups "
-                      f"({summary['files_in_groups']} files) kept together in one split each")
-    for label, key in (("non-image files", "skipped_non_images"),
-                       ("unreadable images", "skipped_unreadable")):
-        if summary[key]:
-            console.print(f"skipped {len(summary[key])} {label}: {_first_few(summary[key])}", markup=False)
-    for warning in summary.get("warnings", []):
-        console.print(f"warning: {warning}", markup=False, style="yellow")
-    console.print(f"wrote {summary['split_csv']}", markup=False)
+    Example:
+        >>> summary_lines(split_dataset("synth", "split", progress=False))[-1]  # doctest: +SKIP
+        'wrote split/split.csv'
+    """
+    lines = []
+    if summary.group_by != "none":
+        lines.append(f"group-by {summary.group_by}: {summary.groups_kept_together} groups "
+                     f"({summary.files_in_groups} files) kept together in one split each")
+    for label, skipped in (("non-image files", summary.skipped_non_images),
+                           ("unreadable images", summary.skipped_unreadable)):
+        if skipped:
+            lines.append(f"skipped {len(skipped)} {label}: {first_few(skipped)}")
+    lines += [f"warning: {warning}" for warning in summary.warnings]
+    lines.append(f"wrote {summary.split_csv}")
+    return lines
+
+
+def print_split_summary(summary: SplitSummary, console=None) -> None:
+    """Kept for callers of the old name (``crystalscope.demo``): counts and findings, plain.
+
+    The library does not render: ``crystalscope split`` draws the table with rich in
+    :mod:`crystalscope.cli.data`. This writes plain lines through ``console.print`` when a
+    console is passed, else through the ``logging`` INFO channel.
+    """
+    lines = [f"split of {summary.source} -> {summary.out_dir} (seed {summary.seed})"]
+    lines += [f"{c}: " + ", ".join(f"{s} {n}" for s, n in per_split.items())
+              for c, per_split in summary.counts.items()]
+    for line in lines + summary_lines(summary):
+        if console is not None:
+            console.print(line, markup=False, highlight=False)
+        else:
+            log.info(line)

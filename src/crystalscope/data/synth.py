@@ -29,13 +29,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from crystalscope.errors import CrystalscopeError
 from crystalscope.io import atomic_dir
+from crystalscope.runtime import cpu_count, default_workers, progress_bar
 from crystalscope.safety import check_output, claim_output
 
 #: Real file counts of the Kaggle download (``archive/cropped/cropped/{cex,pg}``).
@@ -504,27 +505,23 @@ def _check_options(out_dir: Path, per_class: int | None, seed: int, difficulty: 
 
 def _run_chunks(jobs: list, total_files: int, workers: int, progress: bool) -> list[tuple]:
     """Run the chunks (in a process pool when workers > 1), in order, with a progress bar."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
     rows: list[tuple] = []
-    columns = (TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, disable=not progress) as bar:
-        task_id = bar.add_task("synth", total=total_files)
-        if workers == 1:
-            results: Iterable = map(_write_chunk, jobs)
-            for chunk_rows in results:
+    if workers == 1:
+        with progress_bar("synth", total_files, enabled=progress) as advance:
+            for chunk_rows in map(_write_chunk, jobs):
                 rows.extend(chunk_rows)
-                bar.advance(task_id, len(chunk_rows))
-            return rows
-        import multiprocessing
+                advance(len(rows))
+        return rows
+    import multiprocessing
 
-        with multiprocessing.get_context().Pool(workers) as pool:
-            # imap keeps chunk order, so the manifest comes out in file order
-            for chunk_rows in pool.imap(_write_chunk, jobs, chunksize=1):
-                rows.extend(chunk_rows)
-                bar.advance(task_id, len(chunk_rows))
+    # the pool (its forked workers) before the bar: rich refreshes the bar from a thread, and a
+    # process forked while another thread holds a lock can deadlock
+    with multiprocessing.get_context().Pool(workers) as pool, \
+            progress_bar("synth", total_files, enabled=progress) as advance:
+        # imap keeps chunk order, so the manifest comes out in file order
+        for chunk_rows in pool.imap(_write_chunk, jobs, chunksize=1):
+            rows.extend(chunk_rows)
+            advance(len(rows))
     return rows
 
 
@@ -565,7 +562,8 @@ def generate(out_dir: str | os.PathLike, per_class: int | None = None, seed: int
     counts = dict(REAL_COUNTS) if per_class is None else {c: int(per_class) for c in REAL_COUNTS}
     tasks = plan_crystals(counts, int(seed))
     chunks = _chunks(tasks, files_per_chunk=48)
-    workers = min(int(workers or os.cpu_count() or 1), len(chunks))
+    # rendering is CPU-bound and scales with every core (no cap, unlike decoding)
+    workers = min(default_workers(workers, cap=cpu_count()), len(chunks))
     started = time.perf_counter()
     with claim_output(out_dir, kind="folder", force=force, owned=OWNED, option="OUT_DIR"), \
             atomic_dir(out_dir, force=force) as staging:

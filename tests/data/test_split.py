@@ -76,7 +76,7 @@ def test_targets_by_largest_remainder():
 def test_split_by_file_is_stratified_exact_and_disjoint(source, tmp_path):
     out = tmp_path / "out"
     summary = split_dataset(source, out, group_by="none", progress=False)
-    assert summary["counts"] == {c: {"train": 28, "val": 10, "test": 2} for c in ("cex", "pg")}
+    assert summary.counts == {c: {"train": 28, "val": 10, "test": 2} for c in ("cex", "pg")}
     rows = read_rows(out)
     assert list(rows[0]) == ["path", "class", "split", "source", "group"]
     assert len(rows) == 80 and len({r["source"] for r in rows}) == 80
@@ -96,7 +96,7 @@ def test_same_seed_same_split_other_seed_differs(source, tmp_path):
     split_dataset(source, tmp_path / "c", seed=6, group_by="none", progress=False)
     a, b, c = (sorted((r["path"], r["split"]) for r in read_rows(tmp_path / n)) for n in "abc")
     assert a == b and a != c
-    assert first["seed"] == 5
+    assert first.seed == 5
 
 
 def test_kaggle_root_is_detected_and_class_names_lowered(source, tmp_path):
@@ -104,8 +104,8 @@ def test_kaggle_root_is_detected_and_class_names_lowered(source, tmp_path):
     kaggle.parent.mkdir(parents=True)
     source.rename(kaggle)
     summary = split_dataset(tmp_path / "archive", tmp_path / "out", progress=False)
-    assert sorted(summary["counts"]) == ["cex", "pg"]
-    assert Path(summary["source"]) == kaggle
+    assert sorted(summary.counts) == ["cex", "pg"]
+    assert Path(summary.source) == kaggle
     assert (tmp_path / "out" / "train" / "pg").is_dir()
 
 
@@ -124,12 +124,12 @@ def test_grouped_split_keeps_every_dihedral_group_in_one_split(grouped_source, t
     split_of = {Path(r["source"]).name: r["split"] for r in read_rows(tmp_path / "out")}
     for group in groups:
         assert len({split_of[p.name] for p in group}) == 1, group
-    assert summary["groups_kept_together"] == 12
-    assert summary["files_in_groups"] == sum(map(len, groups))
-    pg = summary["counts"]["pg"]
+    assert summary.groups_kept_together == 12
+    assert summary.files_in_groups == sum(map(len, groups))
+    pg = summary.counts["pg"]
     targets = split_targets(sum(pg.values()), (0.7, 0.25, 0.05))
     assert all(abs(pg[s] - t) <= 5 for s, t in zip(("train", "val", "test"), targets))
-    assert summary["counts"]["cex"] == {"train": 21, "val": 8, "test": 1}
+    assert summary.counts["cex"] == {"train": 21, "val": 8, "test": 1}
     groups_in_csv = {r["group"] for r in read_rows(tmp_path / "out") if r["class"] == "pg"}
     assert len(groups_in_csv - {""}) == 12
 
@@ -141,7 +141,7 @@ def test_a_duplicate_filed_under_two_classes_stays_in_one_split(source, tmp_path
     rows = {Path(r["source"]).name: r for r in read_rows(tmp_path / "out")}
     assert rows["PG (41).png"]["split"] == rows["CEX (7).png"]["split"]
     assert rows["PG (41).png"]["group"] == rows["CEX (7).png"]["group"] != ""
-    assert summary["groups_kept_together"] == 1
+    assert summary.groups_kept_together == 1
 
 
 def test_split_by_file_leaks_groups(grouped_source, tmp_path):
@@ -166,25 +166,25 @@ def test_regex_grouping(tmp_path):
             splits = {r["split"] for r in rows if r["class"] == class_name
                       and r["path"].split("/")[-1].startswith(f"crystal{crystal}_")}
             assert len(splits) == 1
-    assert summary["groups_kept_together"] == 20  # per class: same key in two classes stays separate
+    assert summary.groups_kept_together == 20  # per class: same key in two classes stays separate
     assert regex_group_key(r"v\d")(Path("crystal1_v2.png")) == "re::v2"
 
 
 def test_custom_group_key_callable(source, tmp_path):
     summary = split_dataset(source, tmp_path / "out", group_by=lambda p: p.parent.name,
                             progress=False)
-    assert summary["group_by"] == "custom"
-    assert all(sum(1 for n in c.values() if n) == 1 for c in summary["counts"].values())
+    assert summary.group_by == "custom"
+    assert all(sum(1 for n in c.values() if n) == 1 for c in summary.counts.values())
 
 
 def test_non_images_and_corrupt_images_are_skipped_and_listed(source, tmp_path):
     (source / "CEX" / "notes.txt").write_text("x")
     (source / "PG" / "PG (99).png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     summary = split_dataset(source, tmp_path / "out", progress=False)
-    assert [Path(p).name for p in summary["skipped_non_images"]] == ["notes.txt"]
-    assert len(summary["skipped_unreadable"]) == 1 and "PG (99).png" in summary["skipped_unreadable"][0]
+    assert [Path(p).name for p in summary.skipped_non_images] == ["notes.txt"]
+    assert len(summary.skipped_unreadable) == 1 and "PG (99).png" in summary.skipped_unreadable[0]
     assert not list((tmp_path / "out").rglob("PG (99).png"))
-    assert summary["n_files"] == 80
+    assert summary.n_files == 80
 
 
 def test_force_replaces_and_refusal_without_it(source, tmp_path):

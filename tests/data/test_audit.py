@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from crystalscope.cli import app
-from crystalscope.data import audit
+from crystalscope.data.audit import parallel
 from crystalscope.data.audit import (audit_dataset, candidate_pairs, dihedral_phash, dihedral_views,
                                      find_duplicate_groups, find_duplicates, scan_images)
 from crystalscope.errors import CrystalscopeError
@@ -101,7 +101,7 @@ def test_copies_in_different_chunks_are_checked_by_a_second_decode(dataset, monk
     paths = sorted(dataset["root"].rglob("*.png"))
     in_chunk = find_duplicates(scan_images(paths))
     assert in_chunk.n_decoded_again == 0  # one chunk: every candidate checked during the scan
-    monkeypatch.setattr(audit, "CHUNK", 2)  # splits the dihedral groups across chunks
+    monkeypatch.setattr(parallel, "CHUNK", 2)  # splits the dihedral groups across chunks
     across = find_duplicates(scan_images(paths))
     assert across.n_decoded_again > 0
     assert across.groups == in_chunk.groups and across.exact_groups == in_chunk.exact_groups
@@ -125,11 +125,11 @@ def test_rotated_real_crop_is_found(real_samples, tmp_path):
 def test_parallel_scan_matches_serial(dataset, monkeypatch):
     paths = sorted(dataset["root"].rglob("*.png"))
     serial = scan_images(paths, workers=1)
-    monkeypatch.setattr(audit, "SERIAL_BELOW", 0)
-    monkeypatch.setattr(audit, "CHUNK", 5)
-    parallel = scan_images(paths, workers=2)
-    assert [r.path for r in parallel] == paths
-    assert [r.phash.tolist() if r.readable else r.error for r in parallel] == \
+    monkeypatch.setattr(parallel, "SERIAL_BELOW", 0)
+    monkeypatch.setattr(parallel, "CHUNK", 5)
+    pooled = scan_images(paths, workers=2)
+    assert [r.path for r in pooled] == paths
+    assert [r.phash.tolist() if r.readable else r.error for r in pooled] == \
            [r.phash.tolist() if r.readable else r.error for r in serial]
 
 
@@ -157,7 +157,7 @@ def test_audit_of_class_folders_writes_report_with_required_keys(dataset, tmp_pa
     # every cex is 40x40 and no pg is: metadata alone separates the classes
     assert saved["metadata_baseline_accuracy"] >= 0.9 and saved["shortcut_warning"] is True
     assert "SHORTCUT WARNING" in (out / "audit.md").read_text()
-    assert result["run_time_s"] > 0
+    assert result.run_time_s > 0 and saved == json.loads(json.dumps(result.to_json()))
 
 
 def test_no_shortcut_warning_when_sizes_and_brightness_match(tmp_path):
@@ -166,10 +166,10 @@ def test_no_shortcut_warning_when_sizes_and_brightness_match(tmp_path):
         for i in range(20):
             save(texture(rng, 32, 32), tmp_path / "data" / class_name / f"{i}.png")
     result = audit_dataset(tmp_path / "data", out_dir=tmp_path / "out", progress=False)
-    baseline = result["metadata_baseline"]
-    assert baseline["chance_accuracy"] == 0.5
-    assert baseline["accuracy"] < baseline["warning_threshold"] and not result["shortcut_warning"]
-    assert "no strong shortcut" in baseline["message"]
+    baseline = result.metadata_baseline
+    assert baseline.chance_accuracy == 0.5
+    assert baseline.accuracy < baseline.warning_threshold and not result.shortcut_warning
+    assert "no strong shortcut" in baseline.message
 
 
 def test_cross_split_groups_are_leakage(dataset, tmp_path):
@@ -183,9 +183,9 @@ def test_cross_split_groups_are_leakage(dataset, tmp_path):
             save(np.rot90(np.array(Image.open(path)), ["train", "val", "test"].index(name) + k),
                  split / name / "cex" / f"{name}{k}.png")
     result = audit_dataset(split, out_dir=tmp_path / "out", progress=False)
-    assert result["layout"] == "split"
-    assert result["counts"]["train"] == {"cex": 3, "pg": 2}
-    cross = sorted(sorted(g) for g in result["cross_split_groups"])
+    assert result.layout == "split"
+    assert result.counts["train"] == {"cex": 3, "pg": 2}
+    cross = sorted(sorted(g) for g in result.cross_split_groups)
     # the pg crystal and each cex crop (rotated copies placed in all three splits) leak
     assert ["test/pg/y.png", "train/pg/x.png", "train/pg/z.png"] in cross and len(cross) == 4
     assert "LEAKAGE WARNING: 4 duplicate groups span more than one split; 4 test files" in (tmp_path / "out" / "audit.md").read_text()
@@ -194,7 +194,7 @@ def test_cross_split_groups_are_leakage(dataset, tmp_path):
 def test_a_duplicate_under_two_labels_is_flagged(dataset, tmp_path):
     (dataset["root"] / "pg" / "PG (40).png").write_bytes(dataset["cex"][3].read_bytes())
     result = audit_dataset(dataset["root"], out_dir=tmp_path / "out", progress=False)
-    assert result["mixed_class_groups"] == [["cex/CEX (4).png", "pg/PG (40).png"]]
+    assert result.mixed_class_groups == [["cex/CEX (4).png", "pg/PG (40).png"]]
     assert "LABEL WARNING: 1 duplicate groups" in (tmp_path / "out" / "audit.md").read_text()
 
 
@@ -215,7 +215,7 @@ def test_out_dir_safety(dataset, tmp_path):
 def test_default_out_dir_is_beside_not_inside_the_data(dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = audit_dataset(dataset["root"], progress=False)
-    assert Path(result["out_dir"]) == tmp_path / "audit-data"
+    assert Path(result.out_dir) == tmp_path / "audit-data"
     assert (tmp_path / "audit-data" / "audit.json").exists()
 
 

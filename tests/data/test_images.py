@@ -1,0 +1,44 @@
+"""Decoding any file into 8-bit RGB the same way everywhere (crystalscope.data.images)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from crystalscope.data import images, layout
+from crystalscope.data.images import ImageReadError, image_size, load_rgb, to_rgb
+
+
+def test_the_layout_rule_is_reexported_not_copied():
+    assert images.list_images is layout.list_images and images.is_image_file is layout.is_image_file
+    assert images.IMAGE_EXTENSIONS is layout.IMAGE_EXTENSIONS
+
+
+def test_list_images_skips_files_in_hidden_folders(tmp_path):
+    for name in ("a.png", ".b.png", ".staging/c.png", "sub/d.JPG", "e.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / name, format="PNG")
+    assert [p.relative_to(tmp_path).as_posix() for p in images.list_images(tmp_path)] == ["a.png", "sub/d.JPG"]
+
+
+def test_modes_become_rgb_the_same_way():
+    grey16 = Image.fromarray(np.array([[0, 65535]], dtype=np.uint16))
+    assert np.asarray(to_rgb(grey16)).tolist() == [[[0, 0, 0], [255, 255, 255]]]
+    rgba = Image.new("RGBA", (2, 1), (200, 100, 50, 0))  # fully transparent: the black background
+    assert np.asarray(to_rgb(rgba)).max() == 0
+    assert to_rgb(Image.new("L", (3, 2), 77)).getpixel((0, 0)) == (77, 77, 77)
+
+
+def test_unreadable_and_too_large_files_name_the_file(tmp_path, monkeypatch):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(ImageReadError, match="broken.png"):
+        load_rgb(broken)
+    with pytest.raises(ImageReadError, match="file not found"):
+        load_rgb(tmp_path / "missing.png")
+    Image.new("RGB", (30, 20)).save(tmp_path / "big.png")
+    monkeypatch.setenv("CRYSTALSCOPE_MAX_PIXELS", "500")
+    with pytest.raises(ImageReadError, match="30 x 20 pixels, above the limit of 500"):
+        load_rgb(tmp_path / "big.png")
+    assert image_size(tmp_path / "big.png") == (30, 20)
