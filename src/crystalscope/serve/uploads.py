@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from crystalscope.errors import CrystalscopeError
+from crystalscope.runtime import first_line
 
 #: Pillow format names accepted by content (the same set as ``IMAGE_EXTENSIONS``).
 ALLOWED_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
@@ -101,6 +102,6 @@ def decode_upload(data: bytes, name: str, limits: ServeLimits) -> Image.Image:
     try:
         img.load()  # the full decode here, so a truncated file fails as an upload error
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc, limit=120)
         raise UploadError(f"{name}: corrupt or truncated image ({reason})", 422) from None
     return img

@@ -24,7 +24,7 @@ from crystalscope import Predictor
 from crystalscope.inference.predictor import predictions_csv
 from tiny_onnx import tiny_onnx_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from serve_common import CHROMIUM_ARGS, LOOPBACK, free_loopback_port, start_server, stop_server  # noqa: E402
 
 
@@ -120,7 +120,7 @@ def test_page_labels_dropped_crops_and_downloads_predicts_csv(chromium, served, 
 
 
 def test_load_script_reports_zero_errors_on_loopback(served, real_samples, tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import serve_load
 
     model, _ = served

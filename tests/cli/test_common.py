@@ -1,0 +1,76 @@
+"""What every command shares (cli/common.py): the one error boundary, the log handler, the progress bar."""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from crystalscope.cli.common import log_to_terminal, progress_callback, user_errors
+from crystalscope.errors import CrystalscopeError
+
+
+def _command(exc: BaseException):
+    demo = typer.Typer()
+
+    @demo.command()
+    @user_errors
+    def run():
+        raise exc
+
+    return demo
+
+
+@pytest.mark.parametrize("exc, code, words", [
+    (CrystalscopeError("--out x: give a folder"), 2, "error: --out x: give a folder"),
+    (OSError(errno.ENOSPC, "No space left on device", "runs/a/x.png"), 1, "no space left on device while writing runs/a/x.png"),
+    (MemoryError(), 1, "out of memory"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+])
+def test_the_cli_boundary_turns_expected_errors_into_one_line(exc, code, words):
+    result = CliRunner().invoke(_command(exc), [])
+    assert result.exit_code == code
+    assert words in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_an_error_may_carry_its_own_exit_code():
+    class Refused(CrystalscopeError):
+        exit_code = 3
+
+    result = CliRunner().invoke(_command(Refused("no")), [])
+    assert result.exit_code == 3 and "error: no" in result.output
+
+
+def test_a_programming_error_is_not_swallowed():
+    result = CliRunner().invoke(_command(ZeroDivisionError("bug")), [])
+    assert result.exit_code == 1 and isinstance(result.exception, ZeroDivisionError)
+
+
+def test_log_records_reach_the_terminal_as_bare_messages(capsys):
+    logger = logging.getLogger("crystalscope")
+    before = (list(logger.handlers), logger.level)
+    try:
+        log_to_terminal(verbose=False)
+        logging.getLogger("crystalscope.demo").info("1/5 synth")
+        logging.getLogger("crystalscope.demo").debug("hidden detail")
+        log_to_terminal(verbose=True)
+        log_to_terminal(verbose=True)  # called once per command: never two handlers
+        logging.getLogger("crystalscope.demo").debug("shown detail")
+    finally:
+        logger.handlers[:], logger.level = before
+    assert capsys.readouterr().err.splitlines() == ["1/5 synth", "shown detail"]
+
+
+def test_progress_callback_accepts_the_library_protocol():
+    calls = []
+    with progress_callback("features") as on_progress:
+        for done in (1, 3, 5):
+            on_progress(done, 5)
+            calls.append(done)
+    with progress_callback("features", enabled=False) as quiet:
+        assert quiet(1, 2) is None
+    assert calls == [1, 3, 5]

@@ -1,0 +1,43 @@
+"""Generated process runs (monitor/frames.py): seeded frames, consistent truth, one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("scipy")
+
+from crystalscope.cli import app  # noqa: E402
+from crystalscope.monitor.frames import ProcessSpec, generate_process, read_truth  # noqa: E402
+from monitor_runs import SMALL  # noqa: E402
+
+RUNNER = CliRunner()
+
+
+def test_synth_process_is_seeded_and_its_truth_is_consistent(tmp_path):
+    spec = ProcessSpec(frames=4, pg_onset_s=20.0, pg_max=1.0, pg_rise_s=1e-6, seed=3, **SMALL)
+    first = generate_process(tmp_path / "a", spec)
+    generate_process(tmp_path / "b", spec)
+    names = sorted(p.name for p in (tmp_path / "a" / "frames").iterdir())
+    assert names[1] == "frame_00001_t000010.00s.png"
+    for name in names:
+        assert (tmp_path / "a" / "frames" / name).read_bytes() == (tmp_path / "b" / "frames" / name).read_bytes()
+    truth = read_truth(tmp_path / "a" / "frames")
+    assert truth["onset_s"] == 20.0 and first["onset_s"] == 20.0
+    classes = {f: {p["class"] for p in ps} for f, ps in truth["particles"].items()}
+    assert classes[0] == {"cex"} and classes[1] == {"cex"}  # before the onset: no PG
+    assert classes[3] == {"pg"}  # pg_max 1.0 after the onset: only PG
+    assert float(truth["frames"][3]["pg_fraction"]) == 1.0
+    for ps in truth["particles"].values():
+        for p in ps:
+            assert 0 <= int(p["x0"]) < int(p["x1"]) <= 320 and 0 <= int(p["y0"]) < int(p["y1"]) <= 240
+
+
+def test_onset_after_the_last_frame_gives_a_run_without_pg(tmp_path):
+    summary = generate_process(tmp_path / "run", ProcessSpec(frames=3, pg_onset_s=1e6, seed=1, **SMALL))
+    assert summary["onset_s"] is None and summary["n_pg"] == 0
+
+
+def test_synth_process_errors_are_one_line(tmp_path):
+    result = RUNNER.invoke(app, ["synth-process", str(tmp_path / "x"), "--frames", "0"])
+    assert result.exit_code == 2 and "--frames 0" in result.output

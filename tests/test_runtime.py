@@ -1,0 +1,53 @@
+"""Runtime plumbing (crystalscope/runtime.py): workers, devices, error text, progress."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from crystalscope.errors import CrystalscopeError
+from crystalscope.runtime import MAX_WORKERS, cpu_count, default_workers, first_line, progress_bar, resolve_device
+
+
+def test_cpu_count_follows_the_affinity_mask():
+    expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert cpu_count() == max(1, expected)
+
+
+def test_default_workers_is_the_request_or_every_cpu_up_to_the_cap(monkeypatch):
+    assert default_workers(3) == 3 and default_workers("2") == 2
+    monkeypatch.setattr("crystalscope.runtime.cpu_count", lambda: 64)
+    assert default_workers() == MAX_WORKERS and default_workers(cap=4) == 4
+    monkeypatch.setattr("crystalscope.runtime.cpu_count", lambda: 1)
+    assert default_workers() == 1
+    with pytest.raises(CrystalscopeError, match="--workers 0"):
+        default_workers(0)
+
+
+def test_resolve_device_names_the_option_on_a_bad_device():
+    import torch
+
+    assert str(resolve_device("cpu")) == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(CrystalscopeError, match="--device 'gpu0'"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(CrystalscopeError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_first_line_is_the_message_head_or_the_type_name():
+    assert first_line(ValueError("\n  bad value\nmore")) == "bad value"
+    assert first_line(KeyError()) == "KeyError"
+    assert first_line(OSError("x" * 300)) == "x" * 200
+    assert first_line(OSError("x" * 300), limit=120) == "x" * 120
+    assert first_line(OSError("x" * 300), limit=None) == "x" * 300
+
+
+def test_progress_bar_reports_through_a_callback():
+    with progress_bar("decode", total=3, enabled=False) as advance:
+        assert advance(1, 3) is None
+    with progress_bar("decode", total=None) as advance:  # a real (transient) bar on stderr
+        advance(1)
+        advance(2, 4)
