@@ -77,7 +77,7 @@ def test_demo_reports_split_and_audit_as_they_finish(demo_run):
     result, steps, _ = demo_run
     assert [name for name, _ in steps] == ["split", "audit"]
     split = steps[0][1]
-    assert split is result.split and split["n_files"] == 2 * PER_CLASS
+    assert split is result.split and split.n_files == 2 * PER_CLASS
 
 
 def test_demo_refuses_an_earlier_run_without_force(tmp_path):

@@ -32,15 +32,13 @@ def demo_command(
 
 
 def _print_step(name: str, result, console) -> None:
-    """The split and audit summaries, shown while the next step runs."""
+    """The split and audit summaries, shown while the next step runs (as `split` and `audit` show them)."""
+    from crystalscope.cli.data import render_audit, render_split
+
     if name == "split":
-        from crystalscope.data.split import print_split_summary
-
-        print_split_summary(result, console)
+        render_split(result, console)
     elif name == "audit":
-        from crystalscope.data.audit import print_audit_summary
-
-        print_audit_summary(result, console)
+        render_audit(result, console)
 
 
 def _print_demo(result, console) -> None:

@@ -445,20 +445,3 @@ def summary_lines(summary: SplitSummary) -> list[str]:
     lines += [f"warning: {warning}" for warning in summary.warnings]
     lines.append(f"wrote {summary.split_csv}")
     return lines
-
-
-def print_split_summary(summary: SplitSummary, console=None) -> None:
-    """Kept for callers of the old name (``crystalscope.demo``): counts and findings, plain.
-
-    The library does not render: ``crystalscope split`` draws the table with rich in
-    :mod:`crystalscope.cli.data`. This writes plain lines through ``console.print`` when a
-    console is passed, else through the ``logging`` INFO channel.
-    """
-    lines = [f"split of {summary.source} -> {summary.out_dir} (seed {summary.seed})"]
-    lines += [f"{c}: " + ", ".join(f"{s} {n}" for s, n in per_split.items())
-              for c, per_split in summary.counts.items()]
-    for line in lines + summary_lines(summary):
-        if console is not None:
-            console.print(line, markup=False, highlight=False)
-        else:
-            log.info(line)

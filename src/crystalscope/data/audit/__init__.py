@@ -28,7 +28,7 @@ from crystalscope.data.audit.duplicates import (PHASH_MAX_DISTANCE, DuplicateRep
                                                 find_duplicates, pixel_identical_groups)
 from crystalscope.data.audit.fingerprint import ImageRecord, dihedral_phash, dihedral_views
 from crystalscope.data.audit.plots import plot_intensity, plot_sizes
-from crystalscope.data.audit.report import audit_markdown, print_audit_summary, summary_lines
+from crystalscope.data.audit.report import audit_markdown, summary_lines
 from crystalscope.data.audit.result import AuditResult, assemble
 from crystalscope.data.audit.scan import find_duplicate_groups, scan_images
 from crystalscope.data.audit.source import AuditSource, discover_source
@@ -40,7 +40,7 @@ __all__ = ["AUDIT_FILES", "PHASH_MAX_DISTANCE", "AuditResult", "AuditSource", "D
            "MetadataBaseline", "audit_dataset", "audit_markdown", "candidate_pairs", "class_statistics",
            "default_audit_dir", "dihedral_phash", "dihedral_views", "discover_source", "find_duplicate_groups",
            "find_duplicates", "metadata_baseline", "pixel_identical_groups", "plot_intensity", "plot_sizes",
-           "print_audit_summary", "scan_images", "summary_lines"]
+           "scan_images", "summary_lines"]
 
 log = logging.getLogger(__name__)
 

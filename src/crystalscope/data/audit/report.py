@@ -108,17 +108,3 @@ def audit_markdown(result: AuditResult) -> str:
               "![sizes](sizes.png) ![intensity](intensity.png)", "",
               f"Run time: {result.run_time_s:.1f} s with {result.workers} worker processes."]
     return "\n".join(lines) + "\n"
-
-
-def print_audit_summary(result: AuditResult, console=None) -> None:
-    """Kept for callers of the old name (``crystalscope.demo``): the summary lines, plain.
-
-    The library does not render: ``crystalscope audit`` draws the counts table with rich in
-    :mod:`crystalscope.cli.data`. This writes the same findings through ``console.print`` when a
-    console is passed, else through the ``logging`` INFO channel.
-    """
-    for line in summary_lines(result):
-        if console is not None:
-            console.print(line, markup=False, highlight=False)
-        else:
-            log.info(line)
