@@ -244,7 +244,7 @@ def test_serve_rejects_the_foreign_image_like_predict(models, real_samples, tmp_
 
     files = sorted(real_samples.glob("*.png"))
     expected = {Path(p.path).name: p for p in predict_paths(models["fitted_onnx"], files, tmp_path / "p.csv",
-                                                            progress=False)["predictions"]}
+                                                            progress=False).predictions}
     assert expected["not_a_crystal_cat.png"].status == "rejected"
     client = TestClient(create_app(Predictor.load(models["fitted_onnx"])))
     response = client.post("/api/predict", files=[("files", (f.name, f.read_bytes(), "image/png")) for f in files])
