@@ -162,8 +162,8 @@ def test_evaluate_ood_rates_are_those_of_predict(models, ood_dir, real_samples, 
     result = evaluate_ood(models["fitted_onnx"], real_samples, [ood_dir / "uniform"], batch_size=3)
     predicted = Predictor.load(models["fitted_onnx"]).predict(collect_images([real_samples]))
     rate = sum(p.rejected for p in predicted) / sum(p.classified for p in predicted)
-    assert result["in_distribution"]["rejection_rate"] == pytest.approx(rate)
-    assert result["in_distribution"]["n_images"] == 8 and result["backend"] == "onnx"
+    assert result.in_distribution.rejection_rate == pytest.approx(rate)
+    assert result.in_distribution.n_images == 8 and result.backend == "onnx"
     uniform = Predictor.load(models["fitted_onnx"]).predict(collect_images([ood_dir / "uniform"]))
-    assert result["sets"][0]["rejection_rate"] == pytest.approx(sum(p.rejected for p in uniform) / 3)
+    assert result.sets[0].rejection_rate == pytest.approx(sum(p.rejected for p in uniform) / 3)
     assert not (tmp_path / "ood_eval.json").exists()  # no report folder given: nothing written

@@ -154,18 +154,22 @@ def ood_eval_command(
     from crystalscope.inference.ood_eval import evaluate_ood
 
     result = evaluate_ood(model, in_dir, out_dirs, report_dir=report, batch_size=batch_size, device=device)
-    ind = result["in_distribution"]
-    table = Table(title=Text(f"{result['model']} ({result['backend']}): {result['method']} score, threshold "
-                             f"{result['threshold']:.4g}"), title_justify="left")
+    ind = result.in_distribution
+    table = Table(title=Text(f"{result.model} ({result.backend}): {result.method} score, threshold "
+                             f"{result.threshold:.4g}"), title_justify="left")
     for column in ("set", "kind", "images", "AUROC", "FPR@95%TPR", "rejected"):
         table.add_column(column, justify="left" if column in ("set", "kind") else "right")
-    table.add_row(Text(f"in: {ind['folder']}"), "in", str(ind['n_images']), "", "", f"{ind['rejection_rate']:.1%}")
-    for s in result["sets"]:
-        table.add_row(Text(s["name"]), s["kind"], str(s["n_images"]), f"{s['auroc']:.4f}",
-                      f"{s['fpr_at_95_tpr']:.1%}", f"{s['rejection_rate']:.1%}")
+    table.add_row(Text(f"in: {ind.folder}"), "in", str(ind.n_images), "", "", _percent(ind.rejection_rate))
+    for s in result.sets:
+        table.add_row(Text(s.name), s.kind, str(s.n_images), "-" if s.auroc is None else f"{s.auroc:.4f}",
+                      _percent(s.fpr_at_95_tpr), _percent(s.rejection_rate))
     Console().print(table)
     if report is not None:
         typer.echo(f"report: {report / 'ood_eval.md'}, {report / 'ood_eval.json'}")
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 @app.command("merge")
