@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
 from crystalscope.cli.common import app, fail, user_errors
+
+if TYPE_CHECKING:  # the CLI imports the library inside each command (a plant PC may lack torch)
+    from crystalscope.inference.stream import PredictSummary
 
 
 @app.command("evaluate")
@@ -106,7 +109,7 @@ def predict_cmd(
         raise fail(f"none of the {summary.n_images} files could be read as an image (reasons in {out})", 1)
 
 
-def _print_predictions(summary, show: int) -> None:
+def _print_predictions(summary: "PredictSummary", show: int) -> None:
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text  # plain Text: file names like "PG [1].png" are not markup
