@@ -302,3 +302,20 @@ def report_folder(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike 
     with claim_output(out, inputs=inputs, kind="folder", force=force, owned=owned, option=option) as path:
         with atomic_dir(path, force=True) as staging:  # claim_output already decided
             yield staging
+
+
+def next_run_dir(base: str | os.PathLike = "runs", name: str = "train") -> Path:
+    """The default output folder of a command: ``runs/train``, then ``runs/train2``, ``runs/train3``, ...
+
+    Never an existing folder, so a default output can never replace an earlier one.
+
+    Example:
+        >>> next_run_dir("runs", "evaluate")  # doctest: +SKIP
+        PosixPath('runs/evaluate2')
+    """
+    base = Path(base)
+    candidate, n = base / name, 1
+    while candidate.exists():
+        n += 1
+        candidate = base / f"{name}{n}"
+    return candidate

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
 from crystalscope.cli.common import app, fail, user_errors
+
+if TYPE_CHECKING:  # the CLI imports the library inside each command (a plant PC may lack torch)
+    from crystalscope.inference.stream import PredictSummary
 
 
 @app.command("evaluate")
@@ -25,7 +27,7 @@ def evaluate(
                                "holding nothing but report files)."),
 ):
     """Write the test report (txt, json, plots, misclassified.csv/.png) of a saved model on a folder."""
-    from crystalscope.training.run import evaluate_checkpoint
+    from crystalscope.inference.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, data_dir, out, batch_size=batch_size, device=device, workers=workers,
                                  progress=sys.stderr.isatty(), force=force)
@@ -93,46 +95,48 @@ def predict_cmd(
     number of files (docs/scaling.md).
     """
     from crystalscope.inference.stream import parse_shard, predict_stream
+    from crystalscope.runtime import progress_bar
 
-    with _row_progress(sys.stderr.isatty()) as advance:
+    # on stderr so stdout stays clean when redirected; no total: files are listed lazily
+    with progress_bar("predicting", total=None, enabled=sys.stderr.isatty()) as on_progress:
         summary = predict_stream(model, paths, out, batch_size=batch_size, recursive=recursive, device=device,
-                                 resume=resume, shard=parse_shard(shard), keep=show, on_rows=advance,
+                                 resume=resume, shard=parse_shard(shard), keep=show, on_progress=on_progress,
                                  reject=reject, sheet=sheet, sheet_max=sheet_max)
-    if summary.get("n_skipped"):
-        typer.echo(f"resumed: {summary['n_skipped']} files already in {out} were skipped", err=True)
+    if summary.n_skipped:
+        typer.echo(f"resumed: {summary.n_skipped} files already in {out} were skipped", err=True)
     _print_predictions(summary, show)
-    if summary["n_images"] and summary["n_ok"] + summary["n_rejected"] == 0:  # (a resume may have nothing left)
-        raise fail(f"none of the {summary['n_images']} files could be read as an image (reasons in {out})", 1)
+    if summary.n_images and summary.n_ok + summary.n_rejected == 0:  # (a resume may have nothing left)
+        raise fail(f"none of the {summary.n_images} files could be read as an image (reasons in {out})", 1)
 
 
-def _print_predictions(summary: dict, show: int) -> None:
+def _print_predictions(summary: "PredictSummary", show: int) -> None:
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text  # plain Text: file names like "PG [1].png" are not markup
 
-    table = Table(title=Text(f"{summary['model']} ({summary['backend']})"), title_justify="left")
+    table = Table(title=Text(f"{summary.model} ({summary.backend})"), title_justify="left")
     for column in ("path", "predicted", "confidence", "status"):
         table.add_column(column, overflow="fold", justify="right" if column == "confidence" else "left")
-    predictions = summary["predictions"]  # only the first rows when streamed
+    predictions = summary.predictions  # only the first rows when streamed
     for p in predictions[:show]:
         table.add_row(Text(p.path), Text(p.predicted or ""), f"{p.confidence:.4f}" if p.classified else "",
                       Text(p.status, style="" if p.ok else "yellow" if p.rejected else "red"))
     console = Console()
     if show:
         console.print(table)
-        if summary["n_images"] > show:
-            console.print(f"... {summary['n_images'] - show} more rows in {summary['out_csv']}", markup=False)
-    counts = ", ".join(f"{c}: {n}" for c, n in summary["counts"].items())
-    rejection = summary.get("rejection")
-    rejected = (f"; rejected as foreign: {summary['n_rejected']} ({rejection['method']} score > "
+        if summary.n_images > show:
+            console.print(f"... {summary.n_images - show} more rows in {summary.out_csv}", markup=False)
+    counts = ", ".join(f"{c}: {n}" for c, n in summary.counts.items())
+    rejection = summary.rejection
+    rejected = (f"; rejected as foreign: {summary.n_rejected} ({rejection['method']} score > "
                 f"{rejection['threshold']:.4g})" if rejection else "; rejection: off (not fitted or --no-reject)")
-    console.print(f"{summary['n_images']} images: {counts}{rejected}; errors: {summary['n_errors']} "
-                  f"-> {summary['out_csv']}", highlight=False, markup=False)
-    if summary.get("sheet"):
-        console.print(f"contact sheet -> {summary['sheet']}", highlight=False, markup=False)
+    console.print(f"{summary.n_images} images: {counts}{rejected}; errors: {summary.n_errors} "
+                  f"-> {summary.out_csv}", highlight=False, markup=False)
+    if summary.sheet:
+        console.print(f"contact sheet -> {summary.sheet}", highlight=False, markup=False)
 
 
-# ---- insight commands (embed, drift) -------------------------------------------------------
+# ---- rejection of foreign images ------------------------------------------------------------
 
 
 @app.command("ood-eval")
@@ -153,37 +157,22 @@ def ood_eval_command(
     from crystalscope.inference.ood_eval import evaluate_ood
 
     result = evaluate_ood(model, in_dir, out_dirs, report_dir=report, batch_size=batch_size, device=device)
-    ind = result["in_distribution"]
-    table = Table(title=Text(f"{result['model']} ({result['backend']}): {result['method']} score, threshold "
-                             f"{result['threshold']:.4g}"), title_justify="left")
+    ind = result.in_distribution
+    table = Table(title=Text(f"{result.model} ({result.backend}): {result.method} score, threshold "
+                             f"{result.threshold:.4g}"), title_justify="left")
     for column in ("set", "kind", "images", "AUROC", "FPR@95%TPR", "rejected"):
         table.add_column(column, justify="left" if column in ("set", "kind") else "right")
-    table.add_row(Text(f"in: {ind['folder']}"), "in", str(ind['n_images']), "", "", f"{ind['rejection_rate']:.1%}")
-    for s in result["sets"]:
-        table.add_row(Text(s["name"]), s["kind"], str(s["n_images"]), f"{s['auroc']:.4f}",
-                      f"{s['fpr_at_95_tpr']:.1%}", f"{s['rejection_rate']:.1%}")
+    table.add_row(Text(f"in: {ind.folder}"), "in", str(ind.n_images), "", "", _percent(ind.rejection_rate))
+    for s in result.sets:
+        table.add_row(Text(s.name), s.kind, str(s.n_images), "-" if s.auroc is None else f"{s.auroc:.4f}",
+                      _percent(s.fpr_at_95_tpr), _percent(s.rejection_rate))
     Console().print(table)
     if report is not None:
         typer.echo(f"report: {report / 'ood_eval.md'}, {report / 'ood_eval.json'}")
 
 
-def _row_progress(enabled: bool):
-    """A context giving ``advance(n)`` for a row counter on stderr (a no-op when not a terminal)."""
-
-    if not enabled:
-        return contextlib.nullcontext(None)
-
-    @contextlib.contextmanager
-    def bar():
-        from rich.console import Console
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        with Progress(SpinnerColumn(), TextColumn("predicting: {task.completed} rows"), TimeElapsedColumn(),
-                      console=Console(stderr=True), transient=True) as progress:
-            task = progress.add_task("predict", total=None)
-            yield lambda n: progress.advance(task, n)
-
-    return bar()
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 @app.command("merge")

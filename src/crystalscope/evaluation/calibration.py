@@ -17,7 +17,8 @@ import numpy as np
 
 from crystalscope.errors import CrystalscopeError
 
-# Bounds agreed in INTERFACES.md; beyond them a model is broken rather than miscalibrated.
+# Bounds of a fitted temperature (fit_temperature clips to them; Predictor accepts any positive one):
+# beyond them a model is broken rather than miscalibrated.
 TEMPERATURE_MIN = 0.05
 TEMPERATURE_MAX = 20.0
 

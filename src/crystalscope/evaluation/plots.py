@@ -14,9 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from crystalscope.errors import CrystalscopeError
+from crystalscope.formats import metrics_class_names, metrics_columns
 from crystalscope.io import atomic_path
 
 _DPI = 110
+# what the training curves draw, per epoch (all of them columns of formats.metrics_columns)
+PLOTTED_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
 
 
 def _new_figure(width: float, height: float):
@@ -38,13 +41,16 @@ def _save(figure, out_png) -> Path:
 
 
 def _read_metrics_csv(metrics_csv) -> dict[str, list[float]]:
+    """The numeric columns of a ``metrics.csv`` whose header is :func:`crystalscope.formats.metrics_columns`."""
     path = Path(metrics_csv)
     if not path.is_file():
         raise CrystalscopeError(f"{path}: metrics file not found (it is written by `train`)")
-    needed = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
-        missing = [c for c in needed if c not in (reader.fieldnames or [])]
+        header = list(reader.fieldnames or [])
+        # the header names its classes; the columns expected for them are the contract's
+        expected = metrics_columns(metrics_class_names(header))
+        missing = [c for c in expected if c not in header]
         if missing:
             raise CrystalscopeError(
                 f"{path}: not a crystalscope metrics.csv, missing column(s) {', '.join(missing)}"
@@ -52,9 +58,9 @@ def _read_metrics_csv(metrics_csv) -> dict[str, list[float]]:
         rows = list(reader)
     if not rows:
         raise CrystalscopeError(f"{path}: no epochs recorded yet, nothing to plot")
-    columns: dict[str, list[float]] = {c: [] for c in needed}
+    columns: dict[str, list[float]] = {c: [] for c in PLOTTED_COLUMNS}
     for line_no, row in enumerate(rows, start=2):
-        for column in needed:
+        for column in PLOTTED_COLUMNS:
             try:
                 columns[column].append(float(row[column]))
             except (TypeError, ValueError):
@@ -68,7 +74,7 @@ def plot_training_curves(metrics_csv, out_png) -> Path:
     """Draw train vs validation accuracy (left) and loss (right) per epoch from metrics.csv.
 
     Args:
-        metrics_csv: the run's ``metrics.csv`` (column layout in INTERFACES.md).
+        metrics_csv: the run's ``metrics.csv`` (columns: :func:`crystalscope.formats.metrics_columns`).
         out_png: where to write the figure (atomically).
 
     Returns:

@@ -30,11 +30,11 @@ from crystalscope.evaluation.metrics import (bootstrap_intervals, check_predicti
                                              classification_metrics, confusion_matrix,
                                              format_class_lines)
 from crystalscope.evaluation.sheets import misclassified_sheet
+# the report's file names are a run-folder contract (crystalscope.formats); importable from here too
+from crystalscope.formats import REPORT_FILES  # noqa: F401
 from crystalscope.io import write_json, write_text
 
 ECE_BINS = 15
-REPORT_FILES = ("test_results.txt", "test_results.json", "confusion_matrix.png", "roc_auc.png",
-                "calibration.png", "misclassified.csv", "misclassified.png")
 
 
 def _finite_or_none(value) -> float | None:
@@ -285,47 +285,61 @@ def write_test_report(out_dir, *, y_true, logits, class_names, positive_class, p
         >>> write_test_report("runs/a", y_true=y, logits=z, class_names=["cex", "pg"],
         ...                   positive_class="pg", paths=files, temperature=1.3)  # doctest: +SKIP
     """
-    from sklearn.metrics import classification_report
-
-    from crystalscope.evaluation import plots
-
     names = list(class_names)
     y_true, logits, paths = _check_report_inputs(y_true, logits, names, paths, temperature,
                                                  n_bootstrap)
     positive_class = resolve_positive_class(names, positive_class)
     probs = softmax(logits, float(temperature))
-    y_pred = probs.argmax(axis=1)
     roc = roc_summary(y_true, probs, names, positive_class)
     result = _build_result(y_true, logits, probs, names, positive_class, roc, temperature,
                            n_bootstrap, seed, meta)
     result["rejection"] = _rejection_summary(rejection, len(y_true))
-    sklearn_report = classification_report(y_true, y_pred, labels=list(range(len(names))),
-                                           target_names=names, digits=4, zero_division=0)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots.plot_confusion_matrix(np.array(result["confusion_matrix"]), names,
-                                out_dir / "confusion_matrix.png")
+    _write_plots(out_dir, result, roc, logits, probs, y_true)
+    _write_misclassified(out_dir, paths, y_true, probs, names)
+    write_text(out_dir / "test_results.txt", _report_text(result, _sklearn_report(y_true, probs, names)))
+    write_json(out_dir / "test_results.json", _strict_json(result))
+    return _strict_json(result)
+
+
+def _sklearn_report(y_true: np.ndarray, probs: np.ndarray, names: list[str]) -> str:
+    """scikit-learn's classification report with the real class names, 4 decimals."""
+    from sklearn.metrics import classification_report
+
+    return classification_report(y_true, probs.argmax(axis=1), labels=list(range(len(names))),
+                                 target_names=names, digits=4, zero_division=0)
+
+
+def _write_plots(out_dir: Path, result: dict, roc: dict, logits: np.ndarray, probs: np.ndarray,
+                 y_true: np.ndarray) -> None:
+    """confusion_matrix.png, roc_auc.png and calibration.png (before/after temperature scaling)."""
+    from crystalscope.evaluation import plots
+
+    names, temperature = result["class_names"], result["temperature"]
+    plots.plot_confusion_matrix(np.array(result["confusion_matrix"]), names, out_dir / "confusion_matrix.png")
     if len(names) == 2:
-        roc_title = f"ROC, positive class {positive_class}"
+        roc_title = f"ROC, positive class {result['positive_class']}"
     else:
         roc_title = f"ROC, one-vs-rest per class (macro AUC {_fmt(roc['roc_auc']['macro'])})"
     plots.plot_roc(roc["curves"], out_dir / "roc_auc.png", title=roc_title)
     plots.plot_reliability(
-        [("Before temperature scaling (T = 1)", reliability_bins(softmax(logits), y_true,
-                                                                 ECE_BINS),
+        [("Before temperature scaling (T = 1)", reliability_bins(softmax(logits), y_true, ECE_BINS),
           result["ece_uncalibrated"]),
-         (f"After temperature scaling (T = {temperature:.3f})",
-          reliability_bins(probs, y_true, ECE_BINS), result["ece"])],
+         (f"After temperature scaling (T = {temperature:.3f})", reliability_bins(probs, y_true, ECE_BINS),
+          result["ece"])],
         out_dir / "calibration.png")
-    write_text(out_dir / "misclassified.csv", _misclassified_csv(paths, y_true, y_pred, probs,
-                                                                 names))
+
+
+def _write_misclassified(out_dir: Path, paths: list[str], y_true: np.ndarray, probs: np.ndarray,
+                         names: list[str]) -> None:
+    """misclassified.csv and its contact sheet misclassified.png, most confident mistakes first."""
+    y_pred = probs.argmax(axis=1)
+    write_text(out_dir / "misclassified.csv", _misclassified_csv(paths, y_true, y_pred, probs, names))
     wrong = np.flatnonzero(y_true != y_pred)
     misclassified_sheet([paths[i] for i in wrong], [names[y_true[i]] for i in wrong],
                         [names[y_pred[i]] for i in wrong], [probs[i, y_pred[i]] for i in wrong],
                         out_dir / "misclassified.png", n_images=int(y_true.size))
-    write_text(out_dir / "test_results.txt", _report_text(result, sklearn_report))
-    write_json(out_dir / "test_results.json", _strict_json(result))
-    return _strict_json(result)
 
 
 def _strict_json(value):

@@ -1,23 +1,28 @@
 """Export a checkpoint to ONNX, then prove ONNX Runtime gives the same probabilities.
 
 The exported graph maps a normalised float32 batch ``(N, 3, H, W)`` (``N`` dynamic) to class
-logits. Everything a deployment needs to feed it and read it travels inside the file, under
-the ``metadata_props`` key ``crystalscope`` (JSON): backbone, class names, positive class, the
-full preprocessing (size, mean, std, resize policy, interpolation, pad value), the calibration
-temperature, input/output names, the input shape and the fitted rejection of foreign images
-(``ood``, scored on the ``features`` output). Probabilities are
-``softmax(logits / temperature)``.
+logits and the penultimate features. Everything a deployment needs to feed it and read it
+travels inside the file, under the ``metadata_props`` key
+:data:`crystalscope.formats.ONNX_METADATA_KEY` (JSON, format
+:data:`crystalscope.formats.ONNX_FORMAT`; the contract is written in :mod:`crystalscope.formats`
+and :func:`onnx_metadata`): backbone, class names, positive class, the full preprocessing
+(size, mean, std, resize policy, interpolation, pad value), the calibration temperature,
+input/output names, the input shape and the fitted rejection of foreign images (``ood``,
+scored on the ``features`` output). Probabilities are ``softmax(logits / temperature)``.
 
-Every export is checked (timm's ``check_forward`` habit): PyTorch and ONNX Runtime run on the
-same real images, decoded and resized by the model's own :class:`Preprocessing`, and the export
-fails with :class:`CrystalscopeError` (leaving no file under the final name) if any probability
-differs by more than ``atol``.
+Every export is checked (timm's ``check_forward`` habit): the
+:class:`~crystalscope.inference.predictor.Predictor` of the checkpoint (PyTorch, fp32: the
+forward ``predict`` and ``evaluate`` run) and the Predictor of the written file (ONNX Runtime,
+with the deployment's session options) run on the same real images, decoded and resized by the
+model's own :class:`Preprocessing`, and the export fails with :class:`CrystalscopeError`
+(leaving no file under the final name) if any probability differs by more than ``atol``.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -25,10 +30,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from crystalscope.data.transforms import Preprocessing
 from crystalscope.errors import CrystalscopeError, require
-from crystalscope.evaluation.calibration import softmax
 from crystalscope.formats import ONNX_FORMAT, ONNX_METADATA_KEY as METADATA_KEY
+from crystalscope.inference.predictor import Predictor
 from crystalscope.io import atomic_path
+from crystalscope.runtime import first_line
+
+log = logging.getLogger(__name__)
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -43,7 +52,7 @@ MAX_CHECK_IMAGES = 64
 def export_checkpoint(checkpoint: str | os.PathLike | dict, out_path: str | os.PathLike | None = None, *,
                       opset: int = 17, check_images: list[Path] | None = None,
                       atol: float = 1e-4) -> dict:
-    """Export a crystalscope checkpoint to ONNX and verify it against PyTorch.
+    """Export a crystalscope checkpoint to ONNX and verify it against the PyTorch Predictor.
 
     Args:
         checkpoint: a ``.ckpt`` path or an in-memory checkpoint dict.
@@ -66,46 +75,61 @@ def export_checkpoint(checkpoint: str | os.PathLike | dict, out_path: str | os.P
     """
     require("torch", "train")
     require("onnx", "train")
-    from crystalscope.models.checkpoint import load_checkpoint, model_from_checkpoint
+    from crystalscope.safety import check_output
 
-    if isinstance(checkpoint, dict):
-        ckpt = checkpoint
-        if out_path is None:
-            raise CrystalscopeError("export: give an output path (--out) for an in-memory checkpoint")
-    else:
-        ckpt = load_checkpoint(checkpoint)
-        out_path = Path(checkpoint).with_suffix(".onnx") if out_path is None else out_path
-    out_path = Path(out_path)
+    ckpt, out_path = _read_checkpoint(checkpoint, out_path)
     if not MIN_OPSET <= int(opset) <= MAX_OPSET:
         raise CrystalscopeError(f"--opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET} (default 17)")
-
-    from crystalscope.data.transforms import Preprocessing
-
-    from crystalscope.safety import check_output, output_lock
-
     # never onto the checkpoint or a check image (export best.ckpt --out best.ckpt)
     check_output(out_path, inputs=[None if isinstance(checkpoint, dict) else checkpoint, *(check_images or [])])
     preprocessing = Preprocessing.from_dict(ckpt["preprocessing"])
-    try:
-        model = model_from_checkpoint(ckpt)
-    except (RuntimeError, KeyError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise CrystalscopeError(f"checkpoint weights do not match the model it describes ({first})") from None
     metadata = onnx_metadata(ckpt, preprocessing, opset)
-    proto = _export_graph(model, preprocessing.image_size, int(opset))
+    proto = _export_graph(_model(ckpt), preprocessing.image_size, int(opset))
     _attach_metadata(proto, metadata)
-
+    # the reference: the forward every reported number comes from (CPU, fp32, no rejection needed)
+    reference = Predictor.from_checkpoint(ckpt, device="cpu", reject=False)
     batch = _check_batch(preprocessing, check_images)
-    import onnx
-
-    try:
-        with output_lock(out_path), atomic_path(out_path) as tmp:
-            onnx.save(proto, str(tmp))
-            max_diff = parity_check(model, tmp, batch, float(ckpt.get("temperature") or 1.0), atol)
-    except OSError as exc:
-        raise CrystalscopeError(f"--out {out_path}: cannot write the ONNX file ({exc.strerror or exc})") from None
+    max_diff = _save_checked(proto, out_path, reference, batch, atol)
+    log.debug("%s: ONNX Runtime matches PyTorch on %d images (max |dp| %.1e)", out_path, len(batch), max_diff)
     return {"path": str(out_path), "max_abs_diff": max_diff, "n_checked": int(batch.shape[0]),
             "opset": int(opset), "metadata": metadata}
+
+
+def _read_checkpoint(checkpoint: str | os.PathLike | dict, out_path) -> tuple[dict, Path]:
+    """The checkpoint dict and the output path (default: the checkpoint's, with ``.onnx``)."""
+    from crystalscope.models.checkpoint import load_checkpoint
+
+    if isinstance(checkpoint, dict):
+        if out_path is None:
+            raise CrystalscopeError("export: give an output path (--out) for an in-memory checkpoint")
+        return checkpoint, Path(out_path)
+    ckpt = load_checkpoint(checkpoint)
+    return ckpt, Path(checkpoint).with_suffix(".onnx") if out_path is None else Path(out_path)
+
+
+def _model(ckpt: dict):
+    """The checkpoint's model on the CPU, to trace; one line when its weights do not fit it."""
+    from crystalscope.models.checkpoint import model_from_checkpoint
+
+    try:
+        return model_from_checkpoint(ckpt)
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise CrystalscopeError(f"checkpoint weights do not match the model it describes "
+                                f"({first_line(exc, 160)})") from None
+
+
+def _save_checked(proto, out_path: Path, reference: Predictor, batch: np.ndarray, atol: float) -> float:
+    """Write ``proto`` under ``out_path`` only if it passes :func:`parity_check`; the max difference."""
+    import onnx
+
+    from crystalscope.safety import output_lock
+
+    try:
+        with output_lock(out_path), atomic_path(out_path) as staging:
+            onnx.save(proto, str(staging))
+            return parity_check(reference, staging, batch, atol)
+    except OSError as exc:
+        raise CrystalscopeError(f"--out {out_path}: cannot write the ONNX file ({exc.strerror or exc})") from None
 
 
 def onnx_metadata(ckpt: dict, preprocessing, opset: int) -> dict:
@@ -139,7 +163,7 @@ def _compact_ood(ood: dict | None) -> dict | None:
     return OODDetector.from_dict(ood).to_dict(compact=True) if ood else None
 
 
-def _LogitsAndFeatures(model):
+def _with_features(model):
     """The classifier as a module with two outputs: logits and the penultimate features."""
     from torch import nn
 
@@ -170,15 +194,14 @@ def _export_graph(model, image_size: int, opset: int):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's deprecation/tracer chatter
             torch.onnx.export(
-                _LogitsAndFeatures(model), (example,), buffer, dynamo=False, opset_version=opset,
+                _with_features(model), (example,), buffer, dynamo=False, opset_version=opset,
                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME, FEATURES_NAME],
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"},
                               FEATURES_NAME: {0: "batch"}},
                 do_constant_folding=True,
             )
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise CrystalscopeError(f"ONNX export failed at opset {opset} ({first}); try another --opset") from None
+        raise CrystalscopeError(f"ONNX export failed at opset {opset} ({first_line(exc)}); try another --opset") from None
     proto = onnx.load_model_from_string(buffer.getvalue())
     onnx.checker.check_model(proto)
     return proto
@@ -235,24 +258,24 @@ def generated_check_images(seed: int = 0) -> list[Image.Image]:
     return images
 
 
-def parity_check(model, onnx_path: str | os.PathLike, batch: np.ndarray, temperature: float,
+def parity_check(reference: Predictor, onnx_path: str | os.PathLike, batch: np.ndarray,
                  atol: float = 1e-4) -> float:
     """Largest |p_torch - p_onnx| over ``batch``; raises if above ``atol``.
 
-    ONNX Runtime runs the whole batch and the first image alone, which also proves the batch
-    axis is dynamic.
-    """
-    import torch
+    ``reference`` is the checkpoint's PyTorch :class:`Predictor`; the ONNX file is run by its
+    own Predictor (its metadata's temperature, the deployment's session options) on the whole
+    batch and on the first image alone, which also proves the batch axis is dynamic.
 
-    with torch.inference_mode():
-        torch_probs = softmax(model(torch.from_numpy(batch)).numpy().astype(np.float64), temperature)
-    full_logits, single_logits = _run_onnx(onnx_path, batch, batch[:1])
-    onnx_probs = softmax(np.asarray(full_logits, dtype=np.float64), temperature)
-    single = softmax(np.asarray(single_logits, dtype=np.float64), temperature)
-    if onnx_probs.shape != torch_probs.shape:
-        raise CrystalscopeError(f"export check failed: ONNX output shape {onnx_probs.shape} != PyTorch {torch_probs.shape}")
-    diffs = np.abs(onnx_probs - torch_probs).max(axis=1)
-    diffs = np.append(diffs, np.abs(single - torch_probs[:1]).max())
+    Example:
+        >>> parity_check(Predictor.from_checkpoint(ckpt), "model.onnx", batch)  # doctest: +SKIP
+        3.1e-07
+    """
+    exported = _load_export(onnx_path)
+    expected = reference.probabilities(batch)
+    full, single = exported.probabilities(batch), exported.probabilities(batch[:1])
+    if full.shape != expected.shape:
+        raise CrystalscopeError(f"export check failed: ONNX output shape {full.shape} != PyTorch {expected.shape}")
+    diffs = np.append(np.abs(full - expected).max(axis=1), np.abs(single - expected[:1]).max())
     max_diff = float(np.nanmax(diffs)) if np.isfinite(diffs).all() else float("inf")
     if not max_diff <= atol:
         worst = int(np.argmax(np.nan_to_num(diffs[:-1], nan=np.inf)))
@@ -263,16 +286,9 @@ def parity_check(model, onnx_path: str | os.PathLike, batch: np.ndarray, tempera
     return max_diff
 
 
-def _run_onnx(onnx_path: str | os.PathLike, *batches: np.ndarray) -> list[np.ndarray]:
-    """Logits from ONNX Runtime for each batch (one session)."""
-    ort = require("onnxruntime", "onnx")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+def _load_export(onnx_path: str | os.PathLike) -> Predictor:
+    """The Predictor of the file just written (under its staging name), for the check."""
     try:
-        session = ort.InferenceSession(str(onnx_path), sess_options=options,
-                                       providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise CrystalscopeError(f"export check failed: ONNX Runtime cannot load the export ({first})") from None
-    name = session.get_inputs()[0].name
-    return [np.asarray(session.run(None, {name: b})[0]) for b in batches]
+        return Predictor.from_onnx(onnx_path, reject=False)
+    except CrystalscopeError as exc:
+        raise CrystalscopeError(f"export check failed: ONNX Runtime cannot load the export ({exc})") from None

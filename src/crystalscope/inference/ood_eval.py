@@ -8,6 +8,7 @@ are the negatives, each foreign folder in turn the positives.
 from __future__ import annotations
 
 import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -45,8 +46,48 @@ def _expand(out_dirs: Sequence[str | os.PathLike]) -> list[tuple[str, Path, str]
     return found
 
 
+@dataclass
+class InDistribution:
+    """The in-distribution folder: images scored, unreadable files, share rejected (None: no image)."""
+
+    folder: str
+    n_images: int
+    n_unreadable: int
+    rejection_rate: float | None
+
+
+@dataclass
+class ForeignSet:
+    """One folder of foreign images against the in-distribution ones (AUROC: 1 = perfectly apart)."""
+
+    name: str
+    kind: str
+    folder: str
+    n_images: int
+    n_unreadable: int
+    auroc: float | None
+    fpr_at_95_tpr: float | None
+    rejection_rate: float | None
+
+
+@dataclass
+class OODEvaluation:
+    """What ``ood-eval`` measured; :meth:`to_dict` is ``ood_eval.json``."""
+
+    model: str
+    backend: str
+    method: str
+    threshold: float
+    in_distribution: InDistribution
+    sets: list[ForeignSet] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def evaluate_ood(model_path: str | os.PathLike, in_dir: str | os.PathLike, out_dirs: Sequence[str | os.PathLike],
-                 report_dir: str | os.PathLike | None = None, batch_size: int = 32, device: str = "auto") -> dict:
+                 report_dir: str | os.PathLike | None = None, batch_size: int = 32,
+                 device: str = "auto") -> OODEvaluation:
     """Score in-distribution and foreign folders with a model's fitted rejection.
 
     Args:
@@ -55,17 +96,12 @@ def evaluate_ood(model_path: str | os.PathLike, in_dir: str | os.PathLike, out_d
         out_dirs: folders of foreign images; a ``synth-ood`` output counts as its sets.
         report_dir: when given, ``ood_eval.json`` and ``ood_eval.md`` are written there.
 
-    Returns:
-        ``{"model", "backend", "method", "threshold", "in_distribution": {...}, "sets": [...]}``;
-        each set has ``name, kind, folder, n_images, n_unreadable, auroc, fpr_at_95_tpr,
-        rejection_rate``.
-
     Raises:
         CrystalscopeError: the model has no fitted rejection, or a folder is missing or empty.
 
     Example:
         >>> r = evaluate_ood("run/model.onnx", "split/test", ["ood/"])  # doctest: +SKIP
-        >>> r["sets"][0]["auroc"]  # doctest: +SKIP
+        >>> r.sets[0].auroc  # doctest: +SKIP
         0.9998
     """
     if report_dir is not None:  # refused before the work: never onto a model or image folder
@@ -77,33 +113,37 @@ def evaluate_ood(model_path: str | os.PathLike, in_dir: str | os.PathLike, out_d
                                 "train it with --reject-fpr above 0 (default 0.01)")
     threshold = predictor.rejection.threshold
     in_scores, in_bad = _scores(predictor, Path(in_dir), batch_size)
-    result = {"model": str(model_path), "backend": predictor.backend_name, "method": predictor.rejection.method,
-              "threshold": threshold,
-              "in_distribution": {"folder": str(in_dir), "n_images": int(len(in_scores)), "n_unreadable": in_bad,
-                                  "rejection_rate": float(np.mean(in_scores > threshold)) if len(in_scores) else None},
-              "sets": []}
+    result = OODEvaluation(model=str(model_path), backend=predictor.backend_name, method=predictor.rejection.method,
+                           threshold=threshold, in_distribution=InDistribution(
+                               folder=str(in_dir), n_images=int(len(in_scores)), n_unreadable=in_bad,
+                               rejection_rate=_rate(in_scores, threshold)))
     for name, folder, kind in _expand(out_dirs):
         scores, bad = _scores(predictor, folder, batch_size)
-        result["sets"].append({"name": name, "kind": kind, "folder": str(folder), "n_images": int(len(scores)),
-                               "n_unreadable": bad, "auroc": auroc(in_scores, scores),
-                               "fpr_at_95_tpr": fpr_at_tpr(in_scores, scores, 0.95),
-                               "rejection_rate": float(np.mean(scores > threshold)) if len(scores) else None})
+        result.sets.append(ForeignSet(name=name, kind=kind, folder=str(folder), n_images=int(len(scores)),
+                                      n_unreadable=bad, auroc=auroc(in_scores, scores),
+                                      fpr_at_95_tpr=fpr_at_tpr(in_scores, scores, 0.95),
+                                      rejection_rate=_rate(scores, threshold)))
     if report_dir is not None:
-        write_json(Path(report_dir) / REPORT_NAMES[0], result)
+        write_json(Path(report_dir) / REPORT_NAMES[0], result.to_dict())
         write_text(Path(report_dir) / REPORT_NAMES[1], ood_markdown(result))
     return result
 
 
-def ood_markdown(result: dict) -> str:
+def _rate(scores: np.ndarray, threshold: float) -> float | None:
+    """Share of ``scores`` above the threshold (None for no images)."""
+    return float(np.mean(scores > threshold)) if len(scores) else None
+
+
+def ood_markdown(result: OODEvaluation) -> str:
     """The result as a markdown table (one row per foreign set)."""
-    ind = result["in_distribution"]
-    lines = [f"Model `{result['model']}` ({result['backend']}), {result['method']} score, threshold "
-             f"{result['threshold']:.4g}; in-distribution `{ind['folder']}`: {ind['n_images']} images, "
-             f"{_pct(ind['rejection_rate'])} rejected", "",
+    ind = result.in_distribution
+    lines = [f"Model `{result.model}` ({result.backend}), {result.method} score, threshold "
+             f"{result.threshold:.4g}; in-distribution `{ind.folder}`: {ind.n_images} images, "
+             f"{_pct(ind.rejection_rate)} rejected", "",
              "| set | kind | images | AUROC | FPR at 95 % TPR | rejected |", "|---|---|---:|---:|---:|---:|"]
-    for s in result["sets"]:
-        lines.append(f"| {s['name']} | {s['kind']} | {s['n_images']} | {_num(s['auroc'])} | "
-                     f"{_pct(s['fpr_at_95_tpr'])} | {_pct(s['rejection_rate'])} |")
+    for s in result.sets:
+        lines.append(f"| {s.name} | {s.kind} | {s.n_images} | {_num(s.auroc)} | "
+                     f"{_pct(s.fpr_at_95_tpr)} | {_pct(s.rejection_rate)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,5 +1,10 @@
 """Prediction with a checkpoint (PyTorch) or an exported ONNX model (ONNX Runtime).
 
+:class:`Predictor` is the one forward pass of the project: ``predict``, ``evaluate``
+(:mod:`crystalscope.inference.evaluate`), the export parity check
+(:mod:`crystalscope.export.onnx`), the training's final test report and temperature fit, the
+monitor and the web service all turn images into probabilities through it.
+
 Both back ends share everything but the forward pass: images are decoded by
 :func:`crystalscope.data.images.load_rgb`, resized and normalised by the model's own
 :class:`~crystalscope.data.transforms.Preprocessing` (stored in the checkpoint or in the ONNX
@@ -8,6 +13,11 @@ metadata), and logits become probabilities through the calibrated
 the same answer, image by image. A model fitted with rejection (``ood`` in the checkpoint and
 the ONNX metadata) also scores each image's penultimate features with the numpy
 :class:`crystalscope.evaluation.ood.OODDetector` and marks foreign images ``rejected``.
+
+Precision policy: every number a user reads (predictions, the test report of ``train`` and
+``evaluate``, the temperature fit, the export check) comes from an fp32 forward pass, with
+TF32 convolutions off on a GPU. bf16 is for training steps only; it may serve a reported
+number only where it has been measured to agree with this fp32 path.
 
 The ONNX back end imports no torch (and not the ``onnx`` package either): a plant PC with
 ``pip install crystalscope[onnx]`` can run it. Torch is imported only inside
@@ -31,9 +41,11 @@ from PIL import Image
 from crystalscope.data.images import IMAGE_EXTENSIONS, list_images
 from crystalscope.data.transforms import Preprocessing
 from crystalscope.errors import CrystalscopeError, require
-
-#: Metadata key (ONNX ``metadata_props``) holding the model description as JSON.
+from crystalscope.evaluation.calibration import softmax
+# the ONNX metadata contract lives in crystalscope.formats; the names stay importable from here
 from crystalscope.formats import ONNX_FORMAT, ONNX_METADATA_KEY as METADATA_KEY  # noqa: F401  (re-exported)
+from crystalscope.runtime import cpu_count, default_workers, first_line, resolve_device
+
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 
 
@@ -76,10 +88,8 @@ class Prediction:
         return self.predicted is not None
 
 
-def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """Calibrated probabilities, via the one softmax the evaluation report also uses."""
-    from crystalscope.evaluation.calibration import softmax
-
+def _calibrated(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Calibrated probabilities, via the one softmax the evaluation report also uses (float64)."""
     return softmax(np.asarray(logits, dtype=np.float64), temperature)
 
 
@@ -98,8 +108,7 @@ class _OnnxBackend:
             self.session = ort.InferenceSession(str(path), sess_options=options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:
-            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise CrystalscopeError(f"{path}: not a readable ONNX model ({reason})") from None
+            raise CrystalscopeError(f"{path}: not a readable ONNX model ({first_line(exc, 160)})") from None
         meta_map = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in meta_map:
             raise CrystalscopeError(
@@ -115,9 +124,11 @@ class _OnnxBackend:
         self.source = path
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)  # (a CPU torch tensor too)
         return np.asarray(self.session.run(self.output_names[:1], {self.input_name: batch})[0])
 
     def logits_and_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
         name = self.meta.get("features_name", "features")
         if name not in self.output_names:
             raise CrystalscopeError(f"{self.source}: this ONNX model has no '{name}' output (exported by an "
@@ -144,57 +155,47 @@ def onnx_session_options(ort, threads: int | None = None):
     options.log_severity_level = 3  # keep ORT's own warnings off the user's terminal
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = int(threads or os.cpu_count() or 1)
+    options.intra_op_num_threads = int(threads or cpu_count())
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
 class _TorchBackend:
-    """PyTorch from a crystalscope checkpoint (imports torch only here)."""
+    """PyTorch from a crystalscope checkpoint (imports torch only here), fp32 on any device."""
 
     name = "torch"
 
-    def __init__(self, path: Path | None, device: str = "auto", checkpoint: dict | None = None):
+    def __init__(self, path: Path | None, device="auto", checkpoint: dict | None = None):
         torch = require("torch", "train")
         from crystalscope.models.checkpoint import load_checkpoint, model_from_checkpoint
         from crystalscope.models.precision import model_input, place_model
 
         ckpt = checkpoint if checkpoint is not None else load_checkpoint(path)
         self.torch, self.model_input = torch, model_input
-        self.device = _torch_device(torch, device)
+        # str(): a torch.device from the training code is accepted as well as "auto"/"cpu"/"cuda:1"
+        self.device = resolve_device(str(device))
         try:
             self.model = place_model(model_from_checkpoint(ckpt), self.device).eval()
         except (RuntimeError, KeyError, TypeError) as exc:
-            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise CrystalscopeError(f"{path or 'checkpoint'}: weights do not match the model it describes ({first})") from None
+            raise CrystalscopeError(f"{path or 'checkpoint'}: weights do not match the model it describes "
+                                    f"({first_line(exc, 160)})") from None
         self.meta = {k: ckpt.get(k) for k in
                      ("backbone", "class_names", "positive_class", "preprocessing", "temperature", "ood")}
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
+    def logits(self, batch) -> np.ndarray:
         return self.logits_and_features(batch)[0]
 
-    def logits_and_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def logits_and_features(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        """``batch``: a float32 numpy array, or a torch tensor already on any device (training's test split)."""
         torch = self.torch
-        # TF32 convolutions on a GPU drift by ~1e-3: keep full fp32 so a .ckpt on CUDA still
-        # agrees with its .onnx export within 1e-4
+        x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(batch)
+        # fp32, TF32 off: TF32 convolutions on a GPU drift by ~1e-3, and a .ckpt on CUDA must
+        # still agree with its .onnx export within 1e-4 (the precision policy of the module)
         with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-            features = self.model.embed(self.model_input(torch.from_numpy(batch).to(self.device)))
+            features = self.model.embed(self.model_input(x.to(self.device, torch.float32)))
             logits = self.model.head[-1](features)
         return logits.float().cpu().numpy(), features.float().cpu().numpy()
-
-
-def _torch_device(torch, device: str):
-    """``auto`` -> cuda when available else cpu; a clear error for an unusable device."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise CrystalscopeError(f"--device {device!r} is not a device: use auto, cpu or cuda") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise CrystalscopeError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
-    return resolved
 
 
 PIPELINE_DEPTH = 2  # batches prepared ahead of the model (two keep two cores busy)
@@ -268,17 +269,46 @@ class Predictor:
         raise CrystalscopeError(f"{path}: unknown model type {suffix or '(no suffix)'!r}; give a .ckpt checkpoint or an .onnx export")
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: dict, device: str = "cpu", reject: bool = True) -> "Predictor":
-        """Wrap an in-memory checkpoint dict (used by export checks and tests)."""
+    def from_checkpoint(cls, checkpoint: dict, device="cpu", reject: bool = True) -> "Predictor":
+        """The PyTorch back end on an in-memory checkpoint dict (``make_checkpoint``/``load_checkpoint``).
+
+        What the export parity check, ``evaluate`` and the end of training run, so their numbers
+        come from the same forward pass as ``predict``. ``device``: ``auto``/``cpu``/``cuda[:N]``
+        or a ``torch.device``.
+
+        Example:
+            >>> model = Predictor.from_checkpoint(load_checkpoint("best.ckpt"), "cpu")  # doctest: +SKIP
+            >>> model.logits(model.preprocessing.prepare([image])).shape  # doctest: +SKIP
+            (1, 2)
+        """
         return cls(_TorchBackend(None, device=device, checkpoint=checkpoint), "<checkpoint>", reject=reject)
+
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike, reject: bool = True) -> "Predictor":
+        """ONNX Runtime on an ONNX file whatever its name (:meth:`load` goes by the suffix).
+
+        The export check runs the file under its staging name with it.
+
+        Example:
+            >>> Predictor.from_onnx(".model.onnx.123.tmp").backend_name  # doctest: +SKIP
+            'onnx'
+        """
+        return cls(_OnnxBackend(Path(path)), str(path), reject=reject)
 
     @property
     def backend_name(self) -> str:
         return self.backend.name
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """Raw logits for a normalised float32 ``(N, 3, H, W)`` batch."""
-        return self.backend.logits(np.ascontiguousarray(batch, dtype=np.float32))
+        """Raw fp32 logits ``(N, C)`` for a normalised float32 ``(N, 3, H, W)`` batch.
+
+        The PyTorch back end also takes a torch tensor (e.g. a split already on the GPU).
+
+        Example:
+            >>> Predictor.load("model.onnx").logits(np.zeros((2, 3, 64, 64), np.float32)).shape  # doctest: +SKIP
+            (2, 2)
+        """
+        return self.backend.logits(_contiguous(batch))
 
     def logits_and_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Logits ``(N, C)`` and penultimate features ``(N, D)`` for a normalised batch.
@@ -286,7 +316,7 @@ class Predictor:
         The features are ``CrystalClassifier.embed`` (PyTorch) or the ONNX file's ``features``
         output; an ONNX file exported before that output existed raises a re-export hint.
         """
-        return self.backend.logits_and_features(np.ascontiguousarray(batch, dtype=np.float32))
+        return self.backend.logits_and_features(_contiguous(batch))
 
     def features(self, batch: np.ndarray) -> np.ndarray:
         """Penultimate features ``(N, D)`` for a normalised float32 batch."""
@@ -294,7 +324,34 @@ class Predictor:
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Calibrated probabilities ``softmax(logits / temperature)`` for a normalised batch."""
-        return _softmax(self.logits(batch), self.temperature)
+        return _calibrated(self.logits(batch), self.temperature)
+
+    def logits_and_scores(self, resized: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits ``(N, C)`` and OOD scores ``(N,)`` of resized uint8 images ``(N, H, W, 3)``.
+
+        The scores are None without a fitted rejection (or with ``reject=False``). This is the
+        forward that :meth:`predict` runs on each batch and ``evaluate`` on a whole folder.
+
+        Example:
+            >>> pre = model.preprocessing  # doctest: +SKIP
+            >>> logits, scores = model.logits_and_scores(np.stack([pre.resize_uint8("a.png")]))  # doctest: +SKIP
+        """
+        return self.forward(*self.model_inputs(resized))
+
+    def model_inputs(self, resized: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The normalised batch and, when the rejection needs them, the image statistics of resized uint8 images.
+
+        The CPU work before the model; :meth:`predict` runs it in its thread pool, ahead of the model.
+        """
+        statistics = None if self.rejection is None else _image_statistics(resized, self.rejection)
+        return self.preprocessing.normalize(resized), statistics
+
+    def forward(self, batch: np.ndarray, statistics: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and OOD scores (None without a rejection) of a normalised batch and its image statistics."""
+        if self.rejection is None:
+            return self.logits(batch), None
+        logits, features = self.logits_and_features(batch)
+        return logits, self.rejection.score(features, logits, statistics)
 
     def predict(self, items: Sequence, batch_size: int = 32,
                 on_batch: Callable[[int], None] | None = None) -> list[Prediction]:
@@ -344,22 +401,15 @@ class Predictor:
                 arrays.append(decoded)
         if not arrays:
             return _Prepared(rows)
-        resized = np.stack(arrays)
-        statistics = None if self.rejection is None else _image_statistics(resized, self.rejection)
-        return _Prepared(rows, self.preprocessing.normalize(resized), statistics)
+        return _Prepared(rows, *self.model_inputs(np.stack(arrays)))
 
     def _classify(self, prepared: "_Prepared") -> list[Prediction]:
         """The model and the rejection on a prepared batch; fills the rows that decoded."""
-        rows, batch = prepared.rows, prepared.batch
-        if batch is None:
+        rows = prepared.rows
+        if prepared.batch is None:
             return rows
-        scores = None
-        if self.rejection is None:
-            logits = self.logits(batch)
-        else:
-            logits, features = self.logits_and_features(batch)
-            scores = self.rejection.score(features, logits, prepared.statistics)
-        probs = _softmax(logits, self.temperature)
+        logits, scores = self.forward(prepared.batch, prepared.statistics)
+        probs = _calibrated(logits, self.temperature)
         for i, (row, p) in enumerate(zip([r for r in rows if r.ok], probs)):
             best = int(np.argmax(p))
             row.predicted = self.class_names[best]
@@ -380,8 +430,15 @@ class Predictor:
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+            self._pool = ThreadPoolExecutor(max_workers=default_workers())
         return self._pool
+
+
+def _contiguous(batch):
+    """A C-contiguous float32 numpy batch; a torch tensor passes as it is (the PyTorch back end takes it)."""
+    if isinstance(batch, np.ndarray) or not hasattr(batch, "detach"):
+        return np.ascontiguousarray(batch, dtype=np.float32)
+    return batch
 
 
 def _rejection(meta: dict, source: str):
@@ -407,7 +464,7 @@ def _image_statistics(resized: np.ndarray, rejection) -> np.ndarray | None:
 
 def _reason(exc: Exception, name: str) -> str:
     """A one-line error reason without the path (the CSV row already names the file)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc, limit=None)
     prefix = f"{name}: "
     return text[len(prefix):] if text.startswith(prefix) else text
 

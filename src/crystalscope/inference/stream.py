@@ -23,20 +23,22 @@ the columns of the in-memory one.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import itertools
 import logging
 import os
 import time
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 from crystalscope.data.images import IMAGE_EXTENSIONS, is_image_file, natural_key
 from crystalscope.errors import CrystalscopeError
 from crystalscope.evaluation.sheets import sheet_urgency
 from crystalscope.inference.predictor import Prediction, Predictor, prediction_columns, predictions_csv
+from crystalscope.io import atomic_path
+from crystalscope.runtime import ProgressCallback, progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -200,39 +202,77 @@ def _skip_done(files: Iterator[Path], csv_path: Path, n_done: int, last: str | N
 
 # ---- the streamed prediction ---------------------------------------------------------------
 
+@dataclass
+class PredictSummary:
+    """What a streamed prediction did (the rows themselves are in ``out_csv``).
+
+    Attributes:
+        model, backend, out_csv: the model file, ``torch`` or ``onnx``, the CSV written.
+        class_names, temperature: the model's classes and calibration.
+        n_images: rows written by this call; ``n_ok`` (accepted), ``n_rejected`` and
+            ``n_errors`` (unreadable) add up to it.
+        counts: accepted images per class.
+        rejection: ``{"method", "threshold"}`` of the model's rejection, or None (not fitted or off).
+        predictions: the first ``keep`` new rows (all of them with ``keep=None``).
+        n_skipped: rows already in the CSV (``resume``); ``shard``: ``"I/N"`` or None.
+        sheet: the contact sheet written, or None.
+    """
+
+    model: str
+    backend: str
+    out_csv: str
+    class_names: list[str]
+    temperature: float
+    n_images: int = 0
+    n_ok: int = 0
+    n_rejected: int = 0
+    n_errors: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    rejection: dict | None = None
+    predictions: list[Prediction] = field(default_factory=list)
+    n_skipped: int = 0
+    shard: str | None = None
+    sheet: str | None = None
+
+
+@dataclass
+class _Rows:
+    """Where the rows go and how many are shown: the fixed settings of one streamed prediction."""
+
+    predictor: Predictor
+    batch_size: int
+    chunk: int
+    keep: int | None
+    on_progress: ProgressCallback | None
+    sheet_rows: "SheetRows | None"
+
+
 def predict_stream(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike],
                    out_csv: str | os.PathLike = "predictions.csv", *, batch_size: int = 32,
                    recursive: bool = True, device: str = "auto", resume: bool = False,
                    shard: tuple[int, int] | None = None, chunk: int = DEFAULT_CHUNK, keep: int | None = 20,
-                   on_rows: Callable[[int], None] | None = None, reject: bool = True,
-                   sheet: str | os.PathLike | None = None, sheet_max: int = 96) -> dict:
+                   on_progress: ProgressCallback | None = None, reject: bool = True,
+                   sheet: str | os.PathLike | None = None, sheet_max: int = 96) -> PredictSummary:
     """Label every image under ``paths`` into ``out_csv``, ``chunk`` files at a time.
 
-    The one prediction path of the ``predict`` command and of
-    :func:`~crystalscope.inference.predictor.predict_paths`.
+    The one prediction path of the ``predict`` command and of :func:`predict_paths`.
 
     Args:
         resume: append to ``out_csv`` (created if absent), skipping rows it already holds.
         shard: ``(i, n)``: only the files :func:`in_shard` gives to shard ``i`` of ``n``.
         keep: how many rows the summary keeps (for the terminal table; ``None``: all); the rest
             are only in the CSV.
-        on_rows: called with the number of rows after each appended chunk (progress).
+        on_progress: called as ``on_progress(rows done, None)`` after each appended chunk (the
+            total is unknown: files are listed lazily).
         reject: ``False`` is ``--no-reject``: every readable image ``ok``.
         sheet: also write a PNG contact sheet (at most ``sheet_max`` images; beyond that the
             rejected, unreadable and least confident, kept in bounded memory while streaming).
 
-    Returns:
-        ``model``, ``backend``, ``out_csv``, ``class_names``, ``temperature``, ``n_images``,
-        ``n_ok`` (accepted), ``n_rejected``, ``n_errors``, ``counts`` (accepted per class),
-        ``rejection`` (``{"method", "threshold"}`` or None), ``predictions`` (the first
-        ``keep`` new rows), ``sheet``, ``n_skipped`` (rows already in the CSV) and ``shard``.
-
     Example:
         >>> s = predict_stream("model.onnx", ["campaign/"], "part0.csv", shard=(0, 4), resume=True)  # doctest: +SKIP
-        >>> s["n_images"] + s["n_skipped"]  # doctest: +SKIP
+        >>> s.n_images + s.n_skipped  # doctest: +SKIP
         250123
     """
-    from crystalscope.io import atomic_path
     from crystalscope.safety import check_output, claim_output
 
     if batch_size < 1 or chunk < 1:
@@ -243,71 +283,65 @@ def predict_stream(model_path: str | os.PathLike, paths: Sequence[str | os.PathL
         if sheet is not None:
             check_output(sheet, inputs=[model_path, out_csv, *paths], kind="file", option="--sheet")
         predictor = Predictor.load(model_path, device=device, reject=reject)
-        sheet_rows = SheetRows(sheet_max) if sheet is not None else None
-        header = prediction_columns(predictor.class_names)
+        rows = _Rows(predictor, batch_size, chunk, keep, on_progress,
+                     SheetRows(sheet_max) if sheet is not None else None)
         files = (f for f in iter_files(paths, recursive) if in_shard(f, shard))
-        n_done = 0
-        if resume and out_csv.is_file():
-            n_done, last = existing_rows(out_csv, header)
-            files = _skip_done(files, out_csv, n_done, last)
+        summary = _summary(model_path, out_csv, predictor, shard, sheet)
         if resume:
-            summary = _append_all(predictor, files, out_csv, batch_size, chunk, keep, on_rows,
-                                  header=not out_csv.is_file() or out_csv.stat().st_size == 0, sheet_rows=sheet_rows)
+            _resume_into(out_csv, files, rows, summary)
         else:
             # not resumable: the CSV appears under its name only once complete
             with atomic_path(out_csv) as staging:
-                summary = _append_all(predictor, files, staging, batch_size, chunk, keep, on_rows, header=True,
-                                      sheet_rows=sheet_rows)
+                _append_all(files, staging, rows, summary, header=True)
                 _require_some(summary, paths, recursive, shard)
         if sheet is not None:
-            _write_sheet(sheet_rows, sheet, model_path, predictor)
-    if resume and summary["n_images"] + n_done == 0:
+            _write_sheet(rows.sheet_rows, sheet, model_path, predictor)
+    if resume and summary.n_images + summary.n_skipped == 0:
         _require_some(summary, paths, recursive, shard)
-    rejection = predictor.rejection
-    summary.update(model=str(model_path), backend=predictor.backend_name, out_csv=str(out_csv),
-                   class_names=predictor.class_names, temperature=predictor.temperature,
-                   n_skipped=n_done, shard=f"{shard[0]}/{shard[1]}" if shard else None,
-                   rejection=None if rejection is None else {"method": rejection.method,
-                                                             "threshold": rejection.threshold},
-                   sheet=str(sheet) if sheet is not None else None)
     return summary
+
+
+def _summary(model_path, out_csv: Path, predictor: Predictor, shard, sheet) -> PredictSummary:
+    """The summary before any row: the model's facts and zero counts."""
+    rejection = predictor.rejection
+    return PredictSummary(
+        model=str(model_path), backend=predictor.backend_name, out_csv=str(out_csv),
+        class_names=predictor.class_names, temperature=predictor.temperature,
+        counts={c: 0 for c in predictor.class_names}, shard=f"{shard[0]}/{shard[1]}" if shard else None,
+        rejection=None if rejection is None else {"method": rejection.method, "threshold": rejection.threshold},
+        sheet=str(sheet) if sheet is not None else None)
+
+
+def _resume_into(out_csv: Path, files: Iterator[Path], rows: _Rows, summary: PredictSummary) -> None:
+    """Append to ``out_csv`` the files it has no row for (a new CSV gets the header first)."""
+    if out_csv.is_file():
+        summary.n_skipped, last = existing_rows(out_csv, prediction_columns(rows.predictor.class_names))
+        files = _skip_done(files, out_csv, summary.n_skipped, last)
+    header = not out_csv.is_file() or out_csv.stat().st_size == 0
+    _append_all(files, out_csv, rows, summary, header=header)
 
 
 def predict_paths(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike],
                   out_csv: str | os.PathLike = "predictions.csv", batch_size: int = 32,
                   recursive: bool = True, progress: bool = True, device: str = "auto",
-                  sheet: str | os.PathLike | None = None, sheet_max: int = 96, reject: bool = True) -> dict:
+                  sheet: str | os.PathLike | None = None, sheet_max: int = 96, reject: bool = True) -> PredictSummary:
     """Label every image under ``paths``, write the CSV atomically and return every row.
 
     :func:`predict_stream` keeping all results (``predictions``) in memory: for the Python API,
     the demo and tests; the ``predict`` command streams. Unreadable files are rows with
     ``status = error: <reason>``; the caller decides the exit code (non-zero when no file could
-    be read). ``reject=False`` is ``predict --no-reject``.
+    be read). ``reject=False`` is ``predict --no-reject``; ``progress`` shows the project's
+    progress bar (:func:`crystalscope.runtime.progress_bar`) on stderr.
 
     Example:
         >>> s = predict_paths("model.onnx", ["crops/"], "predictions.csv")  # doctest: +SKIP
-        >>> s["counts"], s["n_rejected"]  # doctest: +SKIP
+        >>> s.counts, s.n_rejected  # doctest: +SKIP
         ({'cex': 3, 'pg': 4}, 1)
     """
-    with _rows_bar(progress) as on_rows:
+    with progress_bar("predicting", total=None, enabled=progress) as on_progress:
         return predict_stream(model_path, paths, out_csv, batch_size=batch_size, recursive=recursive,
-                              device=device, keep=None, on_rows=on_rows, reject=reject, sheet=sheet,
+                              device=device, keep=None, on_progress=on_progress, reject=reject, sheet=sheet,
                               sheet_max=sheet_max)
-
-
-@contextlib.contextmanager
-def _rows_bar(enabled: bool):
-    if not enabled:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn
-
-    # on stderr so stdout stays clean when redirected; no total: files are listed lazily
-    with Progress(SpinnerColumn(), TextColumn("predicting: {task.completed} images"),
-                  console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("predict", total=None)
-        yield lambda n: bar.advance(task, n)
 
 
 def _check_sheet_options(sheet, sheet_max: int) -> None:
@@ -341,44 +375,45 @@ def _write_sheet(rows: SheetRows, sheet, model_path, predictor: Predictor) -> No
         raise CrystalscopeError(f"--sheet {sheet}: cannot write the PNG ({exc.strerror or exc})") from None
 
 
-def _append_all(predictor: Predictor, files: Iterator[Path], csv_path: Path, batch_size: int, chunk: int,
-                keep: int | None, on_rows, header: bool, sheet_rows: SheetRows | None = None) -> dict:
-    """Predict ``files`` in chunks and append each chunk's rows (flushed and synced) to ``csv_path``."""
-    counts = {c: 0 for c in predictor.class_names}
-    n_rejected = 0
-    shown: list[Prediction] = []
-    n_images, synced = 0, time.monotonic()
+def _append_all(files: Iterator[Path], csv_path: Path, rows: _Rows, summary: PredictSummary,
+                header: bool) -> None:
+    """Predict ``files`` in chunks, append each chunk's rows (flushed, synced now and then) to
+    ``csv_path`` and count them into ``summary``."""
+    class_names = rows.predictor.class_names
+    synced = time.monotonic()
     with open(csv_path, "a", newline="", encoding="utf-8") as handle:
         if header:
-            handle.write(predictions_csv([], predictor.class_names))
-        while True:
-            block = list(itertools.islice(files, chunk))
-            if not block:
-                break
-            predictions = predictor.predict(block, batch_size=batch_size)
-            handle.write(predictions_csv(predictions, predictor.class_names, header=False))
+            handle.write(predictions_csv([], class_names))
+        while block := list(itertools.islice(files, rows.chunk)):
+            predictions = rows.predictor.predict(block, batch_size=rows.batch_size)
+            handle.write(predictions_csv(predictions, class_names, header=False))
             handle.flush()  # a killed process loses at most the block being predicted
             if time.monotonic() - synced > SYNC_EVERY_S:  # a power cut, at most this much more
                 os.fsync(handle.fileno())
                 synced = time.monotonic()
-            for p in predictions:
-                if p.ok:
-                    counts[p.predicted] += 1
-                n_rejected += p.rejected
-            shown += predictions if keep is None else predictions[:max(0, keep - len(shown))]
-            if sheet_rows is not None:
-                sheet_rows.add(predictions)
-            n_images += len(predictions)
-            if on_rows is not None:
-                on_rows(len(predictions))
+            _count(predictions, rows, summary)
+            if rows.on_progress is not None:
+                rows.on_progress(summary.n_images, None)
         os.fsync(handle.fileno())
-    n_ok = sum(counts.values())
-    return {"n_images": n_images, "n_ok": n_ok, "n_rejected": n_rejected, "n_errors": n_images - n_ok - n_rejected,
-            "counts": counts, "predictions": shown}
 
 
-def _require_some(summary: dict, paths, recursive: bool, shard) -> None:
-    if summary["n_images"]:
+def _count(predictions: Sequence[Prediction], rows: _Rows, summary: PredictSummary) -> None:
+    """Add one chunk's rows to the counts, the rows kept for the table and the sheet."""
+    for p in predictions:
+        if p.ok:
+            summary.counts[p.predicted] += 1
+        summary.n_rejected += p.rejected
+    shown = summary.predictions
+    shown += predictions if rows.keep is None else predictions[:max(0, rows.keep - len(shown))]
+    if rows.sheet_rows is not None:
+        rows.sheet_rows.add(predictions)
+    summary.n_images += len(predictions)
+    summary.n_ok = sum(summary.counts.values())
+    summary.n_errors = summary.n_images - summary.n_ok - summary.n_rejected
+
+
+def _require_some(summary: PredictSummary, paths, recursive: bool, shard) -> None:
+    if summary.n_images:
         return
     where = ", ".join(str(p) for p in paths) or "(no paths given)"
     hint = f" in shard {shard[0]}/{shard[1]}" if shard and shard[1] > 1 else ""
@@ -401,7 +436,6 @@ def merge_csvs(parts: Sequence[str | os.PathLike], out_csv: str | os.PathLike, *
         >>> merge_csvs(["part0.csv", "part1.csv"], "predictions.csv")["rows"]  # doctest: +SKIP
         250123
     """
-    from crystalscope.io import atomic_path
     from crystalscope.safety import claim_output
 
     parts = [Path(p) for p in parts]

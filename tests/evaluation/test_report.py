@@ -16,7 +16,6 @@ from sklearn.metrics import roc_auc_score
 
 from crystalscope.errors import CrystalscopeError
 from crystalscope.evaluation.calibration import softmax
-from crystalscope.evaluation.plots import plot_training_curves
 from crystalscope.evaluation.report import REPORT_FILES, write_test_report
 
 JSON_KEYS = {"accuracy", "accuracy_ci95", "per_class", "macro", "weighted", "macro_f1_ci95",
@@ -196,39 +195,3 @@ def test_evaluation_package_never_imports_torch_or_pyplot(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "False False"  # figures never enter pyplot's registry: no leak
-
-
-def write_metrics_csv(path, n_epochs, class_names=("cex", "pg")):
-    header = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1"]
-    for name in class_names:
-        header += [f"val_precision_{name}", f"val_recall_{name}", f"val_f1_{name}"]
-    header += ["val_weighted_f1", "lr", "epoch_time_s"]
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        for epoch in range(1, n_epochs + 1):
-            loss, accuracy = 1.0 / epoch, 1.0 - 0.5 / epoch
-            writer.writerow([epoch, loss, accuracy, loss * 1.1, accuracy - 0.02, 0.9]
-                            + [0.9] * 3 * len(class_names) + [0.9, 0.1, 12.5])
-
-
-@pytest.mark.parametrize("n_epochs", [1, 5])
-def test_training_curves_plot_is_a_real_image(tmp_path, n_epochs):
-    write_metrics_csv(tmp_path / "metrics.csv", n_epochs)
-    out = plot_training_curves(tmp_path / "metrics.csv", tmp_path / "metrics_plot.png")
-    assert out == tmp_path / "metrics_plot.png"
-    assert_real_png(out)
-    with Image.open(out) as image:
-        assert image.width > image.height  # two panels side by side
-
-
-def test_training_curves_reject_bad_metrics_files(tmp_path):
-    with pytest.raises(CrystalscopeError, match="metrics file not found"):
-        plot_training_curves(tmp_path / "missing.csv", tmp_path / "plot.png")
-    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
-    with pytest.raises(CrystalscopeError, match="missing column"):
-        plot_training_curves(tmp_path / "other.csv", tmp_path / "plot.png")
-    write_metrics_csv(tmp_path / "empty.csv", 0)
-    with pytest.raises(CrystalscopeError, match="no epochs"):
-        plot_training_curves(tmp_path / "empty.csv", tmp_path / "plot.png")
-    assert not (tmp_path / "plot.png").exists()

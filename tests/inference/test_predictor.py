@@ -312,3 +312,85 @@ def test_ckpt_and_onnx_give_the_same_features(models, real_samples):
     assert np.abs(logits_t - logits_o).max() <= 1e-4 * max(1.0, np.abs(logits_t).max())
     assert np.allclose(ckpt.logits(batch), logits_t)
     assert feats_t.std() > 0  # real, varying activations, not a constant
+
+
+# ---- the decoding pipeline of Predictor.predict ---------------------------------------------
+
+def _pipeline_predictor() -> Predictor:
+    torch.manual_seed(0)
+    model = build_model("resnet18", 2).eval()
+    with torch.no_grad():
+        model.head[-1].weight.mul_(40.0)  # spread the untrained logits so a mix-up would show
+    ckpt = make_checkpoint(model, backbone="resnet18", head=HeadSpec(), class_names=["cex", "pg"],
+                           positive_class="pg", preprocessing=Preprocessing(image_size=32))
+    return Predictor.from_checkpoint(ckpt, device="cpu")
+
+
+def test_pipelined_batches_give_the_rows_of_one_big_batch(tmp_path: Path):
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    items: list = []
+    for i in range(7):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 255, (20 + 3 * i, 30, 3), dtype=np.uint8)).save(path)
+        items.append(path)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    items.insert(3, tmp_path / "broken.png")
+    items.append(Image.fromarray(rng.integers(0, 255, (25, 25, 3), dtype=np.uint8)))  # in-memory image
+    predictor = _pipeline_predictor()
+    done: list[int] = []
+    small = predictor.predict(items, batch_size=2, on_batch=done.append)
+    whole = predictor.predict(items, batch_size=64)
+    assert done == [2, 2, 2, 2, 1]
+    assert [p.path for p in small] == [p.path for p in whole] == [str(i) for i in items[:-1]] + ["<image 8>"]
+    assert small[3].status.startswith("error") and sum(not p.ok for p in small) == 1
+    for a, b in zip(small, whole):
+        assert a.predicted == b.predicted and a.status == b.status
+        if a.ok:
+            assert np.allclose(list(a.probabilities.values()), list(b.probabilities.values()), atol=1e-6)
+
+
+# ---- Predictor.from_checkpoint: the forward training, evaluate and export call ---------------
+
+def test_from_checkpoint_runs_an_in_memory_dict_like_the_saved_file(tmp_path, real_samples):
+    from crystalscope.models.checkpoint import model_from_checkpoint
+
+    ckpt = tiny_checkpoint("pad")
+    in_memory = Predictor.from_checkpoint(ckpt, torch.device("cpu"))  # training passes a torch.device
+    saved = Predictor.load(save_checkpoint(ckpt, tmp_path / "m.ckpt"), device="cpu")
+    assert in_memory.backend_name == "torch" and in_memory.source == "<checkpoint>"
+    assert in_memory.class_names == saved.class_names and in_memory.temperature == TEMPERATURE
+    batch = in_memory.preprocessing.prepare(sorted(real_samples.glob("*.png")))
+    logits = in_memory.logits(batch)
+    assert logits.dtype == np.float32 and logits.shape == (8, 2)
+    assert np.array_equal(logits, saved.logits(batch))
+    # a tensor batch (a split already on the device) gives the numpy batch's logits
+    assert np.array_equal(in_memory.logits(torch.from_numpy(batch)), logits)
+    # fp32: the plain eager forward of the same weights, to float32 rounding
+    with torch.no_grad():
+        reference = model_from_checkpoint(ckpt).eval()(torch.from_numpy(batch)).numpy()
+    assert np.abs(logits - reference).max() < 1e-4 and np.ptp(logits[:, 1]) > 0.1
+    probs = in_memory.probabilities(batch)
+    assert np.allclose(probs.sum(axis=1), 1.0) and not np.allclose(probs, softmax_plain(logits))
+
+
+def softmax_plain(logits: np.ndarray) -> np.ndarray:
+    """softmax at T = 1 (the calibrated one divides by the temperature first)."""
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_logits_and_scores_is_the_forward_of_predict(real_samples):
+    predictor = Predictor.from_checkpoint(tiny_checkpoint("stretch"), "cpu")
+    files = sorted(real_samples.glob("*.png"))
+    resized = np.stack([predictor.preprocessing.resize_uint8(f) for f in files])
+    logits, scores = predictor.logits_and_scores(resized)
+    assert scores is None  # no fitted rejection in this checkpoint
+    expected = np.array([[p.probabilities[c] for c in predictor.class_names] for p in predictor.predict(files)])
+    assert np.abs(predictor.probabilities(predictor.preprocessing.normalize(resized)) - expected).max() < 1e-6
+    assert np.argmax(logits, axis=1).tolist() == [predictor.class_names.index(p.predicted) for p in predictor.predict(files)]
+
+
+def test_from_checkpoint_refuses_an_unusable_device():
+    with pytest.raises(CrystalscopeError, match="--device"):
+        Predictor.from_checkpoint(tiny_checkpoint("pad"), "cuda:7" if not torch.cuda.is_available() else "nonsense")

@@ -100,15 +100,43 @@ def test_parity_check_fails_on_a_drifted_export(ckpt_path, tmp_path, monkeypatch
 
 def test_parity_check_rejects_perturbed_outputs(ckpt_path, tmp_path, monkeypatch):
     """The same check at the output level: +2e-3 on one logit (~3e-4 in probability) is caught."""
-    real_run = export_onnx._run_onnx
+    real_load = export_onnx._load_export
 
-    def perturbed(path, *batches):
-        return [logits + np.array([0.0, 2e-3], np.float32) for logits in real_run(path, *batches)]
+    def perturbed(path):
+        exported = real_load(path)
+        logits = exported.backend.logits
+        exported.backend.logits = lambda batch: logits(batch) + np.array([0.0, 2e-3], np.float32)
+        return exported
 
-    monkeypatch.setattr(export_onnx, "_run_onnx", perturbed)
+    monkeypatch.setattr(export_onnx, "_load_export", perturbed)
     with pytest.raises(CrystalscopeError, match="export check failed"):
         export_onnx.export_checkpoint(ckpt_path, tmp_path / "bad.onnx")
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_parity_check_compares_against_the_predictor_path(ckpt_path, real_samples, tmp_path, monkeypatch):
+    """The PyTorch side of the check is Predictor (the forward of predict/evaluate), on the check images."""
+    from crystalscope.inference.predictor import Predictor
+    from crystalscope.models.checkpoint import load_checkpoint
+
+    seen = []
+    real_probabilities = Predictor.probabilities
+
+    def spy(self, batch):
+        probs = real_probabilities(self, batch)
+        seen.append((self.backend_name, probs))
+        return probs
+
+    monkeypatch.setattr(Predictor, "probabilities", spy)
+    checks = sorted(real_samples.glob("*.png"))
+    export_onnx.export_checkpoint(ckpt_path, tmp_path / "m.onnx", check_images=checks)
+    torch_side = [probs for backend, probs in seen if backend == "torch"]
+    assert len(torch_side) == 1 and [b for b, _ in seen].count("onnx") == 2
+    monkeypatch.undo()
+    predicted = Predictor.from_checkpoint(load_checkpoint(ckpt_path), "cpu").predict(checks)
+    expected = np.array([[p.probabilities[c] for c in ("cex", "pg")] for p in predicted])
+    assert np.abs(torch_side[0] - expected).max() < 1e-6
+    assert np.abs(expected[:, 0] - expected[:, 0].mean()).max() > 1e-3  # the images really differ
 
 
 def test_cli_export_one_line_errors(tmp_path, ckpt_path):

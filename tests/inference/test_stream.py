@@ -57,7 +57,9 @@ def test_listing_is_lazy_and_matches_the_in_memory_predict(model, campaign, tmp_
     assert len(listed) == 38 and not any(p.name.startswith(".") for p in listed)
     streamed = predict_stream(model, [campaign], tmp_path / "s.csv", batch_size=4, chunk=5, device="cpu")
     whole = predict_paths(model, [campaign], tmp_path / "w.csv", batch_size=4, progress=False, device="cpu")
-    assert streamed["n_images"] == whole["n_images"] == 38 and streamed["n_errors"] == 1
+    assert streamed.n_images == whole.n_images == 38 and streamed.n_errors == 1
+    assert streamed.n_ok + streamed.n_rejected == 37 and sum(streamed.counts.values()) == streamed.n_ok
+    assert len(streamed.predictions) == 20 and len(whole.predictions) == 38  # keep=20 by default
     by_path = {r["path"]: r for r in rows(tmp_path / "w.csv")}
     got = rows(tmp_path / "s.csv")
     assert list(got[0]) == list(next(iter(by_path.values())))  # the same columns, in the same order
@@ -88,21 +90,22 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_csv(model, campaig
     out = tmp_path / "resumed.csv"
     done = []
 
-    def interrupt(n):
-        done.append(n)
+    def interrupt(n_done, total):
+        assert total is None  # files are listed lazily: no total
+        done.append(n_done)
         if len(done) == 2:
             raise KeyboardInterrupt  # Ctrl-C after the second appended block
 
     with pytest.raises(KeyboardInterrupt):
-        predict_stream(model, [campaign], out, batch_size=4, chunk=6, device="cpu", resume=True, on_rows=interrupt)
-    assert len(rows(out)) == 12
+        predict_stream(model, [campaign], out, batch_size=4, chunk=6, device="cpu", resume=True, on_progress=interrupt)
+    assert len(rows(out)) == 12 and done == [6, 12]
     with open(out, "a") as handle:
         handle.write(f"{campaign}/plate0/frame (0).png,pg,0.5")  # a row cut short by a kill -9
     summary = predict_stream(model, [campaign], out, batch_size=4, chunk=6, device="cpu", resume=True)
-    assert summary["n_skipped"] == 12 and summary["n_images"] == 38 - 12
+    assert summary.n_skipped == 12 and summary.n_images == 38 - 12
     assert out.read_bytes() == whole.read_bytes()
     again = predict_stream(model, [campaign], out, batch_size=4, chunk=6, device="cpu", resume=True)
-    assert again["n_images"] == 0 and out.read_bytes() == whole.read_bytes()
+    assert again.n_images == 0 and out.read_bytes() == whole.read_bytes()
 
 
 def test_resume_refuses_a_csv_with_other_columns_and_bad_shards(model, campaign, tmp_path):
