@@ -131,7 +131,7 @@ def _training_eval_rows(model, pre, uint8: np.ndarray, batch_sizes: list[int], d
 
     from crystalscope.training import loop
     from crystalscope.models.precision import place_model
-    from crystalscope.training.run import resolve_device
+    from crystalscope.runtime import resolve_device
 
     dev = resolve_device(device)
     model = place_model(model, dev)
