@@ -18,10 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from crystalscope.config import choices
 
-#: what ``prefix_runtime`` accepts: ``auto`` = ONNX Runtime on the CPU when installed and
-#: numerically equal, else PyTorch
-PREFIX_RUNTIMES = ("auto", "onnxruntime", "torch")
+
+#: what ``prefix_runtime`` accepts (named once, in the config): ``auto`` = ONNX Runtime on the
+#: CPU when installed and numerically equal, else PyTorch
+PREFIX_RUNTIMES = choices("prefix_runtime")
 PARITY_ATOL = 1e-4
 
 
