@@ -56,7 +56,7 @@ class RunData:
     image_stats: dict[str, np.ndarray] = field(default_factory=dict)  # per split, for the rejection fit
 
 
-@dataclass
+@dataclass(frozen=True)
 class Learner:
     """The model being trained and what updates it: the one handle every step receives.
 
