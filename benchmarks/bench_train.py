@@ -52,7 +52,7 @@ def _instrument(run_module, loop_module, record: dict, started: float, targets: 
                 record["phases_s"][key] = record["phases_s"].get(key, 0.0) + time.perf_counter() - t0
         setattr(module, name, wrapper)
 
-    for name, key in (("build_session", "model"), ("load_data", "decode"), ("cache_features", "features"),
+    for name, key in (("build_learner", "model"), ("load_data", "decode"), ("cache_features", "features"),
                       ("fit", "epochs"), ("finalize", "finalize")):
         timed(run_module, name, key)
 
@@ -66,14 +66,15 @@ def _instrument(run_module, loop_module, record: dict, started: float, targets: 
         return stats
     loop_module.train_one_epoch = train_wrapper
 
-    run_epoch = run_module.run_epoch
-    originals[(run_module, "run_epoch")] = run_epoch
+    log_epoch = run_module.log_epoch
+    originals[(run_module, "log_epoch")] = log_epoch
 
-    def epoch_wrapper(session, epoch, bar):
-        row = run_epoch(session, epoch, bar)
+    def epoch_wrapper(cfg, folder, data, result, world, improved):
+        row = log_epoch(cfg, folder, data, result, world, improved)  # the epoch's metrics.csv row
         now = time.perf_counter()
         entry = record["epochs"][-1]
-        per_class = [float(row[f"val_f1_{c}"]) for c in session.class_names]
+        epoch = result.epoch
+        per_class = [float(row[f"val_f1_{c}"]) for c in data.class_names]
         entry.update(epoch=epoch, epoch_s=float(row["epoch_time_s"]), val_macro_f1=float(row["val_macro_f1"]),
                      val_min_class_f1=min(per_class), since_start_s=now - started,
                      train_img_s=entry["train_images"] / max(entry["train_s"], 1e-9))
@@ -84,7 +85,7 @@ def _instrument(run_module, loop_module, record: dict, started: float, targets: 
         if on_epoch:
             on_epoch(record)
         return row
-    run_module.run_epoch = epoch_wrapper
+    run_module.log_epoch = epoch_wrapper
 
     def restore():
         for (module, name), original in originals.items():
@@ -112,12 +113,13 @@ def bench_train(data_dir: str, overrides: dict, *, f1_targets: list[float], thre
 
     from crystalscope.config import load_config
     from crystalscope.data.dataset import index_split
+    from crystalscope.runtime import resolve_device
     from crystalscope.training import loop, run
 
     if threads:
         torch.set_num_threads(threads)
     cfg = load_config(None, {"data_dir": data_dir, **overrides})
-    cuda = run.resolve_device(cfg.device).type == "cuda"
+    cuda = resolve_device(cfg.runtime.device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     record = {"config": cfg.to_dict(), "phases_s": {}, "epochs": [], "time_to_target_s": {}, "epochs_to_target": {}}
@@ -140,7 +142,7 @@ def bench_train(data_dir: str, overrides: dict, *, f1_targets: list[float], thre
         peak_cuda_mib=(torch.cuda.max_memory_allocated() / 2**20) if cuda else None,
         threads=torch.get_num_threads(),
         n_images={split: len(folder.paths) for split, folder in index_split(data_dir).items()})
-    passes = cfg.feature_passes if (cfg.cache_features or cfg.cache_frozen) else 0
+    passes = cfg.runtime.feature_passes if cfg.caches_features else 0
     if passes and record["phases_s"].get("features"):
         n = record["n_images"]
         record["feature_img_s"] = (n["train"] * passes + n["val"] + n["test"]) / record["phases_s"]["features"]

@@ -9,11 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from crystalscope.errors import CrystalscopeError
-from crystalscope.models.factory import build_model, set_trainable_fraction
-from crystalscope.training.features import backbone_parts, split_for_caching
 from lines_and_discs import make_split
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -32,36 +28,6 @@ def tiny_split(tmp_path_factory) -> Path:
     """Lines (cex) vs discs (pg), 32 px, 6+6 train, 3+3 val, 3+3 test."""
     return make_split(tmp_path_factory.mktemp("bench") / "split", counts={"train": (6, 6), "val": (3, 3),
                                                                             "test": (3, 3)}, size=32)
-
-
-@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
-def test_cached_prefix_then_trained_tail_equals_the_full_model(backbone):
-    torch.manual_seed(0)
-    model = build_model(backbone, 2).eval()
-    set_trainable_fraction(model.backbone, 0.1)
-    prefix, trained = split_for_caching(model, 32)
-    assert any(p.requires_grad for p in trained.parameters())
-    assert not any(p.requires_grad for p in prefix.parameters())
-    x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.allclose(trained(prefix(x)), model(x), atol=1e-5)
-    # the tail shares the model's modules: training it changes the model
-    assert any(t is m for t in trained.modules() for m in model.backbone.modules() if list(m.parameters(False)))
-
-
-def test_split_for_caching_frozen_backbone_is_the_plain_feature_cache():
-    model = build_model("resnet18", 2)
-    set_trainable_fraction(model.backbone, 0.0)
-    prefix, trained = split_for_caching(model, 32)
-    assert prefix is model.backbone and trained is model.head
-    assert len(backbone_parts(model.backbone)) == 14
-
-
-def test_split_for_caching_refuses_a_fully_trainable_backbone():
-    model = build_model("resnet18", 2)
-    set_trainable_fraction(model.backbone, 1.0)
-    with pytest.raises(CrystalscopeError, match="nothing can be cached"):
-        split_for_caching(model, 32)
 
 
 def test_bench_train_cache_frozen_writes_json_and_report_renders_it(tiny_split, tmp_path):
@@ -118,7 +84,7 @@ def test_a_run_stopped_after_its_epochs_leaves_a_partial_result(tiny_split, tmp_
     bench_train, report = _load("bench_train"), _load("report")
     from crystalscope.training import run
 
-    def killed(session):  # e.g. the device tool's time limit, after the epochs
+    def killed(*parts):  # e.g. the device tool's time limit, after the epochs
         raise KeyboardInterrupt
 
     monkeypatch.setattr(run, "finalize", killed)

@@ -11,20 +11,21 @@ from crystalscope.errors import CrystalscopeError
 
 def test_defaults_are_the_reference_recipe():
     cfg = TrainConfig()
-    assert (cfg.backbone, cfg.weights, cfg.trainable_fraction) == ("resnet101", "imagenet", 0.1)
-    assert (cfg.lr, cfg.momentum, cfg.batch_size, cfg.image_size, cfg.epochs) == (0.1, 0.9, 64, 224, 100)
-    assert (cfg.rotation, cfg.shift, cfg.zoom, cfg.hflip, cfg.vflip) == (30.0, 0.2, 0.3, True, True)
-    assert (cfg.f1_threshold, cfg.f1_patience, cfg.patience, cfg.resize) == (0.997, 1, 10, "stretch")
+    m, o, a, s = cfg.model, cfg.optimiser, cfg.augmentation, cfg.stopping
+    assert (m.backbone, m.weights, m.trainable_fraction) == ("resnet101", "imagenet", 0.1)
+    assert (o.lr, o.momentum, o.batch_size, m.image_size, o.epochs) == (0.1, 0.9, 64, 224, 100)
+    assert (a.rotation, a.shift, a.zoom, a.hflip, a.vflip) == (30.0, 0.2, 0.3, True, True)
+    assert (s.f1_threshold, s.f1_patience, s.patience, m.resize) == (0.997, 1, 10, "stretch")
 
 
 def test_yaml_then_overrides_precedence(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("backbone: resnet18\nlr: 1e-2\nepochs: 7\nbatch-size: 16\nhflip: false\n")
     cfg = load_config(path, {"epochs": 3, "backbone": None})
-    assert cfg.backbone == "resnet18"  # from YAML; a None override does not count
-    assert cfg.lr == 0.01 and isinstance(cfg.lr, float)  # YAML 1.1 reads 1e-2 as a string
-    assert cfg.epochs == 3  # the CLI wins
-    assert cfg.batch_size == 16 and cfg.hflip is False
+    assert cfg.model.backbone == "resnet18"  # from YAML; a None override does not count
+    assert cfg.optimiser.lr == 0.01 and isinstance(cfg.optimiser.lr, float)  # YAML 1.1 reads 1e-2 as a string
+    assert cfg.optimiser.epochs == 3  # the CLI wins
+    assert cfg.optimiser.batch_size == 16 and cfg.augmentation.hflip is False
 
 
 def test_unknown_key_names_the_key(tmp_path):
@@ -63,3 +64,61 @@ def test_cli_unknown_yaml_key_is_one_line_error(tmp_path):
     assert result.exit_code == 2
     assert "unknown key 'epoch'" in result.output and "did you mean 'epochs'" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("head_hidden: 512\n", "head_hidden=512 is not valid (Input should be a valid list)"),
+    ("workers: four\n", "workers='four' is not valid"),
+    ("head_dropout: [0.4, high]\n", "head_dropout=[0.4, 'high'] is not valid"),
+    ("precision: fp16\n", "precision='fp16' is not known; use auto, fp32 or bf16"),
+    ("device: tpu\n", "device='tpu' is not known; use auto, cpu or cuda"),
+    ("seed: [1]\n", "seed=[1] is not valid"),
+])
+def test_every_field_is_type_checked_with_one_line(tmp_path, text, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(CrystalscopeError) as err:
+        load_config(path, {})
+    assert expected in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_quoted_numbers_are_read_as_numbers(tmp_path):
+    # YAML 1.1 quotes some numbers (1e-2): a quoted integer is read as one, as the CLI would
+    path = tmp_path / "c.yaml"
+    path.write_text('workers: "4"\nepochs: "2"\n')
+    cfg = load_config(path, {})
+    assert (cfg.runtime.workers, cfg.optimiser.epochs) == (4, 2)
+
+
+def test_yaml_in_sections_and_flat_keys_agree(tmp_path):
+    flat, sectioned = tmp_path / "flat.yaml", tmp_path / "sections.yaml"
+    flat.write_text("lr: 0.02\nbackbone: resnet18\nworkers: 2\nrotation: 10\n")
+    sectioned.write_text("optimiser: {lr: 0.02}\nmodel: {backbone: resnet18}\nruntime: {workers: 2}\n"
+                         "augmentation: {rotation: 10}\n")
+    assert load_config(flat, {}) == load_config(sectioned, {})
+    assert load_config(flat, {}).to_dict()["lr"] == 0.02
+
+
+def test_flat_keys_map_to_one_section_each():
+    from crystalscope.config import SECTION_OF, SECTIONS
+
+    assert set(SECTIONS) == {"model", "optimiser", "augmentation", "stopping", "runtime"}
+    assert SECTION_OF["lr"] == "optimiser" and SECTION_OF["workers"] == "runtime"
+    assert SECTION_OF["rotation"] == "augmentation" and SECTION_OF["patience"] == "stopping"
+    assert set(TrainConfig().to_dict()) == set(SECTION_OF)
+
+
+def test_a_flat_config_yaml_of_an_older_run_still_loads(tmp_path):
+    # run folders written before the sections hold a flat config.yaml: --resume must read it
+    old = {**TrainConfig().to_dict(), "backbone": "resnet18", "epochs": 4}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    cfg = load_config(tmp_path / "config.yaml", {"epochs": 6})
+    assert (cfg.model.backbone, cfg.optimiser.epochs) == ("resnet18", 6)
+
+
+def test_choices_are_named_once():
+    from crystalscope.config import choices
+
+    assert choices("precision") == ("auto", "fp32", "bf16")
+    assert choices("prefix_runtime") == ("auto", "onnxruntime", "torch")
+    assert choices("lr") == ()

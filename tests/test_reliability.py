@@ -404,18 +404,18 @@ def _metrics_without_time(run: Path) -> list[dict]:
 
 def test_resume_continues_bit_for_bit(assets, uninterrupted, tmp_path, monkeypatch):
     out = tmp_path / "stopped"
-    real = run_module.run_epoch
+    real = run_module.train_epoch
 
-    def stop_before_epoch_3(session, epoch, bar):
+    def stop_before_epoch_3(cfg, learner, state, data, epoch, on_step=None):
         if epoch == 3:
             raise KeyboardInterrupt  # Ctrl-C (or a kill) after epoch 2's checkpoint
-        return real(session, epoch, bar)
+        return real(cfg, learner, state, data, epoch, on_step)
 
-    monkeypatch.setattr(run_module, "run_epoch", stop_before_epoch_3)
+    monkeypatch.setattr(run_module, "train_epoch", stop_before_epoch_3)
     args = _train_args(assets["split"], out, "--epochs", "3", "--lr", "0.01", "--batch-size", "6",
                        "--trainable-fraction", "0.3")
     assert RUNNER.invoke(app, args).exit_code == 130
-    monkeypatch.setattr(run_module, "run_epoch", real)
+    monkeypatch.setattr(run_module, "train_epoch", real)
     result = RUNNER.invoke(app, ["train", "--resume", str(out)])
     assert result.exit_code == 0, result.output
     assert _metrics_without_time(out) == _metrics_without_time(uninterrupted)
@@ -429,17 +429,17 @@ def test_resume_with_cached_features_continues_bit_for_bit(assets, tmp_path, mon
             "--batch-size", "6", "--epochs", "3"]
     full = tmp_path / "full"
     assert RUNNER.invoke(app, _train_args(assets["split"], full, *args)).exit_code == 0
-    real = run_module.run_epoch
+    real = run_module.train_epoch
 
-    def stop_before_epoch_2(session, epoch, bar):
+    def stop_before_epoch_2(cfg, learner, state, data, epoch, on_step=None):
         if epoch == 2:
             raise KeyboardInterrupt
-        return real(session, epoch, bar)
+        return real(cfg, learner, state, data, epoch, on_step)
 
-    monkeypatch.setattr(run_module, "run_epoch", stop_before_epoch_2)
+    monkeypatch.setattr(run_module, "train_epoch", stop_before_epoch_2)
     out = tmp_path / "stopped"
     assert RUNNER.invoke(app, _train_args(assets["split"], out, *args)).exit_code == 130
-    monkeypatch.setattr(run_module, "run_epoch", real)
+    monkeypatch.setattr(run_module, "train_epoch", real)
     assert RUNNER.invoke(app, ["train", "--resume", str(out)]).exit_code == 0
     assert _metrics_without_time(out) == _metrics_without_time(full)
 

@@ -1,202 +1,317 @@
-"""The training configuration: one typed dataclass, loaded from YAML plus CLI overrides.
+"""The training configuration: typed sections, loaded from YAML plus CLI overrides.
 
-Precedence (lowest to highest): the dataclass defaults (the reference recipe), the YAML file
-given with ``--config``, the options the user actually typed on the command line. Unknown keys
-are an error, so a typo like ``learning_rate:`` never silently trains with the default. The
-resolved config is saved as ``config.yaml`` in the run folder, which is also what
-``--resume`` reads back.
+Precedence (lowest to highest): the defaults below (the reference recipe), the YAML file
+given with ``--config``, the options the user actually typed on the command line. Every value
+is type-checked (pydantic) and an invalid one is a one-line error naming the key and the value;
+unknown keys are an error, so a typo like ``learning_rate:`` never silently trains with the
+default. The resolved config is saved as ``config.yaml`` in the run folder (in sections), which
+is also what ``--resume`` reads back.
+
+Keys are flat everywhere a user types them (``lr: 0.01`` in YAML, ``--lr 0.01``, ``--set
+lr=0.01`` in the benchmarks): each flat key belongs to exactly one section (:data:`SECTION_OF`).
+A YAML file may also be written in sections (``optimiser: {lr: 0.01}``), as ``config.yaml`` is.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from crystalscope.errors import CrystalscopeError
 from crystalscope.io import write_text
 
+# the choices, named once: the config checks them, the CLI's help lists them
+Weights = Literal["imagenet", "none"]
+Resize = Literal["stretch", "pad"]
+Precision = Literal["auto", "fp32", "bf16"]  # auto: bf16 autocast on CUDA, fp32 on the CPU
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+LrScaling = Literal["none", "linear"]
+PrefixRuntime = Literal["auto", "onnxruntime", "torch"]
+DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
 
-@dataclass
-class TrainConfig:
-    """Everything a training run needs; defaults reproduce the reference study.
 
-    Example:
-        >>> cfg = TrainConfig(data_dir="split", backbone="resnet18", epochs=2)
-        >>> cfg.lr, cfg.batch_size, cfg.trainable_fraction
-        (0.1, 64, 0.1)
-    """
+class _Section(BaseModel):
+    # lax types (YAML 1.1 reads ``1e-2`` as a string, ``--set`` gives YAML scalars), no extra keys;
+    # numbers are not silently turned into strings except where a name may look like one
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
-    data_dir: str | None = None
-    out: str | None = None  # None: runs/train, runs/train2, ... (never overwrites a run)
-    # model
+
+class ModelConfig(_Section):
+    """What is trained: the backbone, its pretrained weights, the head and the input."""
+
     backbone: str = "resnet101"
-    weights: str = "imagenet"  # imagenet | none
+    weights: Weights = "imagenet"
     weights_file: str | None = None
-    trainable_fraction: float = 0.1
-    head_hidden: list[int] = field(default_factory=lambda: [512, 256])
-    head_dropout: list[float] = field(default_factory=lambda: [0.4, 0.3])
-    # optimisation (SGD with momentum, constant learning rate, as the reference)
+    trainable_fraction: float = 0.1  # last fraction of backbone layers trained: 0 frozen, 1 all
+    head_hidden: list[int] = Field(default_factory=lambda: [512, 256])
+    head_dropout: list[float] = Field(default_factory=lambda: [0.4, 0.3])
+    image_size: int = 224
+    resize: Resize = "stretch"
+
+
+class OptimiserConfig(_Section):
+    """SGD with momentum at a constant learning rate, as the reference."""
+
     lr: float = 0.1
     momentum: float = 0.9
-    batch_size: int = 64
+    batch_size: int = 64  # per process
     epochs: int = 100
-    # input
-    image_size: int = 224
-    resize: str = "stretch"  # stretch | pad
-    # training augmentation (Keras ImageDataGenerator semantics)
+    # several processes: "linear" multiplies lr by nproc for the nproc-times larger batch
+    lr_scaling: LrScaling = "none"
+
+
+class AugmentationConfig(_Section):
+    """Training augmentation (Keras ImageDataGenerator semantics); fields of ``AugmentSpec``."""
+
     rotation: float = 30.0  # degrees, uniform in +-rotation
     shift: float = 0.2  # fraction of the side, uniform in +-shift
     zoom: float = 0.3  # scale uniform in 1 +- zoom
     hflip: bool = True
     vflip: bool = True
-    # stopping
+
+
+class StoppingConfig(_Section):
+    """The two stopping rules; fields of ``StoppingState``."""
+
     f1_threshold: float = 0.997
     f1_patience: int = 1
     patience: int = 10
-    # classes
-    positive_class: str | None = None  # default: pg when present, else the last class (binary)
-    # machinery
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
-    seed: int = 0
+
+
+class RuntimeConfig(_Section):
+    """How and where the recipe runs: device, precision, compile, caching, processes."""
+
+    device: str = "auto"
+    precision: Precision = "auto"
     workers: int | None = None  # image decoding threads; None = CPU count
     compile: bool = False
-    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
-    cuda_graphs: bool = False  # capture the eager training step as a CUDA graph (CUDA only, no compile time)
+    compile_mode: CompileMode = "default"
+    cuda_graphs: bool = False  # capture the eager training step as a CUDA graph (CUDA only)
     cache_dir: str | None = None  # None = $XDG_CACHE_HOME/crystalscope; "off" = no disk cache
-    cache_features: bool = False
-    feature_passes: int = 1  # train feature passes with --cache-features; passes after the first are augmented
-    cache_frozen: bool = False  # cache the frozen layers' output; train the trainable tail + head on it
-    prefix_runtime: str = "auto"  # what runs the cached frozen part: auto (ONNX Runtime on the CPU if it matches) | onnxruntime | torch
-    onnx: bool = True
-    # rejection of foreign images: fraction of in-distribution (val) images the threshold
-    # rejects; 0 = no rejection fit (docs/ood.md)
-    reject_fpr: float = 0.01
-    resume: str | None = None
-    # several processes (torchrun / --nproc; training/distributed.py, docs/scaling.md): batch_size is
-    # per process, so the effective batch is batch_size x nproc; lr_scaling "linear" multiplies lr by
-    # nproc for that larger batch, "none" keeps lr as given
-    nproc: int = 1
-    lr_scaling: str = "none"  # none | linear
+    cache_features: bool = False  # frozen backbone: features once, train the head
+    feature_passes: int = 1  # train passes with feature caching; those after the first augmented
+    cache_frozen: bool = False  # cache the frozen layers' output; train the tail + head on it
+    prefix_runtime: PrefixRuntime = "auto"  # what runs the cached frozen part
+    nproc: int = 1  # processes (torchrun / --nproc; docs/scaling.md)
     sync_bn: bool = False  # synchronise BatchNorm statistics across processes (GPUs only)
 
-    def validate(self) -> "TrainConfig":
-        """Check values a user can get wrong; raise a one-line error naming the option."""
-        def bad(option: str, why: str):
-            raise CrystalscopeError(f"--{option.replace('_', '-')}: {why}")
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value not in DEVICES and not value.startswith("cuda:"):
+            raise ValueError(f"is not known; use {_choices(DEVICES)}")
+        return value
 
-        if self.weights not in ("imagenet", "none"):
-            bad("weights", f"{self.weights!r} is not known; use imagenet or none (or --weights-file PATH)")
-        if self.resize not in ("stretch", "pad"):
-            bad("resize", f"{self.resize!r} is not known; use stretch or pad")
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            bad("device", f"{self.device!r} is not known; use auto, cpu or cuda")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            bad("precision", f"{self.precision!r} is not known; use auto, fp32 or bf16")
-        if self.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
-            bad("compile_mode", f"{self.compile_mode!r} is not a torch.compile mode; use default, "
-                "reduce-overhead, max-autotune or max-autotune-no-cudagraphs")
-        if self.cuda_graphs and self.compile:
-            bad("cuda_graphs", "and --compile both replace the training step; choose one "
-                "(--compile --compile-mode reduce-overhead also uses CUDA graphs)")
-        for name in ("lr", "momentum", "trainable_fraction", "f1_threshold", "rotation", "shift", "zoom"):
-            if not math.isfinite(float(getattr(self, name))):
-                bad(name, f"{getattr(self, name)} is not a finite number")
-        if not 0.0 <= self.momentum < 1.0:
-            bad("momentum", f"{self.momentum} must be in [0, 1)")
-        if not 0.0 <= self.trainable_fraction <= 1.0:
-            bad("trainable_fraction", f"{self.trainable_fraction} must be between 0 and 1")
-        if self.lr_scaling not in ("none", "linear"):
-            bad("lr_scaling", f"{self.lr_scaling!r} is not known; use none (keep --lr) or linear (--lr x --nproc)")
-        if self.nproc > 1 and self.cuda_graphs:
-            bad("cuda_graphs", "runs in one process; leave it out with --nproc (or torchrun)")
-        for name in ("batch_size", "epochs", "image_size", "f1_patience", "patience", "feature_passes", "nproc"):
-            if int(getattr(self, name)) < 1:
-                bad(name, f"{getattr(self, name)} must be at least 1")
-        if self.lr <= 0:
-            bad("lr", f"{self.lr} must be positive")
-        if int(self.batch_size) < 2:
-            # BatchNorm cannot normalise one image: every step would be skipped and nothing learnt
-            bad("batch_size", f"{self.batch_size} is too small: BatchNorm needs at least 2 images per step")
-        if self.prefix_runtime not in ("auto", "onnxruntime", "torch"):
-            bad("prefix_runtime", f"{self.prefix_runtime!r} is not one of auto, onnxruntime, torch")
-        if self.workers is not None and self.workers < 1:
-            bad("workers", f"{self.workers} must be at least 1")
-        if self.cache_features and self.trainable_fraction != 0:
-            bad("cache_features", "needs a frozen backbone; add --trainable-fraction 0 (or use --cache-frozen "
-                "to cache only the frozen layers and train the rest)")
-        if not 0.0 <= self.reject_fpr < 0.5:
-            bad("reject_fpr", f"{self.reject_fpr} must be in [0, 0.5): e.g. 0.01 rejects 1 % of valid crops, "
-                "0 turns rejection off")
-        if len(self.head_hidden) != len(self.head_dropout):
-            bad("head_dropout", "needs one value per head_hidden layer")
-        return self
+    @field_validator("cache_dir", mode="before")
+    @classmethod
+    def _off(cls, value):
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
+
+class TrainConfig(_Section):
+    """Everything a training run needs; defaults reproduce the reference study.
+
+    Example:
+        >>> cfg = TrainConfig.from_flat({"data_dir": "split", "backbone": "resnet18", "epochs": 2})
+        >>> cfg.optimiser.lr, cfg.optimiser.batch_size, cfg.model.trainable_fraction
+        (0.1, 64, 0.1)
+    """
+
+    data_dir: str | None = None
+    out: str | None = None  # None: runs/train, runs/train2, ... (never overwrites a run)
+    resume: str | None = None
+    positive_class: str | None = None  # default: pg when present, else the last class (binary)
+    seed: int = 0
+    onnx: bool = True
+    # fraction of valid (val) images the rejection threshold rejects; 0 = no fit (docs/ood.md)
+    reject_fpr: float = 0.01
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optimiser: OptimiserConfig = Field(default_factory=OptimiserConfig)
+    augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
+    stopping: StoppingConfig = Field(default_factory=StoppingConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @classmethod
+    def from_flat(cls, values: dict) -> "TrainConfig":
+        """Build from flat keys (``{"lr": 0.01}``); no cross-field checks (see :func:`validate`)."""
+        return cls.model_validate(_nest(values))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Flat ``{key: value}`` in section order (checkpoints and benchmark records store this)."""
+        return flat_values(self.model_dump())
+
+    @property
+    def caches_features(self) -> bool:
+        """``--cache-features`` (frozen backbone) or ``--cache-frozen`` (frozen part of it)."""
+        return bool(self.runtime.cache_features or self.runtime.cache_frozen)
+
+    def validate_values(self) -> "TrainConfig":
+        """Ranges and combinations a user can get wrong (types are checked on construction)."""
+        validate(self)
+        return self
 
 
-def _coerce(cfg_field: dataclasses.Field, value, source: str):
-    """Turn YAML values into the field's type (``lr: 1e-2`` is a str in YAML 1.1)."""
-    default = cfg_field.default if cfg_field.default is not dataclasses.MISSING else None
-    kind = type(default) if default is not None else None
-    if value is None or kind is None or isinstance(default, list):
-        return value
-    try:
-        if kind is bool:
-            if isinstance(value, str):
-                return {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}[value.lower()]
-            return bool(value)
-        return kind(value)
-    except (KeyError, TypeError, ValueError):
-        raise CrystalscopeError(f"{source}: {cfg_field.name}={value!r} is not a valid {kind.__name__}") from None
+SECTIONS = {name: info.annotation for name, info in TrainConfig.model_fields.items()
+            if isinstance(info.annotation, type) and issubclass(info.annotation, _Section)}
+TOP_LEVEL = tuple(name for name in TrainConfig.model_fields if name not in SECTIONS)
+#: flat key -> its section (None for the top-level keys)
+SECTION_OF: dict[str, str | None] = {**{k: None for k in TOP_LEVEL},
+                                     **{k: s for s, cls in SECTIONS.items() for k in cls.model_fields}}
 
 
-def _apply(base: dict, updates: dict, source: str) -> dict:
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    merged = dict(base)
-    for key, value in updates.items():
+def _choices(values) -> str:
+    values = [str(v) for v in values]
+    return ", ".join(values[:-1]) + f" or {values[-1]}" if len(values) > 1 else values[0]
+
+
+def choices(field: str) -> tuple[str, ...]:
+    """The allowed values of a choice field, e.g. ``choices("precision") == ("auto", "fp32", "bf16")``."""
+    section = SECTION_OF[field]
+    annotation = (SECTIONS[section] if section else TrainConfig).model_fields[field].annotation
+    if field == "device":
+        return DEVICES
+    return get_args(annotation) if get_origin(annotation) is Literal else ()
+
+
+def _nest(flat: dict) -> dict:
+    nested: dict = {}
+    for key, value in flat.items():
+        section = SECTION_OF[key]
+        (nested.setdefault(section, {}) if section else nested)[key] = value
+    return nested
+
+
+def flat_values(nested: dict) -> dict:
+    """``{"optimiser": {"lr": 0.1}, "seed": 0}`` -> ``{"lr": 0.1, "seed": 0}`` (known keys kept as given)."""
+    flat = {}
+    for key, value in nested.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def defaults() -> dict:
+    """Every flat key with its default value (the reference recipe)."""
+    return TrainConfig().to_dict()
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise a one-line :class:`CrystalscopeError` naming the option for a bad range or combination."""
+    def bad(option: str, why: str):
+        raise CrystalscopeError(f"{_flag(option)}: {why}")
+
+    m, o, a, s, r = cfg.model, cfg.optimiser, cfg.augmentation, cfg.stopping, cfg.runtime
+    if r.cuda_graphs and r.compile:
+        bad("cuda_graphs", "and --compile both replace the training step; choose one "
+            "(--compile --compile-mode reduce-overhead also uses CUDA graphs)")
+    numbers = {"lr": o.lr, "momentum": o.momentum, "trainable_fraction": m.trainable_fraction,
+               "f1_threshold": s.f1_threshold, "rotation": a.rotation, "shift": a.shift, "zoom": a.zoom}
+    for name, value in numbers.items():
+        if not math.isfinite(value):
+            bad(name, f"{value} is not a finite number")
+    if not 0.0 <= o.momentum < 1.0:
+        bad("momentum", f"{o.momentum} must be in [0, 1)")
+    if not 0.0 <= m.trainable_fraction <= 1.0:
+        bad("trainable_fraction", f"{m.trainable_fraction} must be between 0 and 1")
+    if r.nproc > 1 and r.cuda_graphs:
+        bad("cuda_graphs", "runs in one process; leave it out with --nproc (or torchrun)")
+    counts = {"batch_size": o.batch_size, "epochs": o.epochs, "image_size": m.image_size,
+              "f1_patience": s.f1_patience, "patience": s.patience, "feature_passes": r.feature_passes,
+              "nproc": r.nproc}
+    for name, value in counts.items():
+        if value < 1:
+            bad(name, f"{value} must be at least 1")
+    if o.lr <= 0:
+        bad("lr", f"{o.lr} must be positive")
+    if o.batch_size < 2:
+        # BatchNorm cannot normalise one image: every step would be skipped and nothing learnt
+        bad("batch_size", f"{o.batch_size} is too small: BatchNorm needs at least 2 images per step")
+    if r.workers is not None and r.workers < 1:
+        bad("workers", f"{r.workers} must be at least 1")
+    if r.cache_features and m.trainable_fraction != 0:
+        bad("cache_features", "needs a frozen backbone; add --trainable-fraction 0 (or use --cache-frozen "
+            "to cache only the frozen layers and train the rest)")
+    if not 0.0 <= cfg.reject_fpr < 0.5:
+        bad("reject_fpr", f"{cfg.reject_fpr} must be in [0, 0.5): e.g. 0.01 rejects 1 % of valid crops, "
+            "0 turns rejection off")
+    if len(m.head_hidden) != len(m.head_dropout):
+        bad("head_dropout", "needs one value per head_hidden layer")
+
+
+def _merge(base: dict, sources: dict, updates: dict, source: str) -> None:
+    """Flat ``updates`` into ``base`` (unknown keys are an error); ``sources`` says who set each key."""
+    for key, value in flat_values(updates).items():
         name = str(key).replace("-", "_")
-        if name not in fields:
-            close = difflib.get_close_matches(name, list(fields), n=1)
+        if name not in SECTION_OF:
+            close = difflib.get_close_matches(name, list(SECTION_OF), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise CrystalscopeError(f"{source}: unknown key {key!r}{hint}")
-        merged[name] = _coerce(fields[name], value, source)
-    return merged
+        base[name], sources[name] = value, source
+
+
+def _type_error(exc: ValidationError, values: dict, sources: dict) -> CrystalscopeError:
+    """The first problem pydantic found, as one line naming where the value came from."""
+    error = exc.errors()[0]
+    name = next((str(part) for part in error["loc"] if part in SECTION_OF), str(error["loc"][-1]))
+    value = values.get(name, error.get("input"))
+    if error["type"] == "literal_error":
+        problem = f"is not known; use {_choices(choices(name))}"
+    elif error["msg"].startswith("Value error, "):  # a validator's own sentence
+        problem = error["msg"].removeprefix("Value error, ")
+    else:
+        problem = f"is not valid ({error['msg'].removeprefix('Value error, ')})"
+    source = sources.get(name, "option")
+    if source == "option":  # typed on the command line (or --set): name the option
+        return CrystalscopeError(f"{_flag(name)}: {value!r} {problem}")
+    return CrystalscopeError(f"{source}: {name}={value!r} {problem}")
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise CrystalscopeError(f"--config {path}: file not found")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise CrystalscopeError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise CrystalscopeError(f"--config {path}: expected a mapping of option: value")
+    return loaded
 
 
 def load_config(yaml_path: str | os.PathLike | None, overrides: dict | None = None) -> TrainConfig:
-    """Defaults <- YAML file <- overrides (only values that are not None).
+    """Defaults <- YAML file (flat or in sections) <- overrides (flat keys; None values ignored).
 
     Raises:
         CrystalscopeError: missing/invalid YAML, an unknown key, or an invalid value.
 
     Example:
-        >>> load_config(None, {"backbone": "resnet18", "lr": None}).backbone
+        >>> load_config(None, {"backbone": "resnet18", "lr": None}).model.backbone
         'resnet18'
     """
-    values = TrainConfig().to_dict()
+    values: dict = {}
+    sources: dict = {}
     if yaml_path is not None:
-        path = Path(yaml_path)
-        if not path.is_file():
-            raise CrystalscopeError(f"--config {path}: file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise CrystalscopeError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise CrystalscopeError(f"--config {path}: expected a mapping of option: value")
-        values = _apply(values, loaded, f"--config {path}")
-    values = _apply(values, {k: v for k, v in (overrides or {}).items() if v is not None}, "option")
-    return TrainConfig(**values).validate()
+        _merge(values, sources, _read_yaml(Path(yaml_path)), f"--config {Path(yaml_path)}")
+    _merge(values, sources, {k: v for k, v in (overrides or {}).items() if v is not None}, "option")
+    try:
+        cfg = TrainConfig.from_flat(values)
+    except ValidationError as exc:
+        raise _type_error(exc, values, sources) from None
+    return cfg.validate_values()
 
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> Path:
-    """Write the resolved config as YAML (atomically); :func:`load_config` reads it back."""
-    return write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write the resolved config as YAML in sections (atomically); :func:`load_config` reads it back."""
+    return write_text(path, yaml.safe_dump(cfg.model_dump(), sort_keys=False))

@@ -2,10 +2,12 @@
 
 One place for training, evaluation, feature caching, the captured CUDA-graph step and the
 PyTorch predictor. channels_last is used on every device: on a GPU it is what tensor-core
-convolutions want, and on the 2-core CPU it made a training step 1.6-1.7x faster for
-efficientnet_lite0 at 160 px (83 -> 137 img/s), resnet18 at 160 px (93-101 -> 131-136) and
-resnet50 (28-34 -> 49-50), and the frozen efficientnet_lite0 prefix 1.8-2x faster
-(85-98 -> 173-178 img/s); resnet18 at 64 px was within noise (636-723 vs 673-780).
+convolutions want, and on the CPU it made the training steps and the frozen prefix faster too
+(measured figures: docs/benchmarks.md, "channels_last").
+
+Precision policy: bf16 autocast (:func:`use_bf16`, on CUDA by default) is for the training
+steps and the per-epoch validation; the numbers a run reports (temperature, test report,
+rejection) and every inference path run in fp32.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from crystalscope.data.transforms import Preprocessing
 from crystalscope.errors import CrystalscopeError
 from crystalscope.training.loop import batches, to_device
 from crystalscope.models.precision import autocast, model_input, use_bf16
+from crystalscope.runtime import ProgressCallback
 
 
 def backbone_parts(backbone: nn.Module) -> list[nn.Module]:
@@ -189,17 +190,32 @@ def backbone_features(backbone: nn.Module, images: torch.Tensor, preprocessing: 
 def split_features(backbone: nn.Module, images: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
                    preprocessing: Preprocessing, *, batch_size: int, device: torch.device,
                    augment: AugmentSpec, passes: int = 1, generator: torch.Generator | None = None,
-                   progress=None, bf16: bool | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                   on_progress: ProgressCallback | None = None,
+                   bf16: bool | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Features of every split; the train split gets ``passes - 1`` extra augmented passes.
+
+    ``on_progress(done, total)`` is called after every batch (``done`` counts batches over
+    all splits and passes).
 
     Returns:
         ``(features, labels)`` dicts keyed by split name; train labels repeated per pass.
+
+    Example:
+        >>> feats, labels = split_features(model.backbone, images, labels, pre, batch_size=64,  # doctest: +SKIP
+        ...                                device=torch.device("cpu"), augment=AugmentSpec())
     """
     features, feature_labels = {}, {}
+    total = sum((passes if split == "train" else 1) * -(-x.shape[0] // batch_size) for split, x in images.items())
+    done = 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if on_progress:
+            on_progress(done, total)
+
     for split, x in images.items():
         n_passes = passes if split == "train" else 1
-        task = progress.add_task(f"features {split}", total=n_passes * -(-x.shape[0] // batch_size)) if progress else None
-        step = (lambda: progress.advance(task)) if progress else None
         parts = [backbone_features(backbone, x, preprocessing, batch_size=batch_size, device=device,
                                    augment=augment if k > 0 else None, generator=generator, on_step=step,
                                    bf16=bf16)

@@ -12,18 +12,18 @@ the test report and ``model.onnx`` are those of the PyTorch model, as in end-to-
 from __future__ import annotations
 
 import io
-import logging
 import warnings
 
 import numpy as np
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
+from crystalscope.config import choices
 
-#: what ``prefix_runtime`` accepts: ``auto`` = ONNX Runtime on the CPU when installed and
-#: numerically equal, else PyTorch
-PREFIX_RUNTIMES = ("auto", "onnxruntime", "torch")
+
+#: what ``prefix_runtime`` accepts (named once, in the config): ``auto`` = ONNX Runtime on the
+#: CPU when installed and numerically equal, else PyTorch
+PREFIX_RUNTIMES = choices("prefix_runtime")
 PARITY_ATOL = 1e-4
 
 
@@ -142,7 +142,5 @@ def choose_prefix(prefix: nn.Module, check_batch: torch.Tensor, runtime: str, de
         return prefix, f"frozen prefix: PyTorch ({device.type}{', bf16' if bf16 else ''}: ONNX Runtime is for the CPU)"
     runner, why = onnx_runtime_prefix(prefix, check_batch)
     if runner is None:
-        log.warning("frozen prefix: falling back to PyTorch: %s", why)
         return prefix, f"frozen prefix: PyTorch ({why})"
-    log.info("frozen prefix: %s", why)
     return runner, f"frozen prefix: {why}"

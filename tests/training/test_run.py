@@ -24,8 +24,9 @@ from crystalscope.cli import app
 from crystalscope.data import dataset
 from crystalscope.data.transforms import Preprocessing
 from crystalscope.errors import CrystalscopeError
-from crystalscope.training import run as run_module
-from crystalscope.training.run import metrics_columns, next_run_dir
+from crystalscope.training import loop as loop_module
+from crystalscope.formats import metrics_columns
+from crystalscope.training.run import next_run_dir
 from lines_and_discs import make_split
 
 RUNNER = CliRunner()
@@ -189,7 +190,7 @@ def test_cache_features_run_names_cex_files_cex_and_pg_files_pg(feature_run, spl
 # ---- resume and Ctrl-C -------------------------------------------------------------------
 
 def test_ctrl_c_keeps_last_ckpt_and_resume_continues(split, cache_dir, tmp_path, monkeypatch):
-    real_epoch = run_module.loop.train_one_epoch
+    real_epoch = loop_module.train_one_epoch
     calls = {"n": 0}
 
     def interrupted_second_epoch(*args, **kwargs):
@@ -198,7 +199,7 @@ def test_ctrl_c_keeps_last_ckpt_and_resume_continues(split, cache_dir, tmp_path,
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(run_module.loop, "train_one_epoch", interrupted_second_epoch)
+    monkeypatch.setattr(loop_module, "train_one_epoch", interrupted_second_epoch)
     out = tmp_path / "run"
     common = ["--cache-dir", str(cache_dir), "--no-onnx"]
     result = train_cli(str(split), "--backbone", "resnet18", "--weights", "none", "--image-size", "32",
@@ -211,7 +212,7 @@ def test_ctrl_c_keeps_last_ckpt_and_resume_continues(split, cache_dir, tmp_path,
     assert len(first_rows) == 2  # header + epoch 1
     assert not (out / "test_results.json").exists()
 
-    monkeypatch.setattr(run_module.loop, "train_one_epoch", real_epoch)
+    monkeypatch.setattr(loop_module, "train_one_epoch", real_epoch)
     result = train_cli("--resume", str(out), "--no-onnx", "--reject-fpr", "0")
     assert result.exit_code == 0, result.output
     assert "Epoch 2/2" in result.output and "Epoch 1/2" not in result.output

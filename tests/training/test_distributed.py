@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from crystalscope.training.distributed import World, shard_indices
-from crystalscope.training.run import RUN_FILES, evaluate_checkpoint
+from crystalscope.formats import RUN_FILES
 from lines_and_discs import make_split
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -56,6 +56,9 @@ def test_two_processes_write_one_run_with_the_metrics_of_a_one_process_evaluatio
     assert {p.name for p in (out / "weights").iterdir()} == {"best.ckpt", "last.ckpt"}
     assert "nproc: 2" in (out / "config.yaml").read_text()
     ddp = json.loads((out / "test_results.json").read_text())
+    # the one-process evaluation of the same checkpoint (the `evaluate` command's library function)
+    from crystalscope.inference.evaluate import evaluate_checkpoint
+
     single = evaluate_checkpoint(out / "weights" / "best.ckpt", split / "test", tmp_path / "eval", device="cpu",
                                  progress=False)
     assert ddp["n_images"] == single["n_images"] == 16  # every test image once, none twice

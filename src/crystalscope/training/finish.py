@@ -1,0 +1,157 @@
+"""After the last epoch: best weights -> temperature on val -> rejection -> test report, plots, ONNX.
+
+Precision policy: the numbers a run reports (the temperature fit, the test report, the
+rejection fit) are computed in fp32, whatever ``precision`` the training steps used (bf16
+autocast is for the training steps and the per-epoch validation only). Without feature caching
+the logits come from :class:`crystalscope.inference.predictor.Predictor` on the best
+checkpoint, the forward that ``evaluate`` and ``predict`` run. With feature caching the
+head (or the trainable tail + head) runs on the cached features of the frozen part, in fp32:
+the frozen part's output is what the checkpoint's backbone computes (checked numerically when
+ONNX Runtime runs it), and running the whole backbone again over val and test would add
+minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from crystalscope.config import TrainConfig
+from crystalscope.formats import METRICS_PLOT_FILE, ONNX_FILE
+from crystalscope.models.checkpoint import load_checkpoint, save_checkpoint
+from crystalscope.models.factory import CrystalClassifier
+from crystalscope.training import distributed, loop
+from crystalscope.training.epoch import RunFolder, evaluate_split, read_epochs
+from crystalscope.training.setup import Learner, RunData, TrainState, transforms
+
+log = logging.getLogger(__name__)
+
+
+class FeaturesAndLogits(torch.nn.Module):
+    """What ``trained`` computes, returned as ``[penultimate features | logits]`` in one tensor.
+
+    ``loop.evaluate`` collects one output per batch; packing both keeps that one loop for the
+    rejection fit. ``trained`` is the whole model, its head (cached backbone features) or the
+    trainable backbone tail followed by the head (cached frozen maps).
+    """
+
+    def __init__(self, trained: torch.nn.Module, model: CrystalClassifier):
+        super().__init__()
+        if trained is model:
+            self.body = model.backbone
+        elif trained is model.head:
+            self.body = torch.nn.Identity()
+        else:
+            self.body = torch.nn.Sequential(*list(trained)[:-1])
+        self.head = model.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.head[:-1](self.body(x))
+        return torch.cat([features, self.head[-1](features)], dim=1)
+
+
+def features_and_logits(cfg: TrainConfig, learner: Learner, state: TrainState, data: RunData,
+                        split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Penultimate features ``(N, D)`` and logits ``(N, C)`` of one split's inputs, in order (fp32)."""
+    _, eval_tf = transforms(cfg, data, state)
+    packed = loop.evaluate(FeaturesAndLogits(learner.trained, learner.model), data.inputs[split], None,
+                           transform=eval_tf, batch_size=cfg.optimiser.batch_size, device=learner.device,
+                           bf16=False)["logits"]
+    n_classes = len(data.class_names)
+    return packed[:, :-n_classes], packed[:, -n_classes:]
+
+
+def fit_rejection(cfg: TrainConfig, learner: Learner, state: TrainState, data: RunData) -> tuple[dict, np.ndarray]:
+    """Fit the OOD score on the train split and its threshold on val; returns (params, test scores)."""
+    from crystalscope.evaluation.ood import fit_detector
+
+    started = time.perf_counter()
+    train_features, _ = features_and_logits(cfg, learner, state, data, "train")
+    val_features, val_logits = features_and_logits(cfg, learner, state, data, "val")
+    test_features, test_logits = features_and_logits(cfg, learner, state, data, "test")
+    stats = data.image_stats
+    # with --feature-passes k the training features are k passes over the same images
+    train_stats = np.tile(stats["train"], (len(train_features) // max(len(stats["train"]), 1), 1))
+    detector = fit_detector(train_features, data.labels["train"].cpu().numpy(), val_features, val_logits,
+                            len(data.class_names), cfg.reject_fpr,
+                            train_image_stats=train_stats, val_image_stats=stats["val"])
+    log.info(f"rejection: {detector.method} score on {train_features.shape[1]}-d features, threshold "
+             f"{detector.threshold:.4g} rejects {detector.val_rejection_rate:.1%} of val "
+             f"(target {detector.target_fpr:.1%}); fitted in {time.perf_counter() - started:.1f} s")
+    return detector.to_dict(), detector.score(test_features, test_logits, stats["test"])
+
+
+def predictor_logits(predictor, images: torch.Tensor, data: RunData, batch_size: int,
+                     device: torch.device) -> np.ndarray:
+    """:meth:`Predictor.logits` of uint8 images ``(N, H, W, 3)``, normalised batch by batch, in order."""
+    chunks = []
+    for rows in loop.batches(images.shape[0], batch_size):
+        batch = data.preprocessing.normalize_torch(loop.to_device(images, rows, device))
+        chunks.append(predictor.logits(batch.cpu().numpy()))
+    return np.concatenate(chunks) if chunks else np.zeros((0, len(data.class_names)), np.float32)
+
+
+def report_logits(cfg: TrainConfig, learner: Learner, state: TrainState, data: RunData, best: dict,
+                  split: str) -> np.ndarray:
+    """Logits of a whole split (every process's rows, in order) by the best model, in fp32."""
+    if cfg.caches_features:
+        return evaluate_split(cfg, learner, state, data, split, model=learner.trained, bf16=False)["logits"]
+    from crystalscope.inference.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(best, device=str(learner.device))
+    local = predictor_logits(predictor, data.inputs[split], data, cfg.optimiser.batch_size, learner.device)
+    if not learner.world.enabled:
+        return local
+    return distributed.gather_logits(local, data.shard_index[split], len(data.splits[split]), learner.world)
+
+
+def fit_run_rejection(cfg: TrainConfig, learner: Learner, state: TrainState, data: RunData, best: dict) -> dict | None:
+    """The rejection of foreign images (into ``best``) with the test split's scores, or None."""
+    if cfg.reject_fpr <= 0:
+        return None
+    if learner.world.enabled:
+        # each rank holds only its shard of the images: the fit needs them all (docs/scaling.md)
+        log.info("rejection: not fitted in a multi-process run; fit it afterwards on one process "
+                 "or train without --nproc (docs/scaling.md)")
+        return None
+    best["ood"], test_scores = fit_rejection(cfg, learner, state, data)
+    return {**best["ood"], "scores": test_scores}
+
+
+def finalize(cfg: TrainConfig, learner: Learner, state: TrainState, data: RunData, folder: RunFolder) -> dict:
+    """Best weights -> temperature on val -> test report, plots, ONNX; returns the summary."""
+    from crystalscope.evaluation.calibration import fit_temperature
+    from crystalscope.evaluation.plots import plot_training_curves
+    from crystalscope.evaluation.report import write_test_report
+
+    # distributed hook: rank 0 reads best.ckpt and sends it (other machines need not see its disk)
+    best = distributed.from_main(lambda: load_checkpoint(folder.best), learner.world)
+    learner.model.load_state_dict(best["model_state"])
+    temperature = fit_temperature(report_logits(cfg, learner, state, data, best, "val"), data.splits["val"].labels)
+    test_logits = report_logits(cfg, learner, state, data, best, "test")
+    if not learner.world.is_main:  # only rank 0 writes the report, plots and ONNX
+        return {"run_dir": str(folder.path), "rank": learner.world.rank}
+    best["temperature"] = float(temperature)
+    rejection = fit_run_rejection(cfg, learner, state, data, best)
+    save_checkpoint(best, folder.best)
+    test = data.splits["test"]
+    result = write_test_report(folder.path, y_true=test.labels, logits=test_logits, class_names=data.class_names,
+                               positive_class=data.positive_class, paths=[str(p) for p in test.paths],
+                               temperature=temperature, seed=cfg.seed, rejection=rejection,
+                               meta={"model": f"{cfg.model.backbone} ({folder.best})", "data": str(test.root),
+                                     "best_epoch": int(best["training"]["epoch"])})
+    plot_training_curves(folder.metrics, folder.path / METRICS_PLOT_FILE)
+    if cfg.onnx:
+        from crystalscope.export.onnx import export_checkpoint
+
+        export = export_checkpoint(folder.best, folder.path / ONNX_FILE, check_images=list(test.paths[:8]))
+        log.info(f"{ONNX_FILE}: ONNX Runtime matches PyTorch (max |dp| {export['max_abs_diff']:.1e})")
+    log.info(f"test: accuracy {result['accuracy']:.4f}, macro F1 {result['macro']['f1']:.4f}, "
+             f"{result['n_missed']} of {result['n_images']} missed; temperature {temperature:.3f}")
+    log.info(f"results in {folder.path}")
+    return {"run_dir": str(folder.path), "best_epoch": int(best["training"]["epoch"]),
+            "epochs_run": len(read_epochs(folder.metrics)), "stop_reason": state.stopping.reason,
+            "temperature": float(temperature), "test": result}
