@@ -197,3 +197,20 @@ def load_images(paths: list[Path], preprocessing: Preprocessing, *, workers: int
     except OSError as exc:  # a read-only cache location must not stop training
         log.debug("decode cache not written (%s): %s", cache_file, first_line(exc))
     return images
+
+
+def data_hash(root: str | os.PathLike, paths: list[Path]) -> str:
+    """SHA-256 of a folder's images: each file's path relative to ``root`` and its bytes.
+
+    Relative names make ``split/train`` and a copy of it elsewhere hash the same.
+
+    Example:
+        >>> data_hash("split/train", index_folder("split/train").paths)  # doctest: +SKIP
+        'sha256:3f0c...'
+    """
+    root = Path(root)
+    digest = hashlib.sha256()
+    for path in sorted(paths, key=lambda p: Path(p).relative_to(root).as_posix().lower()):
+        digest.update(Path(path).relative_to(root).as_posix().lower().encode() + b"\0")
+        digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
+    return f"sha256:{digest.hexdigest()}"

@@ -14,7 +14,6 @@ split hashes the checkpoint carries.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from crystalscope.data.dataset import ImageFolder, decode_images, index_folder
+from crystalscope.data.dataset import ImageFolder, data_hash, decode_images, index_folder
 from crystalscope.errors import CrystalscopeError
 from crystalscope.evaluation.report import write_test_report
 from crystalscope.formats import REPORT_FILES
@@ -103,24 +102,6 @@ def folder_logits(predictor: Predictor, paths: Sequence[str | os.PathLike], batc
     if predictor.rejection is None:
         return logits, None
     return logits, np.concatenate([p[1] for p in parts]) if parts else np.zeros(0)
-
-
-def data_hash(root: str | os.PathLike, paths: Sequence[str | os.PathLike]) -> str:
-    """SHA-256 of a folder's images: each file's path relative to ``root`` and its bytes.
-
-    Relative names make ``split/train`` and a copy of it elsewhere hash the same. ``train``
-    stores this hash of each split in the checkpoint (``training.data_sha256``).
-
-    Example:
-        >>> data_hash("split/train", index_folder("split/train").paths)  # doctest: +SKIP
-        'sha256:3f0c...'
-    """
-    root = Path(root)
-    digest = hashlib.sha256()
-    for path in sorted(paths, key=lambda p: Path(p).relative_to(root).as_posix().lower()):
-        digest.update(Path(path).relative_to(root).as_posix().lower().encode() + b"\0")
-        digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
-    return f"sha256:{digest.hexdigest()}"
 
 
 def training_data_warning(ckpt: dict, folder: ImageFolder) -> str | None:

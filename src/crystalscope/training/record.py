@@ -10,7 +10,6 @@ handed the very images the model was trained on.
 from __future__ import annotations
 
 import hashlib
-import os
 import platform
 import random
 import subprocess
@@ -20,23 +19,6 @@ import numpy as np
 import torch
 
 ENVIRONMENT_FILE = "environment.json"
-
-
-def data_hash(root: str | os.PathLike, paths: list[Path]) -> str:
-    """SHA-256 of a folder's images: each file's path relative to ``root`` and its bytes.
-
-    Relative names make ``split/train`` and a copy of it elsewhere hash the same.
-
-    Example:
-        >>> data_hash("split/train", index_folder("split/train").paths)  # doctest: +SKIP
-        'sha256:3f0c...'
-    """
-    root = Path(root)
-    digest = hashlib.sha256()
-    for path in sorted(paths, key=lambda p: Path(p).relative_to(root).as_posix().lower()):
-        digest.update(Path(path).relative_to(root).as_posix().lower().encode() + b"\0")
-        digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
-    return f"sha256:{digest.hexdigest()}"
 
 
 def weights_hash(model: torch.nn.Module) -> str:

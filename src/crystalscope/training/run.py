@@ -19,19 +19,20 @@ from pathlib import Path
 import torch
 
 from crystalscope.config import TrainConfig, load_config, save_config
+from crystalscope.data.dataset import data_hash
 from crystalscope.errors import CrystalscopeError
 from crystalscope.formats import (CONFIG_FILE, ENVIRONMENT_FILE, LAST_CHECKPOINT, RUN_FILES,  # noqa: F401 (RUN_FILES re-exported)
                                   WEIGHTS_DIR)
 from crystalscope.io import write_json
 from crystalscope.models.checkpoint import load_checkpoint
 from crystalscope.runtime import progress_bar, resolve_device
-from crystalscope.safety import check_output, claim_output
+from crystalscope.safety import check_output, claim_output, next_run_dir
 from crystalscope.training import distributed
 from crystalscope.training.distributed import World
 from crystalscope.training.epoch import (EpochResult, RunFolder, check_finite, evaluate_split, log_epoch,
                                          save_checkpoints, steps_per_epoch, train_epoch)
 from crystalscope.training.finish import finalize
-from crystalscope.training.record import data_hash, environment_record, restore_rng_states
+from crystalscope.training.record import environment_record, restore_rng_states
 from crystalscope.training.setup import (Learner, RunData, TrainState, build_learner, cache_features,
                                          check_cache_memory, index_data, load_data)
 
@@ -39,16 +40,6 @@ log = logging.getLogger(__name__)
 
 
 # ---- run folder and config ----------------------------------------------------------------
-
-def next_run_dir(base: str | Path = "runs", name: str = "train") -> Path:
-    """``runs/train``, then ``runs/train2``, ``runs/train3``, ... (never an existing folder)."""
-    base = Path(base)
-    candidate, n = base / name, 1
-    while candidate.exists():
-        n += 1
-        candidate = base / f"{name}{n}"
-    return candidate
-
 
 def config_for_resume(run_dir: str | Path, overrides: dict | None = None) -> TrainConfig:
     """The saved ``config.yaml`` of ``run_dir`` with the given overrides (e.g. more epochs)."""
