@@ -55,8 +55,8 @@ def test_demo_summary_numbers_are_in_range(demo_run):
     assert 0.0 <= test["accuracy"] <= 1.0 and 0.0 <= test["macro"]["f1"] <= 1.0
     n_test_files = sum(1 for p in (result.out / "split" / "test").rglob("*.png"))
     assert test["n_images"] == n_test_files > 0
-    assert result.predictions["n_images"] == n_test_files
-    assert sum(result.predictions["counts"].values()) + result.predictions["n_rejected"] == n_test_files
+    assert result.predictions.n_images == n_test_files
+    assert sum(result.predictions.counts.values()) + result.predictions.n_rejected == n_test_files
     assert result.seconds > 0
     assert result.train["epochs_run"] == 1
     saved = json.loads((result.run_dir / "test_results.json").read_text())

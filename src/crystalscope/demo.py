@@ -18,10 +18,13 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from crystalscope import formats
 from crystalscope.errors import CrystalscopeError
+
+if TYPE_CHECKING:
+    from crystalscope.inference.stream import PredictSummary
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ class DemoResult:
     split: Any
     audit: Any
     train: Any
-    predictions: dict
+    predictions: PredictSummary
 
     @property
     def audit_dir(self) -> Path:
