@@ -1,8 +1,8 @@
 """The CPU path: with a frozen backbone, compute its features once and train only the head.
 
 With ``--trainable-fraction 0`` the backbone's output for an image never changes during
-training, so running the backbone every epoch (by far the dominant cost: ~60 img/s for
-efficientnet_lite0 on a 2-core CPU) is wasted work. ``--cache-features`` runs it once per
+training, so running the backbone every epoch (by far the dominant cost on a CPU; figures in
+docs/benchmarks.md) is wasted work. ``--cache-features`` runs it once per
 split and then trains the head on the feature tensors, which takes seconds per epoch. The
 head and the backbone are then assembled into the usual full model, so checkpoints, reports
 and the ONNX file are the same as for end-to-end training.

@@ -1,8 +1,8 @@
 """One optimisation step (forward, loss, backward, SGD update), eager or as a replayed CUDA graph.
 
-At the reference batch size of 64, resnet101 on an H200 is bound by the CPU launching its
-~1,000 kernels per step, not by the GPU: 1,400 img/s eager against 3,517 img/s with CUDA graphs
-(``../shared/PERF.md``). A CUDA graph records the step's kernels once and replays them with a
+At the reference batch size of 64, resnet101 on a large GPU is bound by the CPU launching its
+~1,000 kernels per step, not by the GPU (figures: ``../shared/PERF.md``, docs/benchmarks.md).
+A CUDA graph records the step's kernels once and replays them with a
 single launch. ``torch.compile(mode="reduce-overhead")`` does that too, but pays a compile of
 a minute or more per process; :class:`GraphedTrainStep` captures the eager kernels directly
 (``torch.cuda.graph``), which costs about one step.
