@@ -7,11 +7,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from lines_and_discs import make_split
 
 from crystalscope.config import TrainConfig, load_config
 from crystalscope.training.distributed import World
-from crystalscope.training.setup import Learner, RunData, TrainState, build_learner, index_data, load_data
-from lines_and_discs import make_split
+from crystalscope.training.setup import (
+    Learner,
+    RunData,
+    TrainState,
+    build_learner,
+    index_data,
+    load_data,
+)
 
 COUNTS = {"train": (6, 6), "val": (3, 3), "test": (3, 3)}
 

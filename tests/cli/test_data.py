@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from cli_checks import error_line, help_text, invoke
 from lines_and_discs import make_split
 

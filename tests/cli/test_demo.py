@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 
+from cli_checks import error_line, help_text, invoke
+
 import crystalscope.demo
 from crystalscope.demo import DemoResult
 from crystalscope.errors import CrystalscopeError
-from cli_checks import error_line, help_text, invoke
 
 
 def _result(out) -> DemoResult:
@@ -22,7 +23,8 @@ def _result(out) -> DemoResult:
 
 def test_help_lists_the_recipe_options():
     text = help_text("demo")
-    assert [o for o in ("--out", "--per-class", "--backbone", "--image-size", "--epochs", "--seed") if o not in text] == []
+    options = ("--out", "--per-class", "--backbone", "--image-size", "--epochs", "--seed")
+    assert [option for option in options if option not in text] == []
 
 
 def test_demo_command_renders_the_result(tmp_path, monkeypatch):

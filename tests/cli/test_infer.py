@@ -7,9 +7,8 @@ import csv
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from cli_checks import error_line, help_text, invoke, tiny_checkpoint
+from PIL import Image
 
 
 @pytest.fixture(scope="module")

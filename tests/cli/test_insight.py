@@ -4,7 +4,6 @@ all-unreadable exit)."""
 from __future__ import annotations
 
 import pytest
-
 from cli_checks import error_line, help_text, invoke, tiny_checkpoint
 
 

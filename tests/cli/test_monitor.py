@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from cli_checks import error_line, help_text, invoke, tiny_checkpoint
 
 
@@ -13,7 +12,8 @@ def frames(tmp_path_factory):
     out = tmp_path_factory.mktemp("process") / "run"
     result = invoke("synth-process", out, "--frames", "2", "--width", "256", "--height", "160", "--interval-s", "10")
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("wrote 2 frames (256x160) with ") and f"ground truth in {out / 'truth'}" in result.output
+    assert result.output.startswith("wrote 2 frames (256x160) with ")
+    assert f"ground truth in {out / 'truth'}" in result.output
     return out / "frames"
 
 

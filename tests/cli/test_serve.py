@@ -9,8 +9,9 @@ import pytest
 pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
-import crystalscope.serve.server  # noqa: E402
-from cli_checks import error_line, help_text, invoke  # noqa: E402
+from cli_checks import error_line, help_text, invoke
+
+import crystalscope.serve.server
 
 
 def _free_port() -> int:

@@ -8,8 +8,15 @@ import torch
 from torch import nn
 
 from crystalscope.errors import CrystalscopeError
-from crystalscope.models.factory import (CrystalClassifier, HeadSpec, build_head, build_model, create_backbone,
-                                         default_preprocessing, set_trainable_fraction)
+from crystalscope.models.factory import (
+    CrystalClassifier,
+    HeadSpec,
+    build_head,
+    build_model,
+    create_backbone,
+    default_preprocessing,
+    set_trainable_fraction,
+)
 
 
 def test_head_spec_round_trips_and_fills_missing_keys_with_the_reference_head():

@@ -9,14 +9,20 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny_training import tiny_config, tiny_parts, tiny_split
 
 from crystalscope.evaluation.metrics import classification_metrics
-from crystalscope.formats import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS_FILE, WEIGHTS_DIR, metrics_columns
+from crystalscope.formats import (
+    BEST_CHECKPOINT,
+    LAST_CHECKPOINT,
+    METRICS_FILE,
+    WEIGHTS_DIR,
+    metrics_columns,
+)
 from crystalscope.models.checkpoint import load_checkpoint, model_from_checkpoint
 from crystalscope.training import epoch
 from crystalscope.training.distributed import World
 from crystalscope.training.epoch import EpochResult, RunFolder, TrainingDiverged
-from tiny_training import tiny_config, tiny_parts, tiny_split
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,8 @@ def test_git_commit_names_this_checkout():
     source = Path(record.__file__).resolve().parents[3]
     if not (source / ".git").exists():
         pytest.skip("not a git checkout")
-    head = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    head = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout
     assert record.git_commit() == head.strip() and len(head.strip()) == 40
 
 

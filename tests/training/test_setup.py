@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_training import COUNTS, tiny_config, tiny_parts, tiny_split
 
 from crystalscope.data.augment import AugmentSpec
 from crystalscope.errors import CrystalscopeError
@@ -13,7 +14,6 @@ from crystalscope.models.factory import default_preprocessing
 from crystalscope.training import features, setup
 from crystalscope.training.distributed import World
 from crystalscope.training.epoch import checkpoint
-from tiny_training import COUNTS, tiny_config, tiny_parts, tiny_split
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_index_data_refuses_a_resume_onto_other_classes(split):
 
 
 def test_build_learner_optimises_only_the_trainable_part(split):
-    cfg, data, learner, state = tiny_parts(split, trainable_fraction=0.1)
+    _, _, learner, state = tiny_parts(split, trainable_fraction=0.1)
     optimised = {id(p) for group in learner.optimizer.param_groups for p in group["params"]}
     trainable = {id(p) for p in learner.model.parameters() if p.requires_grad}
     assert optimised == trainable and 0 < len(trainable) < len(list(learner.model.parameters()))
