@@ -2,7 +2,7 @@
 
 The same pipeline as ``make demo`` with 40 crops per class, a random-weight resnet18 at 32 px
 and one epoch (a few seconds on one CPU thread), so the scores only have to be valid numbers,
-not good ones.
+not good ones. The command's own rendering is tested in tests/cli/test_demo.py.
 """
 
 from __future__ import annotations
