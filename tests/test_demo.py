@@ -2,7 +2,7 @@
 
 The same pipeline as ``make demo`` with 40 crops per class, a random-weight resnet18 at 32 px
 and one epoch (a few seconds on one CPU thread), so the scores only have to be valid numbers,
-not good ones.
+not good ones. The command's own rendering is tested in tests/cli/test_demo.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import json
 import logging
 
 import pytest
-from typer.testing import CliRunner
 
 from crystalscope import formats
 from crystalscope.errors import CrystalscopeError
@@ -87,30 +86,6 @@ def test_demo_refuses_an_earlier_run_without_force(tmp_path):
     with pytest.raises(CrystalscopeError, match="--force"):
         run_demo(tmp_path, per_class=10, force=False)
     assert not (tmp_path / "data").exists()  # refused before generating anything
-
-
-def test_demo_command_renders_the_result(demo_run, tmp_path, monkeypatch):
-    """The library announces its steps through logging; the command renders the returned result."""
-    import crystalscope.demo
-    from crystalscope.cli import app
-
-    result, _, _ = demo_run
-    seen = {}
-
-    def fake_run_demo(out, **kwargs):
-        seen.update(kwargs, out=out)
-        logging.getLogger("crystalscope.demo").info("1/5 synth: (stand-in)")
-        return result
-
-    monkeypatch.setattr(crystalscope.demo, "run_demo", fake_run_demo)
-    outcome = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d")])
-    assert outcome.exit_code == 0, outcome.output
-    # the CLI's defaults are the demo's documented recipe
-    assert (seen["per_class"], seen["backbone"], seen["image_size"], seen["epochs"]) == (1000, "efficientnet_lite0",
-                                                                                           160, 30)
-    assert "1/5 synth" in outcome.output  # the log record reached the terminal through the CLI handler
-    assert f"{result.test['macro']['f1']:.4f}" in outcome.output
-    assert "weights/best.ckpt" in outcome.output and "predictions.csv" in outcome.output
 
 
 def test_demo_logs_one_line_per_step(demo_run):

@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 from crystalscope.cli import app
 from crystalscope.config import load_config
 from crystalscope.errors import CrystalscopeError
-from crystalscope.models.factory import build_model, set_trainable_fraction
+from crystalscope.models.factory import build_model
 from crystalscope.training import loop
-from crystalscope.training.steps import GraphedTrainStep, TrainStep
+from crystalscope.training.steps import GraphedTrainStep
 from lines_and_discs import make_split
 
 RUNNER = CliRunner()
@@ -113,38 +113,7 @@ def test_compiled_training_on_cpu_runs_evaluates_and_exports(small_split, tmp_pa
     assert json.loads((out / "test_results.json").read_text())["n_images"] == 12
 
 
-# ---- the CUDA-graph training step (its static-buffer logic; the capture itself needs a GPU) ----
-
-def _two_runs_of(step_factory_a, step_factory_b, batches):
-    results = []
-    for factory in (step_factory_a, step_factory_b):
-        torch.manual_seed(0)
-        model = build_model("resnet18", 2)
-        set_trainable_fraction(model.backbone, 0.1)
-        loop.train_mode(model)
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-        step = factory(model, opt)
-        torch.manual_seed(1)  # the head's dropout draws the same numbers in both runs
-        for x, y in batches:
-            step(x, y)
-        results.append((model.state_dict(), float(step.loss_sum), int(step.correct), step))
-    return results
-
-
-def test_graphed_step_without_capture_trains_exactly_like_the_eager_step():
-    gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 2, (4,), generator=gen)) for _ in range(6)]
-    cpu = torch.device("cpu")
-    (eager_state, eager_loss, eager_correct, _), (graph_state, graph_loss, graph_correct, graphed) = _two_runs_of(
-        lambda m, o: TrainStep(m, o, cpu, bf16=False),
-        lambda m, o: GraphedTrainStep(m, o, cpu, bf16=False, capture=True),  # capture is a no-op off CUDA
-        batches)
-    assert graphed.graph is None and graphed.calls == 6 and graphed.x is not None  # 3 warm-up + static buffers
-    assert graph_loss == pytest.approx(eager_loss, rel=1e-6) and graph_correct == eager_correct
-    assert all(torch.equal(eager_state[k], graph_state[k]) for k in eager_state)
-    with pytest.raises(ValueError, match=r"batch of shape \(3, 3, 32, 32\) after capturing \(4, 3, 32, 32\)"):
-        graphed(batches[0][0][:3], batches[0][1][:3])
-
+# ---- the loop with a kept CUDA-graph step (the step itself: tests/training/test_steps.py) ----
 
 def test_train_one_epoch_with_a_kept_step_drops_the_partial_batch_and_resets_the_sums():
     model = build_model("resnet18", 2)
