@@ -240,7 +240,7 @@ class _Rows:
     """Where the rows go and how many are shown: the fixed settings of one streamed prediction."""
 
     predictor: Predictor
-    batch_size: int
+    batch_size: int | None
     chunk: int
     keep: int | None
     on_progress: ProgressCallback | None
@@ -248,7 +248,7 @@ class _Rows:
 
 
 def predict_stream(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike],
-                   out_csv: str | os.PathLike = "predictions.csv", *, batch_size: int = 32,
+                   out_csv: str | os.PathLike = "predictions.csv", *, batch_size: int | None = None,
                    recursive: bool = True, device: str = "auto", resume: bool = False,
                    shard: tuple[int, int] | None = None, chunk: int = DEFAULT_CHUNK, keep: int | None = 20,
                    on_progress: ProgressCallback | None = None, reject: bool = True,
@@ -275,7 +275,7 @@ def predict_stream(model_path: str | os.PathLike, paths: Sequence[str | os.PathL
     """
     from crystalscope.safety import check_output, claim_output
 
-    if batch_size < 1 or chunk < 1:
+    if (batch_size is not None and batch_size < 1) or chunk < 1:
         raise CrystalscopeError(f"--batch-size {batch_size} must be 1 or more")
     _check_sheet_options(sheet, sheet_max)
     out_csv = Path(out_csv)
@@ -322,7 +322,7 @@ def _resume_into(out_csv: Path, files: Iterator[Path], rows: _Rows, summary: Pre
 
 
 def predict_paths(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike],
-                  out_csv: str | os.PathLike = "predictions.csv", batch_size: int = 32,
+                  out_csv: str | os.PathLike = "predictions.csv", batch_size: int | None = None,
                   recursive: bool = True, progress: bool = True, device: str = "auto",
                   sheet: str | os.PathLike | None = None, sheet_max: int = 96, reject: bool = True) -> PredictSummary:
     """Label every image under ``paths``, write the CSV atomically and return every row.

@@ -18,8 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ENVIRONMENT_FILE = "environment.json"
-
 
 def weights_hash(model: torch.nn.Module) -> str:
     """SHA-256 of a model's state (names, shapes and values): the initial weights, whatever their source."""
