@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
+from bench_scripts import BENCH, load_bench
 from lines_and_discs import make_split
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +20,7 @@ def tiny_split(tmp_path_factory) -> Path:
 
 
 def test_bench_train_cache_frozen_writes_json_and_report_renders_it(tiny_split, tmp_path):
-    bench_train, report = _load("bench_train"), _load("report")
+    bench_train, report = load_bench("bench_train"), load_bench("report")
     results = tmp_path / "results"
     assert bench_train.main([str(tiny_split), "--name", "tiny-frozen", "--results", str(results),
                              "--runs", str(tmp_path / "runs"),
@@ -57,7 +46,7 @@ def test_bench_train_cache_frozen_writes_json_and_report_renders_it(tiny_split, 
 
 
 def test_report_ratio_uses_the_perf_ceiling():
-    report = _load("report")
+    report = load_bench("report")
     cfg = {"device": "cuda", "backbone": "resnet101", "image_size": 224, "batch_size": 64, "compile": True,
            "compile_mode": "reduce-overhead"}
     assert report.ceiling_for(cfg) == 3517
@@ -81,7 +70,7 @@ def test_report_ratio_uses_the_perf_ceiling():
 
 
 def test_a_run_stopped_after_its_epochs_leaves_a_partial_result(tiny_split, tmp_path, monkeypatch):
-    bench_train, report = _load("bench_train"), _load("report")
+    bench_train, report = load_bench("bench_train"), load_bench("report")
     from crystalscope.training import run
 
     def killed(*parts):  # e.g. the device tool's time limit, after the epochs

@@ -7,26 +7,16 @@ check that the script holds views of one crystal out together and tests one view
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import numpy as np
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _realism():
-    spec = importlib.util.spec_from_file_location("bench_realism", BENCH / "realism.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench_scripts import load_bench
 
 
 def test_leave_one_crystal_out_uses_the_generators_groups(tmp_path):
     from crystalscope.insight.drift import held_out_distances
     from crystalscope.insight.embedding import read_groups
 
-    realism = _realism()
+    realism = load_bench("realism")
     paths = realism.generated_paths(tmp_path, count=24, seed=0, difficulty="realistic", workers=1)
     groups = read_groups(tmp_path / "synth_manifest.csv", [str(p) for p in paths])
     assert len(set(groups)) < len(paths), "the generator should emit several views of some crystals"

@@ -5,21 +5,11 @@ Session-scoped so that the embedding and drift modules build them once between t
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
-
+from bench_scripts import load_bench
 from tiny_onnx import untrained_model_files
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def load_drift_check():
-    spec = importlib.util.spec_from_file_location("drift_check", BENCH / "drift_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +35,6 @@ def generated(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("insight-synth")
     generate(root / "ref", per_class=30, seed=0, workers=1, progress=False)
     generate(root / "fresh", per_class=15, seed=1, workers=1, progress=False)
-    probes = load_drift_check().write_probe_sets(root / "fresh" / "cropped" / "cropped", root / "probes", per_set=8)
+    probes = load_bench("drift_check").write_probe_sets(root / "fresh" / "cropped" / "cropped", root / "probes", per_set=8)
     return {"ref": root / "ref" / "cropped" / "cropped", "fresh": root / "fresh" / "cropped" / "cropped",
             "manifest": root / "ref" / "synth_manifest.csv", **probes}
