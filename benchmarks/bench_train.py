@@ -150,6 +150,10 @@ def bench_train(data_dir: str, overrides: dict, *, f1_targets: list[float], thre
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    # the library logs its epoch lines; show them as `crystalscope train` does (message only, stderr)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data_dir", help="split folder (train/, val/, test/)")
     parser.add_argument("--name", required=True, help="row name in the results")

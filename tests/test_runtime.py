@@ -51,3 +51,14 @@ def test_progress_bar_reports_through_a_callback():
     with progress_bar("decode", total=None) as advance:  # a real (transient) bar on stderr
         advance(1)
         advance(2, 4)
+
+
+def test_progress_bar_stays_silent_without_a_terminal(capsys, monkeypatch):
+    """A pipe or a log file gets no bar (it would leave blank lines); a terminal gets one."""
+    with progress_bar("decode", total=2) as advance:  # pytest's captured stderr is not a terminal
+        advance(2, 2)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    with progress_bar("decode", total=2, transient=False) as advance:
+        advance(2, 2)
+    assert "decode" in capsys.readouterr().err

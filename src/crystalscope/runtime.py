@@ -90,13 +90,17 @@ def progress_bar(description: str, total: int | None = None, enabled: bool = Tru
     """A rich progress bar on stderr, as an ``on_progress(done, total)`` callback.
 
     The one bar of the project: libraries take an ``on_progress`` callback (or this), so they
-    never depend on how progress is shown. Disabled, it yields a callback that does nothing.
+    never depend on how progress is shown. Disabled, or when stderr is not a terminal, it yields a
+    callback that does nothing.
 
     Example:
         >>> with progress_bar("decode", total=3, enabled=False) as advance:
         ...     advance(3, 3)
     """
-    if not enabled:
+    import sys
+
+    # no terminal (a pipe, a log file, CI): a bar would only leave blank lines between log lines
+    if not enabled or not sys.stderr.isatty():
         yield lambda done, total=None: None
         return
     from rich.console import Console
