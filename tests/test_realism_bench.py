@@ -1,6 +1,6 @@
 """benchmarks/realism.py's own part: the generated reference and its crystal groups.
 
-The distance, threshold and MMD are the library's (tested in tests/test_insight.py); here we
+The distance, threshold and MMD are the library's (tested in tests/insight/test_drift.py); here we
 check that the script holds views of one crystal out together and tests one view per crystal.
 """
 
