@@ -155,7 +155,11 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         claim = (claim_output(run_dir, inputs=[config.data_dir, config.model.weights_file], kind="folder",
                               resume=bool(config.resume)) if world.is_main else contextlib.nullcontext())
         with claim:
-            return run_training(config, run_dir, progress and world.is_main, world, device)
+            summary = run_training(config, run_dir, progress and world.is_main, world, device)
+        # every rank leaves together: a rank that tears its process group down while rank 0 still
+        # writes the report and ONNX was seen to abort in gloo ("terminate called ...", SIGABRT)
+        distributed.barrier(world)
+        return summary
 
 
 def _decide_run_dir(config: TrainConfig) -> tuple[Path | None, str | None]:
