@@ -7,7 +7,15 @@ import os
 import pytest
 
 from crystalscope.errors import CrystalscopeError
-from crystalscope.runtime import MAX_WORKERS, cpu_count, default_workers, first_line, progress_bar, resolve_device
+from crystalscope.runtime import (
+    MAX_WORKERS,
+    counter,
+    cpu_count,
+    default_workers,
+    first_line,
+    progress_bar,
+    resolve_device,
+)
 
 
 def test_cpu_count_follows_the_affinity_mask():
@@ -62,3 +70,12 @@ def test_progress_bar_stays_silent_without_a_terminal(capsys, monkeypatch):
     with progress_bar("decode", total=2, transient=False) as advance:
         advance(2, 2)
     assert "decode" in capsys.readouterr().err
+
+
+def test_counter_adds_up_batches_and_tolerates_no_callback():
+    seen = []
+    step = counter(lambda done, total: seen.append((done, total)), total=10)
+    step(4)
+    step()
+    assert seen == [(4, 10), (5, 10)]
+    counter(None)(3)  # no callback: nothing to report, no error

@@ -84,6 +84,27 @@ def first_line(exc: BaseException, limit: int | None = 200) -> str:
     return line[:limit] if limit else line
 
 
+def counter(on_progress: ProgressCallback | None, total: int | None = None) -> Callable[..., None]:
+    """An ``on_batch(n=1)`` for a loop that adds up what is done and reports it to ``on_progress``.
+
+    Example:
+        >>> seen = []
+        >>> step = counter(lambda done, total: seen.append((done, total)), total=5)
+        >>> step(2); step()
+        >>> seen
+        [(2, 5), (3, 5)]
+    """
+    done = 0
+
+    def advance(n: int = 1) -> None:
+        nonlocal done
+        done += n
+        if on_progress is not None:
+            on_progress(done, total)
+
+    return advance
+
+
 @contextlib.contextmanager
 def progress_bar(description: str, total: int | None = None, enabled: bool = True,
                  transient: bool = True) -> Iterator[ProgressCallback]:

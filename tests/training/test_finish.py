@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
+from lines_and_discs import make_split
 
 from crystalscope.config import load_config
 from crystalscope.inference.predictor import Predictor
 from crystalscope.training.run import train
-from lines_and_discs import make_split
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +23,7 @@ def test_temperature_and_test_report_use_the_predictor_in_fp32(split, tmp_path, 
     real = Predictor.logits
 
     def spy(self, batch):
-        calls.append((batch.dtype, batch.shape))
+        calls.append((str(batch.dtype).rpartition(".")[2], tuple(batch.shape)))  # numpy or torch
         return real(self, batch)
 
     monkeypatch.setattr(Predictor, "logits", spy)
@@ -33,7 +32,7 @@ def test_temperature_and_test_report_use_the_predictor_in_fp32(split, tmp_path, 
                              "precision": "bf16", "out": str(tmp_path / "run")})
     summary = train(cfg, progress=False)
     # val (8 images) then test (6 images), normalised float32 batches of --batch-size
-    assert [shape[0] for _, shape in calls] == [4, 4, 4, 2] and {d for d, _ in calls} == {np.dtype("float32")}
+    assert [shape[0] for _, shape in calls] == [4, 4, 4, 2] and {d for d, _ in calls} == {"float32"}
     # the report's numbers are what the saved model gives through the same Predictor
     report = json.loads((tmp_path / "run" / "test_results.json").read_text())
     predictor = Predictor.load(tmp_path / "run" / "weights" / "best.ckpt", device="cpu")

@@ -99,7 +99,7 @@ def predict_cmd(
     from crystalscope.runtime import progress_bar
 
     # on stderr so stdout stays clean when redirected; no total: files are listed lazily
-    with progress_bar("predicting", total=None, enabled=sys.stderr.isatty()) as on_progress:
+    with progress_bar("predicting", total=None) as on_progress:
         summary = predict_stream(model, paths, out, batch_size=batch_size, recursive=recursive, device=device,
                                  resume=resume, shard=parse_shard(shard), keep=show, on_progress=on_progress,
                                  reject=reject, sheet=sheet, sheet_max=sheet_max)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -33,7 +32,7 @@ def embed_cmd(
     """Map a model's penultimate features of every image in 2-D, with k-means clusters and thumbnails."""
     from crystalscope.insight.embedding import embed_folder
 
-    with progress_callback("features", enabled=sys.stderr.isatty()) as on_progress:
+    with progress_callback("features") as on_progress:
         summary = embed_folder(model, folder, out, clusters=clusters, projection=projection, groups_csv=groups,
                                per_cluster=per_cluster, batch_size=batch_size, device=device, seed=seed,
                                on_progress=on_progress, force=force)
@@ -95,7 +94,7 @@ def drift_cmd(
     from crystalscope.insight.drift import DriftSettings, drift_report
 
     settings = DriftSettings(false_flag_rate=rate, neighbours=neighbours, permutations=permutations, seed=seed)
-    with progress_callback("features", enabled=sys.stderr.isatty()) as on_progress:
+    with progress_callback("features") as on_progress:
         summary = drift_report(reference, new, out, model=model, settings=settings, groups_csv=groups,
                                image_size=image_size,
                                batch_size=batch_size, device=device, on_progress=on_progress, force=force)

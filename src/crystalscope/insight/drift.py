@@ -31,6 +31,7 @@ from crystalscope.errors import CrystalscopeError
 from crystalscope.insight.embedding import read_groups
 from crystalscope.insight.features import IMAGENET_IMAGE_SIZE, extract_features, l2_normalise
 from crystalscope.io import write_json, write_text
+from crystalscope.runtime import counter
 from crystalscope.safety import report_folder
 
 logger = logging.getLogger(__name__)
@@ -265,14 +266,7 @@ def feature_source(model: str | os.PathLike | None, image_size: int = IMAGENET_I
 def _features_by_file(source, files: list[Path], batch_size: int, on_progress) -> tuple[dict[str, np.ndarray], dict, str]:
     """L2-normalised features per resolved path (each file computed once), unreadable files, source name."""
     unique = list(dict.fromkeys(str(f.resolve()) for f in files))
-    done = [0]
-
-    def advance(n: int) -> None:
-        done[0] += n
-        if on_progress is not None:
-            on_progress(done[0], len(unique))
-
-    fs = extract_features(source, unique, batch_size=batch_size, on_batch=advance)
+    fs = extract_features(source, unique, batch_size=batch_size, on_batch=counter(on_progress, len(unique)))
     return dict(zip(fs.paths, l2_normalise(fs.features))), fs.errors, fs.source
 
 

@@ -26,6 +26,7 @@ from crystalscope.data.images import class_folders, list_images
 from crystalscope.errors import CrystalscopeError, require
 from crystalscope.insight.features import FeatureSet, extract_features, l2_normalise
 from crystalscope.io import write_json, write_text
+from crystalscope.runtime import counter
 from crystalscope.safety import report_folder
 
 logger = logging.getLogger(__name__)
@@ -293,14 +294,7 @@ def embed_folder(model: str | os.PathLike, folder: str | os.PathLike, out_dir: s
         files, truth_of = labelled_images(folder)
         truth_by_path = dict(zip(map(str, files), truth_of))
         predictor = Predictor.load(model, device=device)
-        done = [0]
-
-        def advance(n: int) -> None:
-            done[0] += n
-            if on_progress is not None:
-                on_progress(done[0], len(files))
-
-        fs = extract_features(predictor, files, batch_size=batch_size, on_batch=advance)
+        fs = extract_features(predictor, files, batch_size=batch_size, on_batch=counter(on_progress, len(files)))
         truth = [truth_by_path[p] for p in fs.paths]
         mapped = project_2d(fs.features, projection, seed)
         clustering = cluster_features(fs.features, clusters, seed)

@@ -90,7 +90,7 @@ def predictor_logits(predictor, images: torch.Tensor, data: RunData, batch_size:
     chunks = []
     for rows in loop.batches(images.shape[0], batch_size):
         batch = data.preprocessing.normalize_torch(loop.to_device(images, rows, device))
-        chunks.append(predictor.logits(batch.cpu().numpy()))
+        chunks.append(predictor.logits(batch))  # Predictor takes the tensor where it is
     return np.concatenate(chunks) if chunks else np.zeros((0, len(data.class_names)), np.float32)
 
 

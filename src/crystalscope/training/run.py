@@ -25,7 +25,7 @@ from crystalscope.formats import (CONFIG_FILE, ENVIRONMENT_FILE, LAST_CHECKPOINT
                                   WEIGHTS_DIR)
 from crystalscope.io import write_json
 from crystalscope.models.checkpoint import load_checkpoint
-from crystalscope.runtime import progress_bar, resolve_device
+from crystalscope.runtime import counter, progress_bar, resolve_device
 from crystalscope.safety import check_output, claim_output, next_run_dir
 from crystalscope.training import distributed
 from crystalscope.training.distributed import World
@@ -92,7 +92,7 @@ def fit(cfg: TrainConfig, learner: Learner, state: TrainState, data: RunData, fo
             epoch = state.epoch + 1
             with progress_bar(f"epoch {epoch}/{cfg.optimiser.epochs}", total=steps_per_epoch(cfg, data),
                               enabled=progress) as advance:
-                on_step, started = _counter(advance), time.perf_counter()
+                on_step, started = counter(advance), time.perf_counter()
                 train, train_seconds = train_epoch(cfg, learner, state, data, epoch, on_step)
                 val = evaluate_split(cfg, learner, state, data, "val", on_step)
             check_finite(cfg, folder, epoch, train["loss"], val["loss"])
@@ -112,17 +112,6 @@ def fit(cfg: TrainConfig, learner: Learner, state: TrainState, data: RunData, fo
     if state.stopping.should_stop:
         log.info(f"stopped after epoch {state.epoch}: {state.stopping.reason}")
     log.info(f"best epoch {state.stopping.best_epoch} (val loss {state.stopping.best_loss:.4f})")
-
-
-def _counter(advance):
-    """An ``on_step()`` for the loops that moves the bar by one step each call."""
-    done = 0
-
-    def on_step() -> None:
-        nonlocal done
-        done += 1
-        advance(done, None)
-    return on_step
 
 
 # ---- one run ------------------------------------------------------------------------------
