@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crystalscope.training.distributed import World, shard_indices
+from crystalscope.training.distributed import StoppedByPeer, World, first_failure, shard_indices
 from crystalscope.formats import RUN_FILES
 from lines_and_discs import make_split
 
@@ -66,6 +66,23 @@ def test_two_processes_write_one_run_with_the_metrics_of_a_one_process_evaluatio
     assert ddp["macro"]["f1"] == pytest.approx(single["macro"]["f1"], abs=1e-9)
     for name, scores in single["per_class"].items():
         assert ddp["per_class"][name]["f1"] == pytest.approx(scores["f1"], abs=1e-9)
+
+
+class _Failure:  # the two fields of torch's ProcessFailure that first_failure reads
+    def __init__(self, exitcode: int, timestamp: int):
+        self.exitcode, self.timestamp = exitcode, timestamp
+
+
+def test_the_first_failure_is_the_cause_not_a_rank_that_stopped_because_of_it():
+    killed, follower = _Failure(-signal.SIGKILL, 100), _Failure(StoppedByPeer.exit_code, 100)
+    # same second (torch's timestamps are whole seconds): the rank that stopped because of the other is not named
+    assert first_failure({0: follower, 1: killed})[0] == 1
+    assert first_failure({0: _Failure(-signal.SIGTERM, 99), 1: killed})[0] == 1
+    # two real failures: the earlier one, then the lower rank
+    assert first_failure({0: _Failure(1, 101), 1: _Failure(1, 100)})[0] == 1
+    assert first_failure({0: _Failure(1, 100), 1: _Failure(-signal.SIGKILL, 100)})[0] == 0
+    # only followers (the cause was not seen): still one rank, the earliest
+    assert first_failure({0: _Failure(StoppedByPeer.exit_code, 101), 1: _Failure(StoppedByPeer.exit_code, 100)})[0] == 1
 
 
 def _rank_pid(launcher: int, rank: int) -> int | None:

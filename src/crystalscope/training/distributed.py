@@ -64,9 +64,17 @@ class World:
 
 
 class RankStopped(CrystalscopeError):
-    """This rank was told to stop, or lost a peer: the whole run stops."""
+    """The run stopped because a rank failed or was stopped."""
 
     exit_code = 1
+
+
+class StoppedByPeer(RankStopped):
+    """This rank stopped because another one did (SIGTERM from the launcher, or a peer's socket
+    closed). Its own exit code lets the launcher name the rank that failed first, not this one:
+    both can end within the same second, the resolution of torch's failure timestamps."""
+
+    exit_code = 3
 
 
 def world_from_env() -> World:
@@ -109,7 +117,7 @@ def running(world: World) -> Iterator[None]:
     import torch.distributed as dist
 
     def stop(signum, frame):
-        raise RankStopped(f"rank {world.rank}: stopped by {signal.Signals(signum).name} (another rank failed or "
+        raise StoppedByPeer(f"rank {world.rank}: stopped by {signal.Signals(signum).name} (another rank failed or "
                           "the run was stopped); the run folder keeps its last completed epoch (--resume)")
 
     previous = signal.signal(signal.SIGTERM, stop)
@@ -120,7 +128,7 @@ def running(world: World) -> Iterator[None]:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]  # gloo's "[.../pair.cc:545] Read error ..."
-        raise RankStopped(f"rank {world.rank}: lost contact with another rank, which died or was stopped "
+        raise StoppedByPeer(f"rank {world.rank}: lost contact with another rank, which died or was stopped "
                           f"({first[:120]}); the run folder keeps its last completed epoch (--resume)") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -297,10 +305,20 @@ def launch(config_yaml: str, nproc: int, run_dir: str = "RUN_FOLDER") -> None:
         raise stopped from None
 
 
+def first_failure(failures: dict) -> tuple[int, object]:
+    """The rank (and its ``ProcessFailure``) that caused the others to stop: the earliest failure
+    that is not a consequence (a rank that exited with :class:`StoppedByPeer`'s code, or died of
+    SIGTERM); ties in torch's one-second timestamps go to the lower rank."""
+    def key(item):
+        rank, failure = item
+        consequence = failure.exitcode in (StoppedByPeer.exit_code, -signal.SIGTERM)
+        return consequence, failure.timestamp, rank
+
+    return min(failures.items(), key=key)
+
+
 def _failure_line(exc, nproc: int, run_dir: str) -> str:
-    # the cause is the earliest failure that is not the launcher's own SIGTERM to the survivors
-    failures = sorted(exc.failures.items(), key=lambda item: (item[1].exitcode == -signal.SIGTERM, item[1].timestamp))
-    rank, failure = failures[0]
+    rank, failure = first_failure(exc.failures)
     code = failure.exitcode
     how = f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
         else f"exited with code {code}"
