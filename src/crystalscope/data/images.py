@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from crystalscope.data.layout import (IMAGE_EXTENSIONS, class_folders, is_image_file, list_images,  # noqa: F401
-                                      natural_key, visible_subfolders)
+                                      natural_key)
 from crystalscope.errors import CrystalscopeError
 
 DEFAULT_MAX_PIXELS = 25_000_000
@@ -131,24 +130,3 @@ def upright(img: Image.Image) -> Image.Image:
     except Exception:  # a broken EXIF block must not make a readable image unreadable
         return img
     return ImageOps.exif_transpose(img) if orientation not in (0, 1) else img
-
-
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) from the file header without a full decode (after EXIF orientation)."""
-    with Image.open(path) as img:
-        w, h = img.size
-        try:
-            turned = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
-        except Exception:
-            turned = False
-        return (h, w) if turned else (w, h)
-
-
-def iter_readable(paths: Iterable[Path]):
-    """Yield ``(path, error_or_None)`` for each path after a full decode attempt."""
-    for p in paths:
-        try:
-            load_rgb(p)
-            yield p, None
-        except ImageReadError as exc:
-            yield p, str(exc)
