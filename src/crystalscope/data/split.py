@@ -123,12 +123,6 @@ def regex_group_key(pattern: str, class_of: dict[Path, str] | None = None) -> Gr
     return key
 
 
-def _near_duplicate_key(records: Sequence[ImageRecord], progress: bool, workers: int | None) -> GroupKey:
-    groups = find_duplicates(records, progress=progress, workers=workers).groups
-    group_of = {p: f"dup:{i}" for i, group in enumerate(groups) for p in group}
-    return lambda path: group_of.get(path, f"file:{path}")
-
-
 def _validate_group_by(group_by: str | GroupKey) -> None:
     """Fail on a bad ``--group-by`` before any slow work."""
     if callable(group_by) or group_by in ("none", "near-duplicates"):
@@ -153,7 +147,7 @@ def make_group_key(group_by: str | GroupKey, records: Sequence[ImageRecord], cla
     if group_by == "none":
         return lambda path: f"file:{path}"
     if group_by == "near-duplicates":
-        return _near_duplicate_key(records, progress, workers)
+        return find_duplicates(records, progress=progress, workers=workers).group_key()
     if group_by.startswith("regex:") and len(group_by) > len("regex:"):
         return regex_group_key(group_by[len("regex:"):], class_of)
     raise CrystalscopeError(f"--group-by '{group_by}' is unknown: use {GROUP_BY_CHOICES}")

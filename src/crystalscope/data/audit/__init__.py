@@ -70,11 +70,6 @@ def _check_out_dir(out_dir: Path, source: AuditSource) -> None:
     check_output(out_dir, inputs=[source.data_dir], kind="folder", force=True, owned=AUDIT_FILES)
 
 
-def _group_ids(paths: Sequence[Path], groups: Sequence[Sequence[Path]]) -> list[str]:
-    group_of = {p: f"dup:{i}" for i, g in enumerate(groups) for p in g}
-    return [group_of.get(p, f"file:{p}") for p in paths]
-
-
 def audit_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                   progress: bool = True, workers: int | None = None) -> AuditResult:
     """Audit a dataset folder and write ``audit.json``, ``audit.md`` and two plots.
@@ -104,7 +99,8 @@ def audit_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     timings["decode_and_hash_s"] = time.perf_counter() - started
     duplicates = find_duplicates(records, progress=progress, workers=workers)
     timings["duplicates_s"] = time.perf_counter() - started - timings["decode_and_hash_s"]
-    baseline = metadata_baseline(records, source.classes, _group_ids(source.paths, duplicates.groups))
+    group_of = duplicates.group_key()
+    baseline = metadata_baseline(records, source.classes, [group_of(p) for p in source.paths])
     timings["metadata_baseline_s"] = time.perf_counter() - started - sum(timings.values())
     log.debug("audit of %s: %d images in %.1f s", data_dir, len(records), time.perf_counter() - started)
     result = assemble(source, records, duplicates, baseline)

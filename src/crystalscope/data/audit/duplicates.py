@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -37,6 +37,19 @@ class DuplicateReport:
     n_candidate_pairs: int = 0
     n_near_miss_pairs: int = 0
     n_decoded_again: int = 0  # images decoded a second time to check cross-chunk candidates
+
+    def group_key(self) -> Callable[[Path], str]:
+        """``path -> group id``: ``dup:<i>`` for a member of ``groups[i]``, else ``file:<path>``.
+
+        The one grouping ``split --group-by near-duplicates`` and the audit's baseline folds use.
+
+        Example:
+            >>> key = DuplicateReport(groups=[[Path("a.png"), Path("b.png")]]).group_key()
+            >>> key(Path("b.png")), key(Path("c.png"))
+            ('dup:0', 'file:c.png')
+        """
+        group_of = {p: f"dup:{i}" for i, group in enumerate(self.groups) for p in group}
+        return lambda path: group_of.get(path, f"file:{path}")
 
 
 class UnionFind:
