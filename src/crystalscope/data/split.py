@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import errno
 import io
-import logging
 import math
 import os
 import random
@@ -39,8 +38,6 @@ from crystalscope.formats import SPLITS
 from crystalscope.io import atomic_dir, write_json, write_text
 from crystalscope.runtime import progress_bar
 from crystalscope.safety import check_output, claim_output
-
-log = logging.getLogger(__name__)
 
 DEFAULT_RATIOS = (0.70, 0.25, 0.05)
 SPLIT_MODES = ("copy", "hardlink", "symlink")
@@ -257,10 +254,6 @@ class SplitSummary:
 OWNED = (*SPLITS, "split.csv", "split.json")  # what a split writes: --force may replace only these
 
 
-def _check_out_dir(out_dir: Path, source: Path, root: Path, force: bool) -> None:
-    check_output(out_dir, inputs=[source, root], kind="folder", force=force, owned=OWNED, option="OUT_DIR")
-
-
 def _destination_names(class_dir: Path, files: Sequence[Path]) -> dict[Path, str]:
     """File name in the split; a file from a nested sub-folder gets its sub-path joined by '__'."""
     names = {}
@@ -362,7 +355,8 @@ def split_dataset(source: str | os.PathLike, out_dir: str | os.PathLike,
         raise CrystalscopeError(
             f"'{source}' already looks like a split (train/val/test folders): "
             "pass the original class-folder source")
-    _check_out_dir(out_dir, source, root, force)
+    # fail before the slow scan; claim_output checks again (and locks) when writing
+    check_output(out_dir, inputs=[source, root], kind="folder", force=force, owned=OWNED, option="OUT_DIR")
     found, files, records = _scan_source(root, progress, workers)
     readable_records = [r for r in records if r.readable]
     class_of = {p: c for c, paths in files.items() for p in paths}

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Iterable, Sequence
 
 from crystalscope.data.audit.result import AuditResult
-
-log = logging.getLogger(__name__)
 
 
 def summary_lines(result: AuditResult) -> list[str]:
