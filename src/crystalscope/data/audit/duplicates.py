@@ -127,8 +127,7 @@ def pixel_identical_groups(images: Sequence[np.ndarray]) -> list[list[int]]:
     return groups
 
 
-def pixel_verdicts(images: Sequence[np.ndarray | None],
-                    pairs: Sequence[tuple[int, int]]) -> dict[tuple[int, int], tuple[bool, bool]]:
+def pixel_verdicts(images: Sequence[np.ndarray | None], pairs: Sequence[tuple[int, int]]) -> Verdicts:
     """``(same up to rotation/mirror, identical)`` for each index pair, by comparing pixels."""
     union = UnionFind(len(images))
     for a, b in pairs:
@@ -150,7 +149,7 @@ def pixel_verdicts(images: Sequence[np.ndarray | None],
     return verdicts
 
 
-def verify_pairs(job: tuple[list[Path], list[tuple[int, int]]]) -> dict[tuple[int, int], tuple[bool, bool]]:
+def verify_pairs(job: tuple[list[Path], list[tuple[int, int]]]) -> Verdicts:
     """Worker: decode the images of some candidate pairs again and compare their pixels."""
     paths, pairs = job
     images = []
@@ -163,7 +162,7 @@ def verify_pairs(job: tuple[list[Path], list[tuple[int, int]]]) -> dict[tuple[in
 
 
 def _verify_again(records: Sequence[ImageRecord], pairs: list[tuple[int, int]], progress: bool,
-                  workers: int | None) -> tuple[dict[tuple[int, int], tuple[bool, bool]], int]:
+                  workers: int | None) -> tuple[Verdicts, int]:
     """Pixel verdicts for candidate pairs the scan could not check (different chunks)."""
     union = UnionFind(len(records))
     for a, b in pairs:
@@ -209,7 +208,7 @@ def find_duplicates(records: Sequence[ImageRecord], progress: bool = False,
         [PosixPath('pg/PG (1).png'), PosixPath('pg/PG (2).png'), PosixPath('pg/PG (3).png')]
     """
     pairs = candidate_pairs(records, max_distance)
-    verdicts: dict[tuple[int, int], tuple[bool, bool]] = {}
+    verdicts: Verdicts = {}
     for a, b, _ in pairs:
         if records[b].path in records[a].verified:
             verdicts[(a, b)] = records[a].verified[records[b].path]
@@ -228,8 +227,9 @@ def find_duplicates(records: Sequence[ImageRecord], progress: bool = False,
                 report.near_misses.append((records[a].path, records[b].path, bits))
         if identical:
             exact.union(a, b)
-    report.groups = _components(records, dihedral, {i for a, b, _ in pairs for i in (a, b)})
-    report.exact_groups = _components(records, exact, {i for a, b, _ in pairs for i in (a, b)})
+    in_pairs = {i for a, b, _ in pairs for i in (a, b)}
+    report.groups = _components(records, dihedral, in_pairs)
+    report.exact_groups = _components(records, exact, in_pairs)
     return report
 
 
