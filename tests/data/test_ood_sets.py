@@ -36,3 +36,17 @@ def test_bad_options_and_manifests_are_one_line_errors(tmp_path):
     (tmp_path / "y" / "ood_sets.json").write_text("{not json")
     with pytest.raises(CrystalscopeError, match="not a readable OOD-set manifest"):
         set_folders(tmp_path / "y")
+
+
+def test_one_writer_at_a_time_and_a_killed_runs_staging_is_cleaned(tmp_path):
+    from crystalscope.safety import lock_path
+
+    out = tmp_path / "ood"
+    stale = tmp_path / ".ood.999999999.abc.partial"  # the staging folder of a run killed with -9
+    stale.mkdir()
+    lock_path(out).write_text("1")  # pid 1 always runs: another writer holds the output
+    with pytest.raises(CrystalscopeError, match="being written by another crystalscope process"):
+        generate(out, per_set=1, sets=("noise",))
+    lock_path(out).unlink()
+    generate(out, per_set=1, sets=("noise",))
+    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ood"]
