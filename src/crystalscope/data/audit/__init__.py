@@ -34,7 +34,9 @@ from crystalscope.data.audit.scan import find_duplicate_groups, scan_images
 from crystalscope.data.audit.source import AuditSource, discover_source
 from crystalscope.data.audit.statistics import MetadataBaseline, class_statistics, metadata_baseline
 from crystalscope.errors import CrystalscopeError
+from crystalscope.io import write_json, write_text
 from crystalscope.runtime import default_workers
+from crystalscope.safety import check_output, report_folder
 
 __all__ = ["AUDIT_FILES", "PHASH_MAX_DISTANCE", "AuditResult", "AuditSource", "DuplicateReport", "ImageRecord",
            "MetadataBaseline", "audit_dataset", "audit_markdown", "candidate_pairs", "class_statistics",
@@ -58,8 +60,6 @@ def default_audit_dir(data_dir: str | os.PathLike) -> Path:
 
 
 def _check_out_dir(out_dir: Path, source: AuditSource) -> None:
-    from crystalscope.safety import check_output
-
     out = out_dir.resolve()
     if source.layout != "split" and out.is_relative_to(source.class_root.resolve()):
         raise CrystalscopeError(
@@ -113,11 +113,7 @@ def audit_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike | None
 def _write_report(out_dir: Path, source: AuditSource, records: Sequence[ImageRecord], result: AuditResult,
                   started: float) -> None:
     """The four report files, built in a staging folder and swapped in complete."""
-    from crystalscope.io import atomic_dir, write_json, write_text
-    from crystalscope.safety import claim_output
-
-    with claim_output(out_dir, inputs=[source.data_dir], kind="folder", force=True, owned=AUDIT_FILES), \
-            atomic_dir(out_dir, force=True) as staging:
+    with report_folder(out_dir, inputs=[source.data_dir], owned=AUDIT_FILES, force=True) as staging:
         plot_sizes(records, source.classes, staging / "sizes.png")
         plot_intensity(records, source.classes, staging / "intensity.png")
         result.run_time_s = round(time.perf_counter() - started, 2)
