@@ -24,6 +24,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from crystalscope.data.images import load_rgb
+from crystalscope.data.layout import list_images
 from crystalscope.errors import CrystalscopeError
 from crystalscope.safety import check_output, report_folder
 
@@ -158,8 +160,6 @@ def _crystal_source(crystal_dir: str | os.PathLike | None, seed: int) -> Callabl
             return render(rng, DIFFICULTIES["realistic"])
 
         return generated
-    from crystalscope.data.images import list_images, load_rgb
-
     files = list_images(crystal_dir)
     if not files:
         raise CrystalscopeError(f"--crystals {crystal_dir}: no images found there")
@@ -208,7 +208,7 @@ def generate(out_dir: str | os.PathLike, per_set: int = 100, seed: int = 0, sets
     if "photos" in sets and not files:
         raise CrystalscopeError("no bundled photos found: install scikit-image (pip install scikit-image) "
                                 "or matplotlib, or leave 'photos' out of --sets")
-    photos = [np.asarray(Image.open(f).convert("RGB")) for f in files] if "photos" in sets else []
+    photos = [np.asarray(load_rgb(f)) for f in files] if "photos" in sets else []
     renderers = _renderers(_crystal_source(crystal_dir, seed), photos)
     summary = {}
     # claimed again at writing: one writer at a time (the lock), a killed run's staging cleaned
