@@ -112,6 +112,8 @@ class Monitor:
             record.status = f"error: {str(exc).removeprefix(f'{path}: ')}"
             log.warning("frame %s: %s", path.name, record.status)
             return self.timeline.add(record)
+        # converted to grey once: detection, the crops and the overlay all read this one frame
+        image = image.convert("L")
         grey = to_grey(image)
         regions = detect(grey, self.settings.detector)
         screened = [self._screen(grey, r) for r in regions]
