@@ -54,5 +54,5 @@ def test_bad_inputs_are_one_line(tiny_model, images):
     predictor = Predictor.load(tiny_model["onnx"])
     with pytest.raises(CrystalscopeError, match="--batch-size 0"):
         extract_features(predictor, paths, batch_size=0)
-    with pytest.raises(CrystalscopeError):
+    with pytest.raises(CrystalscopeError, match=r"none of the 1 files could be read .*broken\.png: not a readable image"):
         extract_features(predictor, [broken])

@@ -346,11 +346,11 @@ def _drift_into(out_dir: Path, reference, new, model, settings: DriftSettings, g
     held = {key: (d, j) for key, d, j in zip(ref_keys, held_d, held_j)}
     rows = [(p, REFERENCE_SET, d, bool(d > threshold), ref_paths[j]) for p, d, j in zip(ref_paths, held_d, held_j)]
     results, units = {}, {}
+    ref_independent = ref_unit[one_per_group(groups, len(ref_unit))]  # one view per crystal, for every set
     for name, files in sets.items():
         paths, distances, nearest, unit = _set_rows(files, by_file, ref_unit, ref_paths, held, settings.neighbours)
         rows += [(p, name, d, bool(d > threshold), n) for p, d, n in zip(paths, distances, nearest)]
-        results[name] = _set_summary(files, paths, distances, unit, threshold,
-                                     ref_unit[one_per_group(groups, len(ref_unit))], settings)
+        results[name] = _set_summary(files, paths, distances, unit, threshold, ref_independent, settings)
         units[name] = (paths, unit, distances)
     write_text(out_dir / "drift.csv", _drift_csv(rows, threshold))
     _drift_figures(out_dir, ref_unit, units, threshold, settings, source_name)

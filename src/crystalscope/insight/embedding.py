@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from crystalscope.data.images import class_folders, list_images
+from crystalscope.data.layout import collect_class_files, list_images
 from crystalscope.errors import CrystalscopeError, require
 from crystalscope.insight.features import FeatureSet, extract_features, l2_normalise
 from crystalscope.io import write_json, write_text
@@ -140,9 +140,8 @@ def labelled_images(folder: str | os.PathLike) -> tuple[list[Path], list[str]]:
     files = list_images(folder)
     if not files:
         raise CrystalscopeError(f"{folder}: no image files found (png, jpg, jpeg, tif, tiff, bmp)")
-    classes = class_folders(folder)
-    per_class = {name: list_images(sub) for name, sub in classes.items()}
-    if classes and sum(len(v) for v in per_class.values()) == len(files):
+    per_class = collect_class_files(folder).files
+    if per_class and sum(len(v) for v in per_class.values()) == len(files):
         pairs = [(f, name) for name, found in per_class.items() for f in found]
         return [f for f, _ in pairs], [name for _, name in pairs]
     return files, [""] * len(files)

@@ -24,6 +24,7 @@ import numpy as np
 
 from crystalscope.data.transforms import Preprocessing
 from crystalscope.errors import CrystalscopeError, require
+from crystalscope.evaluation.calibration import softmax
 from crystalscope.inference.predictor import Predictor
 from crystalscope.runtime import default_workers, first_line, resolve_device
 
@@ -153,7 +154,7 @@ def extract_features(source: "Predictor | ImageNetFeatures", files: Sequence[str
                 batch = source.preprocessing.normalize(np.stack(arrays))
                 if classifier:
                     logits, feats = source.logits_and_features(batch)
-                    probs.append(_calibrated(logits, source.temperature))
+                    probs.append(softmax(logits, source.temperature))  # the predictor's calibrated softmax
                 else:
                     feats = source.features(batch)
                 chunks.append(np.asarray(feats, dtype=np.float32))
@@ -168,13 +169,6 @@ def extract_features(source: "Predictor | ImageNetFeatures", files: Sequence[str
                       probabilities=np.concatenate(probs) if classifier else None,
                       class_names=list(source.class_names) if classifier else [],
                       source=f"{Path(source.source).name} ({source.backend_name})" if classifier else source.name)
-
-
-def _calibrated(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """The same calibrated softmax the predictor and the test report use."""
-    from crystalscope.evaluation.calibration import softmax
-
-    return softmax(np.asarray(logits, dtype=np.float64), temperature)
 
 
 def l2_normalise(features: np.ndarray) -> np.ndarray:

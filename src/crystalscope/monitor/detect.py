@@ -169,9 +169,12 @@ def crop_box(box: tuple[int, int, int, int], frame_size: tuple[int, int]) -> tup
 
 
 def cut_crops(image: Image.Image, regions: list[Region]) -> list[Image.Image]:
-    """RGB crops (grey in three equal channels, like the training crops) for the regions."""
-    rgb = image.convert("L").convert("RGB")
-    return [rgb.crop(crop_box(r.box, rgb.size)) for r in regions]
+    """RGB crops (grey in three equal channels, like the training crops) for the regions.
+
+    Each crop is made RGB, not the whole frame: a frame is far larger than its few crops.
+    """
+    grey = image.convert("L")  # a copy only, for the grey frame the monitor passes
+    return [grey.crop(crop_box(r.box, grey.size)).convert("RGB") for r in regions]
 
 
 def _disc(radius: int) -> np.ndarray:

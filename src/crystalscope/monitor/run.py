@@ -112,6 +112,8 @@ class Monitor:
             record.status = f"error: {str(exc).removeprefix(f'{path}: ')}"
             log.warning("frame %s: %s", path.name, record.status)
             return self.timeline.add(record)
+        # converted to grey once: detection, the crops and the overlay all read this one frame
+        image = image.convert("L")
         grey = to_grey(image)
         regions = detect(grey, self.settings.detector)
         screened = [self._screen(grey, r) for r in regions]
@@ -206,7 +208,7 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _check_options(frames_dir: Path, out_dir: Path, settings: MonitorSettings) -> None:
+def _check_options(frames_dir: Path, settings: MonitorSettings) -> None:
     if not frames_dir.is_dir():
         raise CrystalscopeError(f"FRAMES_DIR {frames_dir}: folder not found")
     rule = settings.rule
@@ -274,7 +276,7 @@ def run_monitor(model: str | os.PathLike, frames_dir: str | os.PathLike, out_dir
         2040.0
     """
     frames_dir, out_dir = Path(frames_dir), Path(out_dir)
-    _check_options(frames_dir, out_dir, settings)
+    _check_options(frames_dir, settings)
     frames = [] if watch else list_images(frames_dir, recursive=False)
     if not watch and not frames:
         raise CrystalscopeError(f"FRAMES_DIR {frames_dir}: no image files (png, jpg, tif, bmp); "
