@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional
 
@@ -30,7 +29,7 @@ def evaluate(
     from crystalscope.inference.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, data_dir, out, batch_size=batch_size, device=device, workers=workers,
-                                 progress=sys.stderr.isatty(), force=force)
+                                 force=force)
     if result.get("meta", {}).get("warning"):
         typer.secho(f"warning: {result['meta']['warning']}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"accuracy {result['accuracy']:.4f}, macro F1 {result['macro']['f1']:.4f}, "
