@@ -13,6 +13,7 @@ import sys
 import typer
 
 from crystalscope.version import __version__
+from crystalscope.data.layout import IMAGE_EXTENSIONS
 from crystalscope.errors import CrystalscopeError
 
 app = typer.Typer(
@@ -24,6 +25,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
+
+#: Help of an IMAGES argument, from the one rule of what an image file is (data/layout.py).
+IMAGE_PATHS_HELP = f"Image files and/or folders ({', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}; any case)."
 
 
 def fail(message: str, code: int = 2) -> "typer.Exit":

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
-from crystalscope.cli.common import app, fail, user_errors
+from crystalscope.cli.common import IMAGE_PATHS_HELP, app, fail, user_errors
 
 if TYPE_CHECKING:  # the CLI imports the library inside each command (a plant PC may lack torch)
     from crystalscope.inference.stream import PredictSummary
@@ -69,7 +69,7 @@ def export_cmd(
 @user_errors
 def predict_cmd(
     model: Path = typer.Argument(..., help="Trained model: a .ckpt checkpoint (needs PyTorch) or an exported .onnx."),
-    paths: List[Path] = typer.Argument(..., help="Image files and/or folders (png, jpg, jpeg, tif, tiff, bmp; any case)."),
+    paths: List[Path] = typer.Argument(..., help=IMAGE_PATHS_HELP),
     out: Path = typer.Option(Path("predictions.csv"), "--out", "-o",
                              help="CSV to write: path,predicted,confidence,p_<class>...,ood_score,ood_threshold,status."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="Images per forward pass "

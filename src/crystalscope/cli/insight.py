@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from crystalscope.cli.common import app, fail, user_errors
+from crystalscope.cli.common import IMAGE_PATHS_HELP, app, fail, user_errors
 
 
 @app.command("embed")
@@ -132,7 +132,7 @@ def _print_drift(summary: dict, out: Path) -> None:
 @user_errors
 def explain_cmd(
     model: Path = typer.Argument(..., help="Checkpoint (.ckpt) of a run, e.g. runs/train/weights/best.ckpt (not the .onnx)."),
-    images: List[Path] = typer.Argument(..., help="Image files and/or folders (png, jpg, jpeg, tif, tiff, bmp; any case)."),
+    images: List[Path] = typer.Argument(..., help=IMAGE_PATHS_HELP),
     out: Path = typer.Option(Path("explain"), "--out", "-o",
                              help="Folder for <image>.cam.png overlays, explain.png (contact sheet) and explain.csv."),
     target_class: Optional[str] = typer.Option(None, "--class",
