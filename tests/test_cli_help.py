@@ -16,8 +16,8 @@ from crystalscope.cli import app
 COMMAND = typer.main.get_command(app)
 COMMANDS = sorted(COMMAND.commands)
 # the commands the README documents; a group module that fails to register loses its commands
-EXPECTED = {"synth", "split", "audit", "train", "demo", "evaluate", "export", "predict", "embed", "drift",
-            "explain", "synth-process", "monitor", "serve"}
+EXPECTED = {"synth", "split", "audit", "synth-ood", "train", "demo", "evaluate", "export", "predict", "merge",
+            "ood-eval", "embed", "drift", "explain", "synth-process", "monitor", "serve"}
 
 
 def test_every_documented_command_is_registered():

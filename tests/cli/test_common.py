@@ -1,4 +1,7 @@
-"""What every command shares (cli/common.py): the one error boundary, the log handler, the progress bar."""
+"""What every command shares (cli/common.py): the one error boundary and the log handler.
+
+(The progress bar is runtime.progress_bar, tested in tests/test_runtime.py.)
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from crystalscope.cli.common import log_to_terminal, progress_callback, user_errors
+from crystalscope.cli.common import log_to_terminal, user_errors
 from crystalscope.errors import CrystalscopeError
 
 
@@ -64,13 +67,3 @@ def test_log_records_reach_the_terminal_as_bare_messages(capsys):
         logger.handlers[:], logger.level = before
     assert capsys.readouterr().err.splitlines() == ["1/5 synth", "shown detail"]
 
-
-def test_progress_callback_accepts_the_library_protocol():
-    calls = []
-    with progress_callback("features") as on_progress:
-        for done in (1, 3, 5):
-            on_progress(done, 5)
-            calls.append(done)
-    with progress_callback("features", enabled=False) as quiet:
-        assert quiet(1, 2) is None
-    assert calls == [1, 3, 5]

@@ -57,3 +57,13 @@ def test_split_renders_the_class_by_split_table(tmp_path):
     train, val, test, total = (int(cell) for cell in rows["all"].split("│")[2:-1])
     assert train + val + test == total == 20 and train > val > 0  # every file in exactly one split
     assert sum(1 for _ in (tmp_path / "out").rglob("*.png")) == 20
+
+
+def test_synth_says_what_it_wrote_and_where(tmp_path):
+    out = tmp_path / "s"
+    result = invoke("synth", out, "--per-class", "2", "--workers", "1", "-q")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("wrote 2 CEX + 2 PG crops (")
+    assert f"to {out / 'cropped' / 'cropped'} in " in result.output
+    assert f"ground truth: {out / 'synth_manifest.csv'}" in result.output
+    assert sorted(p.parent.name for p in (out / "cropped" / "cropped").rglob("*.png")) == ["cex"] * 2 + ["pg"] * 2

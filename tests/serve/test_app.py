@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from crystalscope import Predictor  # noqa: E402
 from crystalscope.cli import app as cli_app  # noqa: E402
-from crystalscope.serve.app import create_app, prediction_json  # noqa: E402
+from crystalscope.serve.app import create_app, prediction_json, rejection_info  # noqa: E402
 from serve_requests import assert_refused, png_bytes, upload  # noqa: E402
 from tiny_onnx import TEMPERATURE  # noqa: E402
 
@@ -97,7 +97,18 @@ def test_model_endpoint_describes_the_model_and_its_file(client, onnx_model):
     assert info["sha256"] == hashlib.sha256(onnx_model.read_bytes()).hexdigest()
     assert info["limits"] == {"max_request_bytes": 2_000_000, "max_files": 8, "max_pixels": 1_000_000,
                               "max_request_pixels": 1_500_000}
-    assert "rejection" in info
+    assert info["rejection"] is None  # the tiny model has no fitted rejection of foreign images
+
+
+def test_model_endpoint_states_a_fitted_rejection():
+    from types import SimpleNamespace
+
+    def with_rejection(threshold):
+        return SimpleNamespace(rejection=SimpleNamespace(method="mahalanobis", threshold=threshold))
+
+    assert rejection_info(with_rejection(12.5)) == {"method": "mahalanobis", "threshold": 12.5}
+    assert rejection_info(with_rejection(float("inf")))["threshold"] is None  # not JSON: null
+    assert rejection_info(SimpleNamespace(rejection=None)) is None
 
 
 def test_health_page_docs_and_openapi(client):

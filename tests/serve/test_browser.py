@@ -22,7 +22,6 @@ import pytest
 
 from crystalscope import Predictor
 from crystalscope.inference.predictor import predictions_csv
-from tiny_onnx import tiny_onnx_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from serve_common import CHROMIUM_ARGS, LOOPBACK, free_loopback_port, start_server, stop_server  # noqa: E402
@@ -55,13 +54,8 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return tiny_onnx_model(tmp_path_factory.mktemp("browser-model"))
-
-
-@pytest.fixture(scope="module")
-def served(tiny_model):
-    model = tiny_model
+def served(onnx_model):
+    model = onnx_model  # the serve tests' one tiny export (tests/serve/conftest.py)
     port = free_loopback_port()
     proc = start_server(model, port)
     yield model, f"http://{LOOPBACK}:{port}"
@@ -120,8 +114,7 @@ def test_page_labels_dropped_crops_and_downloads_predicts_csv(chromium, served, 
 
 
 def test_load_script_reports_zero_errors_on_loopback(served, real_samples, tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    import serve_load
+    import serve_load  # benchmarks/ is on sys.path (above)
 
     model, _ = served
     out = tmp_path / "load.json"
@@ -147,11 +140,11 @@ DROP_FILES = """(files) => {
 }"""
 
 
-def test_page_asks_for_the_token_then_labels_dropped_files(chromium, tiny_model, real_samples):
+def test_page_asks_for_the_token_then_labels_dropped_files(chromium, onnx_model, real_samples):
     from playwright.sync_api import sync_playwright
 
     port = free_loopback_port()
-    proc = start_server(tiny_model, port, "--token", "t0ken-for-test")
+    proc = start_server(onnx_model, port, "--token", "t0ken-for-test")
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
@@ -169,7 +162,7 @@ def test_page_asks_for_the_token_then_labels_dropped_files(chromium, tiny_model,
             page.wait_for_function("document.querySelectorAll('.row').length === 2 && "
                                    "!document.querySelector('.row.pending')", timeout=20_000)
             predicted = page.eval_on_selector_all(".row .predicted", "els => els.map(e => e.textContent)")
-            assert predicted == [p.predicted for p in Predictor.load(tiny_model).predict(crops)]
+            assert predicted == [p.predicted for p in Predictor.load(onnx_model).predict(crops)]
             browser.close()
     finally:
         stop_server(proc)

@@ -1,4 +1,4 @@
-"""What every command shares: the Typer app, the one error boundary, progress and logging.
+"""What every command shares: the Typer app, the one error boundary and logging.
 
 Each command parses its options, calls one library function, prints a summary and sets the
 exit code. Heavy libraries (torch, timm, onnxruntime) are imported inside the commands, so
@@ -13,8 +13,8 @@ import sys
 import typer
 
 from crystalscope.version import __version__
+from crystalscope.data.layout import IMAGE_EXTENSIONS
 from crystalscope.errors import CrystalscopeError
-from crystalscope.runtime import progress_bar
 
 app = typer.Typer(
     name="crystalscope",
@@ -25,6 +25,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
+
+#: Help of an IMAGES argument, from the one rule of what an image file is (data/layout.py).
+IMAGE_PATHS_HELP = f"Image files and/or folders ({', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}; any case)."
 
 
 def fail(message: str, code: int = 2) -> "typer.Exit":
@@ -89,15 +92,3 @@ def _root(
     """crystalscope: split, audit, train, evaluate, export and predict."""
     log_to_terminal(verbose)
 
-
-def progress_callback(description: str, enabled: bool = True):
-    """A transient rich bar on stderr, driven by a library's ``on_progress(done, total)``.
-
-    The CLI's name for :func:`crystalscope.runtime.progress_bar` with an unknown total (the
-    library reports it with the first call), so every command shows the same bar.
-
-    Example:
-        >>> with progress_callback("features", enabled=False) as on_progress:
-        ...     on_progress(1, 2)
-    """
-    return progress_bar(description, total=None, enabled=enabled)

@@ -83,13 +83,13 @@ def synth_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Generate the synthetic CEX/PG stand-in for the OpenCrystalData crops (Kaggle layout)."""
-    from crystalscope.data.synth import generate
+    from crystalscope.data.synth import KAGGLE_SUBDIR, generate
 
     summary = generate(out_dir, per_class=per_class, seed=seed, difficulty=difficulty,
                        workers=workers, force=force, progress=not quiet)
     counts, crystals = summary["counts"], summary["crystals"]
     typer.echo(f"wrote {counts['cex']} CEX + {counts['pg']} PG crops ({crystals['pg']} PG crystals, "
-               f"3-5 views each) to {Path(out_dir) / 'cropped' / 'cropped'} in {summary['seconds']:.1f} s "
+               f"3-5 views each) to {Path(out_dir) / KAGGLE_SUBDIR} in {summary['seconds']:.1f} s "
                f"(difficulty {difficulty}, seed {seed}); ground truth: {summary['manifest']}")
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
-from crystalscope.cli.common import app, fail, user_errors
+from crystalscope.cli.common import IMAGE_PATHS_HELP, app, fail, user_errors
 
 if TYPE_CHECKING:  # the CLI imports the library inside each command (a plant PC may lack torch)
     from crystalscope.inference.stream import PredictSummary
@@ -30,7 +29,7 @@ def evaluate(
     from crystalscope.inference.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, data_dir, out, batch_size=batch_size, device=device, workers=workers,
-                                 progress=sys.stderr.isatty(), force=force)
+                                 force=force)
     if result.get("meta", {}).get("warning"):
         typer.secho(f"warning: {result['meta']['warning']}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"accuracy {result['accuracy']:.4f}, macro F1 {result['macro']['f1']:.4f}, "
@@ -70,7 +69,7 @@ def export_cmd(
 @user_errors
 def predict_cmd(
     model: Path = typer.Argument(..., help="Trained model: a .ckpt checkpoint (needs PyTorch) or an exported .onnx."),
-    paths: List[Path] = typer.Argument(..., help="Image files and/or folders (png, jpg, jpeg, tif, tiff, bmp; any case)."),
+    paths: List[Path] = typer.Argument(..., help=IMAGE_PATHS_HELP),
     out: Path = typer.Option(Path("predictions.csv"), "--out", "-o",
                              help="CSV to write: path,predicted,confidence,p_<class>...,ood_score,ood_threshold,status."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="Images per forward pass "

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from crystalscope.cli.common import app, fail, progress_callback, user_errors
+from crystalscope.cli.common import IMAGE_PATHS_HELP, app, fail, user_errors
 
 
 @app.command("embed")
@@ -31,8 +31,9 @@ def embed_cmd(
 ):
     """Map a model's penultimate features of every image in 2-D, with k-means clusters and thumbnails."""
     from crystalscope.insight.embedding import embed_folder
+    from crystalscope.runtime import progress_bar
 
-    with progress_callback("features") as on_progress:
+    with progress_bar("features") as on_progress:
         summary = embed_folder(model, folder, out, clusters=clusters, projection=projection, groups_csv=groups,
                                per_cluster=per_cluster, batch_size=batch_size, device=device, seed=seed,
                                on_progress=on_progress, force=force)
@@ -92,9 +93,10 @@ def drift_cmd(
     Exits 0 whenever the report is complete; the verdict is in the report.
     """
     from crystalscope.insight.drift import DriftSettings, drift_report
+    from crystalscope.runtime import progress_bar
 
     settings = DriftSettings(false_flag_rate=rate, neighbours=neighbours, permutations=permutations, seed=seed)
-    with progress_callback("features") as on_progress:
+    with progress_bar("features") as on_progress:
         summary = drift_report(reference, new, out, model=model, settings=settings, groups_csv=groups,
                                image_size=image_size,
                                batch_size=batch_size, device=device, on_progress=on_progress, force=force)
@@ -130,7 +132,7 @@ def _print_drift(summary: dict, out: Path) -> None:
 @user_errors
 def explain_cmd(
     model: Path = typer.Argument(..., help="Checkpoint (.ckpt) of a run, e.g. runs/train/weights/best.ckpt (not the .onnx)."),
-    images: List[Path] = typer.Argument(..., help="Image files and/or folders (png, jpg, jpeg, tif, tiff, bmp; any case)."),
+    images: List[Path] = typer.Argument(..., help=IMAGE_PATHS_HELP),
     out: Path = typer.Option(Path("explain"), "--out", "-o",
                              help="Folder for <image>.cam.png overlays, explain.png (contact sheet) and explain.csv."),
     target_class: Optional[str] = typer.Option(None, "--class",

@@ -27,14 +27,14 @@ def synth_process_command(
     force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT_DIR (once the new run is complete)."),
 ):
     """Generate a batch crystallization as probe frames (CEX, then PG from an onset) with ground truth."""
-    from crystalscope.monitor.frames import ProcessSpec, generate_process
+    from crystalscope.monitor.frames import TRUTH_SUBDIR, ProcessSpec, generate_process
 
     spec = ProcessSpec(frames=frames, interval_s=interval_s, pg_onset_s=pg_onset_s, pg_max=pg_max,
                        pg_rise_s=pg_rise_s, width=width, height=height, difficulty=difficulty, seed=seed)
     s = generate_process(out_dir, spec, force=force)
     onset = "no PG (onset after the last frame)" if s["onset_s"] is None else f"PG onset at {s['onset_s']:g} s"
     typer.echo(f"wrote {s['n_frames']} frames ({width}x{height}) with {s['n_particles']} particles "
-               f"({s['n_pg']} PG) to {s['frames_dir']}; {onset}; ground truth in {Path(out_dir) / 'truth'} "
+               f"({s['n_pg']} PG) to {s['frames_dir']}; {onset}; ground truth in {Path(out_dir) / TRUTH_SUBDIR} "
                f"({s['seconds']:.1f} s)")
 
 

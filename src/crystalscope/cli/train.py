@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -82,4 +81,4 @@ def train(
         cfg = config_for_resume(resume, overrides)
     else:
         cfg = load_config(config, overrides)
-    run_training(cfg, progress=sys.stderr.isatty())
+    run_training(cfg)

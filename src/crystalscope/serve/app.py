@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from crystalscope.version import __version__
 from crystalscope.inference.predictor import Prediction, Predictor, predictions_csv
-from crystalscope.serve.uploads import ServeLimits, UploadError, decode_upload, display_name
+from crystalscope.serve.uploads import ALLOWED_FORMATS, ServeLimits, UploadError, decode_upload, display_name
 
 logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).with_name("static")
@@ -88,7 +88,7 @@ def _add_api_routes(app: FastAPI, predictor: Predictor, limits: ServeLimits) -> 
         return app.state.model_info
 
     @app.post("/api/predict", summary="Label uploaded images (multipart field `files`, repeated)")
-    async def predict(files: List[UploadFile] = File(..., description="Images (PNG, JPEG, TIFF, BMP)."),
+    async def predict(files: List[UploadFile] = File(..., description=f"Images ({', '.join(ALLOWED_FORMATS)})."),
                       answer_format: str = Query("json", alias="format", pattern="^(json|csv)$",
                                                  description="`json` (results and CSV text) or `csv` (the CSV file).")):
         predictions = await predict_uploads(predictor, files, limits)

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from crystalscope.data.layout import IMAGE_EXTENSIONS
 from crystalscope.errors import CrystalscopeError
 from crystalscope.runtime import first_line
 
-#: Pillow format names accepted by content (the same set as ``IMAGE_EXTENSIONS``).
-ALLOWED_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
+#: Pillow format names accepted by content: those of ``IMAGE_EXTENSIONS`` (what ``predict``
+#: reads), so the API and the command line accept the same images. ("PNG", "JPEG", "TIFF", "BMP")
+ALLOWED_FORMATS = tuple(dict.fromkeys(Image.registered_extensions()[ext] for ext in IMAGE_EXTENSIONS))
 
 
 @dataclass(frozen=True)
