@@ -67,6 +67,27 @@ def test_listing_is_lazy_and_matches_the_in_memory_predict(model, campaign, tmp_
     assert all(r == by_path[r["path"]] for r in got)
 
 
+def test_listing_gives_each_file_once_however_the_paths_overlap(tmp_path):
+    """As the in-memory listing did: a folder given twice, a file inside a given folder, a
+    sub-folder given beside its parent; without --recursive a given sub-folder is still listed."""
+    (tmp_path / "crops" / "sub").mkdir(parents=True)
+    for name in ("crops/a.png", "crops/sub/b.png", "crops/.c.png", "crops/notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    crops, sub = tmp_path / "crops", tmp_path / "crops" / "sub"
+
+    def names(paths, recursive=True):
+        return [p.relative_to(tmp_path).as_posix() for p in iter_files(paths, recursive)]
+
+    assert names([crops, crops]) == ["crops/a.png", "crops/sub/b.png"]
+    assert names([sub / "b.png", crops, crops / "a.png"]) == ["crops/a.png", "crops/sub/b.png"]
+    assert names([sub, crops]) == ["crops/a.png", "crops/sub/b.png"]
+    assert names([crops, sub], recursive=False) == ["crops/a.png", "crops/sub/b.png"]
+    assert names([sub / "b.png", crops], recursive=False) == ["crops/sub/b.png", "crops/a.png"]
+    # given by name, a file the walk skips (hidden, not an image extension) still gets its row, once
+    assert names([crops, crops / ".c.png", crops / "notes.txt", crops / "notes.txt"]) == [
+        "crops/a.png", "crops/sub/b.png", "crops/.c.png", "crops/notes.txt"]
+
+
 def test_shards_cover_every_file_exactly_once_and_merge_joins_them(model, campaign, tmp_path):
     runner = CliRunner()
     for i in range(2):
