@@ -53,12 +53,15 @@ def test_first_line_is_the_message_head_or_the_type_name():
     assert first_line(OSError("x" * 300), limit=None) == "x" * 300
 
 
-def test_progress_bar_reports_through_a_callback():
+def test_progress_bar_reports_through_a_callback(capsys, monkeypatch):
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
     with progress_bar("decode", total=3, enabled=False) as advance:
-        assert advance(1, 3) is None
-    with progress_bar("decode", total=None) as advance:  # a real (transient) bar on stderr
+        advance(1, 3)
+    assert capsys.readouterr().err == ""  # disabled: silent even on a terminal
+    with progress_bar("decode", total=None, transient=False) as advance:  # total unknown at first
         advance(1)
-        advance(2, 4)
+        advance(2, 4)  # the callback's total replaces it
+    assert "2/4" in capsys.readouterr().err
 
 
 def test_progress_bar_stays_silent_without_a_terminal(capsys, monkeypatch):

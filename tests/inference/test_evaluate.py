@@ -155,8 +155,13 @@ def test_rejection_scores_are_those_of_predict(real_folder, tmp_path):
                             train_image_stats=stats[:32], val_image_stats=stats[32:])
     ckpt_path = save_checkpoint(tiny_checkpoint(ood=detector.to_dict()), tmp_path / "ood.ckpt")
     result = evaluate_checkpoint(ckpt_path, real_folder, tmp_path / "eval", device="cpu", progress=False)
-    predicted = Predictor.load(ckpt_path, device="cpu").predict(index_folder(real_folder).paths)
-    assert all(p.ood_score is not None for p in predicted)
+    loaded = Predictor.load(ckpt_path, device="cpu")
+    paths = index_folder(real_folder).paths
+    predicted = loaded.predict(paths)
+    # evaluate's scores (folder_logits) are predict's, image by image, not only the count above the threshold
+    _, scores = folder_logits(loaded, paths, batch_size=3)
+    assert np.allclose(scores, [p.ood_score for p in predicted], rtol=1e-5)
+    assert np.ptp(scores) > 0  # the images score differently: a mix-up would show
     assert result["rejection"]["n_rejected"] == sum(p.rejected for p in predicted)
     assert result["rejection"]["threshold"] == pytest.approx(detector.threshold)
 

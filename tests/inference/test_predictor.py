@@ -23,6 +23,7 @@ from crystalscope import Prediction, Predictor  # noqa: E402
 from crystalscope.cli import app  # noqa: E402
 from crystalscope.data.transforms import Preprocessing  # noqa: E402
 from crystalscope.errors import CrystalscopeError  # noqa: E402
+from crystalscope.evaluation.calibration import softmax  # noqa: E402
 from crystalscope.export.onnx import export_checkpoint  # noqa: E402
 from crystalscope.inference.predictor import collect_images  # noqa: E402
 from crystalscope.models.factory import HeadSpec, build_model  # noqa: E402
@@ -386,9 +387,11 @@ def test_logits_and_scores_is_the_forward_of_predict(real_samples):
     resized = np.stack([predictor.preprocessing.resize_uint8(f) for f in files])
     logits, scores = predictor.logits_and_scores(resized)
     assert scores is None  # no fitted rejection in this checkpoint
-    expected = np.array([[p.probabilities[c] for c in predictor.class_names] for p in predictor.predict(files)])
-    assert np.abs(predictor.probabilities(predictor.preprocessing.normalize(resized)) - expected).max() < 1e-6
-    assert np.argmax(logits, axis=1).tolist() == [predictor.class_names.index(p.predicted) for p in predictor.predict(files)]
+    predicted = predictor.predict(files)
+    expected = np.array([[p.probabilities[c] for c in predictor.class_names] for p in predicted])
+    # its logits, calibrated, are predict's probabilities (not merely the same argmax)
+    assert np.abs(softmax(logits, predictor.temperature) - expected).max() < 1e-6
+    assert np.argmax(logits, axis=1).tolist() == [predictor.class_names.index(p.predicted) for p in predicted]
 
 
 def test_from_checkpoint_refuses_an_unusable_device():

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from crystalscope.cli import app
 from crystalscope.data.transforms import Preprocessing
 from crystalscope.inference.stream import predict_paths
-from crystalscope.inference.stream import in_shard, iter_files, parse_shard, predict_stream
+from crystalscope.inference.predictor import Prediction
+from crystalscope.inference.stream import SheetRows, in_shard, iter_files, parse_shard, predict_stream
 from crystalscope.errors import CrystalscopeError
 from crystalscope.models.factory import HeadSpec, build_model
 from crystalscope.models.checkpoint import make_checkpoint, save_checkpoint
@@ -65,6 +66,27 @@ def test_listing_is_lazy_and_matches_the_in_memory_predict(model, campaign, tmp_
     assert list(got[0]) == list(next(iter(by_path.values())))  # the same columns, in the same order
     assert sorted(r["path"] for r in got) == sorted(by_path)
     assert all(r == by_path[r["path"]] for r in got)
+
+
+def test_listing_gives_each_file_once_however_the_paths_overlap(tmp_path):
+    """As the in-memory listing did: a folder given twice, a file inside a given folder, a
+    sub-folder given beside its parent; without --recursive a given sub-folder is still listed."""
+    (tmp_path / "crops" / "sub").mkdir(parents=True)
+    for name in ("crops/a.png", "crops/sub/b.png", "crops/.c.png", "crops/notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    crops, sub = tmp_path / "crops", tmp_path / "crops" / "sub"
+
+    def names(paths, recursive=True):
+        return [p.relative_to(tmp_path).as_posix() for p in iter_files(paths, recursive)]
+
+    assert names([crops, crops]) == ["crops/a.png", "crops/sub/b.png"]
+    assert names([sub / "b.png", crops, crops / "a.png"]) == ["crops/a.png", "crops/sub/b.png"]
+    assert names([sub, crops]) == ["crops/a.png", "crops/sub/b.png"]
+    assert names([crops, sub], recursive=False) == ["crops/a.png", "crops/sub/b.png"]
+    assert names([sub / "b.png", crops], recursive=False) == ["crops/sub/b.png", "crops/a.png"]
+    # given by name, a file the walk skips (hidden, not an image extension) still gets its row, once
+    assert names([crops, crops / ".c.png", crops / "notes.txt", crops / "notes.txt"]) == [
+        "crops/a.png", "crops/sub/b.png", "crops/.c.png", "crops/notes.txt"]
 
 
 def test_shards_cover_every_file_exactly_once_and_merge_joins_them(model, campaign, tmp_path):
@@ -119,3 +141,18 @@ def test_resume_refuses_a_csv_with_other_columns_and_bad_shards(model, campaign,
     for bad in ("2/2", "x", "1/0"):
         with pytest.raises(CrystalscopeError, match="--shard"):
             parse_shard(bad)
+
+
+def test_sheet_rows_keep_the_rows_the_sheet_shows_in_bounded_memory():
+    """predict --sheet while streaming: at most ``limit`` rows held, the rejected, unreadable and
+    least confident of all the chunks seen (what the sheet would pick from every row)."""
+    confidences = [0.99, 0.6, 0.95, 0.7, 0.9, 0.55, 0.97, 0.8]
+    every = [Prediction(f"{i}.png", "cex", c, {"cex": c, "pg": 1 - c}) for i, c in enumerate(confidences)]
+    every[6].status = "rejected"
+    every.append(Prediction("gone.png", status="error: file not found"))
+    kept = SheetRows(limit=3)
+    for start in range(0, len(every), 2):
+        kept.add(every[start:start + 2])
+        assert len(kept.rows) <= 3
+    assert kept.total == 9
+    assert [p.path for p in kept.rows] == ["gone.png", "6.png", "5.png"]

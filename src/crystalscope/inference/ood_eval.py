@@ -16,7 +16,7 @@ import numpy as np
 
 from crystalscope.data.ood_sets import set_folders
 from crystalscope.errors import CrystalscopeError
-from crystalscope.evaluation.ood import auroc, fpr_at_tpr
+from crystalscope.evaluation.ood import OODDetector, auroc, fpr_at_tpr
 from crystalscope.inference.predictor import Predictor, collect_images
 from crystalscope.io import write_json, write_text
 from crystalscope.safety import check_output
@@ -116,22 +116,22 @@ def evaluate_ood(model_path: str | os.PathLike, in_dir: str | os.PathLike, out_d
     result = OODEvaluation(model=str(model_path), backend=predictor.backend_name, method=predictor.rejection.method,
                            threshold=threshold, in_distribution=InDistribution(
                                folder=str(in_dir), n_images=int(len(in_scores)), n_unreadable=in_bad,
-                               rejection_rate=_rate(in_scores, threshold)))
+                               rejection_rate=_rate(in_scores, predictor.rejection)))
     for name, folder, kind in _expand(out_dirs):
         scores, bad = _scores(predictor, folder, batch_size)
         result.sets.append(ForeignSet(name=name, kind=kind, folder=str(folder), n_images=int(len(scores)),
                                       n_unreadable=bad, auroc=auroc(in_scores, scores),
                                       fpr_at_95_tpr=fpr_at_tpr(in_scores, scores, 0.95),
-                                      rejection_rate=_rate(scores, threshold)))
+                                      rejection_rate=_rate(scores, predictor.rejection)))
     if report_dir is not None:
         write_json(Path(report_dir) / REPORT_NAMES[0], result.to_dict())
         write_text(Path(report_dir) / REPORT_NAMES[1], ood_markdown(result))
     return result
 
 
-def _rate(scores: np.ndarray, threshold: float) -> float | None:
-    """Share of ``scores`` above the threshold (None for no images)."""
-    return float(np.mean(scores > threshold)) if len(scores) else None
+def _rate(scores: np.ndarray, rejection: OODDetector) -> float | None:
+    """Share of ``scores`` the rejection rejects, by its own rule (None for no images)."""
+    return float(np.mean(rejection.rejected(scores))) if len(scores) else None
 
 
 def ood_markdown(result: OODEvaluation) -> str:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from crystalscope.data.images import IMAGE_EXTENSIONS, is_image_file, natural_key
+from crystalscope.data.layout import is_hidden
 from crystalscope.errors import CrystalscopeError
 from crystalscope.evaluation.sheets import sheet_urgency
 from crystalscope.inference.predictor import Prediction, Predictor, prediction_columns, predictions_csv
@@ -55,9 +56,11 @@ def iter_files(paths: Sequence[str | os.PathLike], recursive: bool = True) -> It
     """Yield the files to label, lazily, in a fixed order (per folder, natural name order).
 
     A folder contributes its image files and (with ``recursive``) those of its sub-folders,
-    depth first; only one folder's names are held at a time. A file given by name is always
-    yielded. Hidden files and folders are skipped, as in
-    :func:`~crystalscope.data.images.list_images`.
+    depth first; only one folder's names are held at a time. A file given by name is yielded
+    whatever its name. Hidden files and folders are skipped, as in
+    :func:`~crystalscope.data.images.list_images`. No file is yielded twice: a folder given
+    twice or inside another given (recursive) folder is walked once, and a file given by name
+    that a given folder's walk yields anyway comes from the walk.
 
     Raises:
         CrystalscopeError: a given path does not exist.
@@ -71,14 +74,27 @@ def iter_files(paths: Sequence[str | os.PathLike], recursive: bool = True) -> It
         if not path.exists():
             raise CrystalscopeError(f"{path}: no such file or folder")
     folders = [p.resolve() for p in given if p.is_dir()]
+    walked: set[Path] = set()
+    named: set[Path] = set()  # files given by name: a handful, not the listing
     for path in given:
+        key = path.resolve()
         if path.is_dir():
-            # a folder inside another given folder is already covered: no file gets two rows
-            if any(f != path.resolve() and f in path.resolve().parents for f in folders):
+            # walked already, or inside a folder walked whole: no file gets two rows
+            if key in walked or (recursive and any(f in key.parents for f in folders)):
                 continue
+            walked.add(key)
             yield from _walk(path, recursive)
-        else:
+        elif key not in named and not _walked_anyway(key, folders, recursive):
+            named.add(key)
             yield path
+
+
+def _walked_anyway(file: Path, folders: list[Path], recursive: bool) -> bool:
+    """Whether the walk of one of ``folders`` (resolved) yields the resolved ``file`` too."""
+    if not is_image_file(file.name):
+        return False
+    return any((file.parent == f or (recursive and f in file.parents)) and not is_hidden(file, base=f)
+               for f in folders)
 
 
 def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
