@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import precision_recall_fscore_support
 
 from crystalscope.errors import CrystalscopeError
-from crystalscope.evaluation.metrics import (bootstrap_intervals, classification_metrics,
+from crystalscope.evaluation.metrics import (bootstrap_intervals, classification_metrics, wilson_interval,
                                              confusion_matrix, format_class_lines)
 
 
@@ -126,3 +126,15 @@ def test_bootstrap_degenerate_cases_are_valid():
     assert single["accuracy"] == [0.0, 0.0]
     with pytest.raises(CrystalscopeError, match="n_bootstrap"):
         bootstrap_intervals(perfect, perfect, 2, n_bootstrap=0)
+
+
+def test_wilson_interval_covers_the_proportion_and_stays_in_zero_one():
+    low, high = wilson_interval(5, 10)
+    assert low < 0.5 < high and high - low < 0.65
+    low, high = wilson_interval(5, 100)
+    assert low < 0.05 < high and 0 < low and high < 0.12
+    # at 0 and n the interval touches the bound and no more; no data says nothing
+    assert wilson_interval(0, 50)[0] == 0.0 and wilson_interval(0, 50)[1] == pytest.approx(0.0714, abs=1e-3)
+    assert wilson_interval(50, 50)[1] == 1.0 and wilson_interval(3, 0) == (0.0, 1.0)
+    # the textbook value: 8 of 20 -> (0.2188, 0.6134)
+    assert wilson_interval(8, 20) == pytest.approx((0.2188, 0.6134), abs=1e-4)

@@ -11,6 +11,8 @@ report can never print them in the wrong order.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from crystalscope.errors import CrystalscopeError
@@ -197,3 +199,25 @@ def bootstrap_intervals(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, 
         "f1": [_percentile_interval(f1[:, i]) for i in range(n_classes)],
         "macro_f1": _percentile_interval(macro),
     }
+
+
+#: The two-sided 95 % normal quantile.
+Z95 = 1.959963984540054
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion ``k / n`` (sensible at 0 and n; ``(0, 1)`` when
+    ``n == 0``).
+
+    Example:
+        >>> [round(v, 3) for v in wilson_interval(0, 10)]
+        [0.0, 0.278]
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    # exactly 0 at k = 0 and 1 at k = n (the float arithmetic leaves ~1e-17 there)
+    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))

@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from crystalscope.errors import CrystalscopeError
+from crystalscope.evaluation.metrics import wilson_interval
 from crystalscope.insight.embedding import read_groups
 from crystalscope.insight.features import IMAGENET_IMAGE_SIZE, extract_features, l2_normalise
 from crystalscope.io import write_json, write_text
@@ -144,21 +145,6 @@ def flag_threshold(held_out: np.ndarray, rate: float) -> tuple[float, str | None
         return float(scores[-1]), (f"{n} reference images cannot set a {rate:.1%} false-flag rate "
                                    f"(the smallest is {1 / (n + 1):.2%}): the largest held-out distance is used")
     return float(scores[rank - 1]), None
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion ``k / n`` (sensible at 0 and n too).
-
-    Example:
-        >>> [round(v, 3) for v in wilson_interval(0, 50)]
-        [0.0, 0.071]
-    """
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def mmd_test(x: np.ndarray, y: np.ndarray, permutations: int = 500, seed: int = 0,

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from dataclasses import dataclass, field
+
+from crystalscope.evaluation.metrics import wilson_interval
 
 #: Column names shared by the writer (monitor) and readers (scoring, tests).
 PARTICLE_COLUMNS = ("frame", "file", "time_s", "particle", "x0", "y0", "x1", "y1",
                     "class", "confidence", "status")
 ALARM_RULE = "ewma"
-Z95 = 1.959963984540054
 
 
 @dataclass(frozen=True)
@@ -63,22 +63,6 @@ class FrameRecord:
     high: float | None = None
     ewma: float | None = None
     above: int = 0
-
-
-def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion ``k / n`` (``(0, 1)`` when ``n == 0``).
-
-    Example:
-        >>> [round(v, 3) for v in wilson_interval(0, 10)]
-        [0.0, 0.278]
-    """
-    if n <= 0:
-        return 0.0, 1.0
-    p = k / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 class Timeline:
