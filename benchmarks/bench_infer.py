@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from crystalscope.data.images import list_images
+    from crystalscope.data.layout import list_images
 
     if args.threads:
         torch.set_num_threads(args.threads)

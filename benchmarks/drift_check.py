@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from crystalscope.data.images import list_images, load_rgb
+from crystalscope.data.images import load_rgb
+from crystalscope.data.layout import list_images
 
 FOREIGN = ("uniform", "noise", "text", "photo")
 SHIFTED = ("blurred", "darkened")

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from crystalscope.data.dataset import decode_images, index_folder
-from crystalscope.data.images import list_images
+from crystalscope.data.layout import list_images
 from crystalscope.data.ood_sets import set_folders
 from crystalscope.evaluation.ood import (IMAGE_STATISTICS, auroc, fit_mahalanobis, image_statistics,
                                         mahalanobis_score, threshold_for_fpr)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from crystalscope.data.images import list_images, load_rgb
+from crystalscope.data.images import load_rgb
+from crystalscope.data.layout import list_images
 from crystalscope.data.synth import generate
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,6 +15,7 @@ from crystalscope.runtime import (
     first_line,
     progress_bar,
     resolve_device,
+    run_chunks,
 )
 
 
@@ -82,3 +83,16 @@ def test_counter_adds_up_batches_and_tolerates_no_callback():
     step()
     assert seen == [(4, 10), (5, 10)]
     counter(None)(3)  # no callback: nothing to report, no error
+
+
+@pytest.mark.parametrize("workers, serial_below", [(1, 0), (2, 0), (2, 100)])
+def test_run_chunks_gives_results_in_chunk_order_in_or_out_of_process(workers, serial_below):
+    chunks = [[1, 2], [3], [4, 5, 6], [7]]
+    assert run_chunks(sum, chunks, [2, 1, 3, 1], "adding", progress=False, workers=workers,
+                      serial_below=serial_below) == [3, 3, 15, 7]
+
+
+def test_first_line_can_drop_the_file_name_a_row_already_shows():
+    error = OSError("scan_0001.png: not a readable image (truncated)\nmore")
+    assert first_line(error, without="scan_0001.png") == "not a readable image (truncated)"
+    assert first_line(error, without="other.png") == "scan_0001.png: not a readable image (truncated)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Iterator
 
 from crystalscope.errors import CrystalscopeError
@@ -70,17 +71,24 @@ def resolve_device(name: str = "auto"):
     return device
 
 
-def first_line(exc: BaseException, limit: int | None = 200) -> str:
+def first_line(exc: BaseException, limit: int | None = 200, without: str | None = None) -> str:
     """The first non-empty line of an exception's message (its type name when it has none).
+
+    ``without``: a file name to drop from the start ("NAME: reason" -> "reason"), where the
+    row or record that shows the line already names the file.
 
     Example:
         >>> first_line(ValueError("bad value\\nmore detail"))
         'bad value'
         >>> first_line(KeyError())
         'KeyError'
+        >>> first_line(OSError("a.png: not a readable image"), without="a.png")
+        'not a readable image'
     """
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
+    if without is not None:
+        line = line.removeprefix(f"{without}: ")
     return line[:limit] if limit else line
 
 
@@ -137,3 +145,45 @@ def progress_bar(description: str, total: int | None = None, enabled: bool = Tru
             bar.update(task, completed=done, total=new_total if new_total is not None else total)
 
         yield advance
+
+
+def run_chunks(func: Callable, chunks: list, sizes: list[int], description: str,
+               progress: bool, workers: int | None, serial_below: int = 0) -> list:
+    """``[func(c) for c in chunks]`` in worker processes, in order, with a progress bar.
+
+    Args:
+        func: a module-level function (it is pickled to the workers).
+        chunks: its arguments, one per task.
+        sizes: images per chunk (what the bar counts).
+        description: the bar's label.
+        progress: show the bar.
+        workers: processes (default :func:`default_workers`).
+        serial_below: run in this process when there are fewer items than this (worker
+            start-up would dominate).
+
+    Example:
+        >>> run_chunks(len, [[1, 2], [3]], [2, 1], "counting", progress=False, workers=1)
+        [2, 1]
+    """
+    workers = default_workers(workers)
+    total = sum(sizes)
+    results = []
+    if workers <= 1 or total < serial_below:
+        with progress_bar(description, total, enabled=progress) as advance:
+            done = 0
+            for chunk, size in zip(chunks, sizes):
+                results.append(func(chunk))
+                done += size
+                advance(done)
+        return results
+    # the pool is created (and its workers forked) before the bar: rich refreshes the bar from a
+    # thread, and forking a process while another thread holds a lock can deadlock the child
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(func, chunk) for chunk in chunks]
+        with progress_bar(description, total, enabled=progress) as advance:
+            done = 0
+            for future, size in zip(futures, sizes):
+                results.append(future.result())
+                done += size
+                advance(done)
+    return results

@@ -6,20 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crystalscope.data import images, layout
 from crystalscope.data.images import ImageReadError, load_rgb, to_rgb
-
-
-def test_the_layout_rule_is_reexported_not_copied():
-    assert images.list_images is layout.list_images and images.is_image_file is layout.is_image_file
-    assert images.IMAGE_EXTENSIONS is layout.IMAGE_EXTENSIONS
-
-
-def test_list_images_skips_files_in_hidden_folders(tmp_path):
-    for name in ("a.png", ".b.png", ".staging/c.png", "sub/d.JPG", "e.txt"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (4, 4)).save(tmp_path / name, format="PNG")
-    assert [p.relative_to(tmp_path).as_posix() for p in images.list_images(tmp_path)] == ["a.png", "sub/d.JPG"]
 
 
 def test_modes_become_rgb_the_same_way():

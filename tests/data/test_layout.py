@@ -115,3 +115,10 @@ def test_split_refuses_a_split_and_reads_the_same_classes_as_train(tmp_path):
     train = index_folder(root / "Train")
     assert {c: sum(n.values()) for c, n in summary.counts.items()} == \
            {c: int((train.labels == i).sum()) for i, c in enumerate(train.class_names)}
+
+
+def test_list_images_skips_files_in_hidden_folders(tmp_path):
+    for name in ("a.png", ".b.png", ".staging/c.png", "sub/d.JPG", "e.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / name, format="PNG")
+    assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)] == ["a.png", "sub/d.JPG"]

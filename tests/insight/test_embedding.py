@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 pytest.importorskip("onnxruntime")
 
 from crystalscope.cli import app  # noqa: E402
-from crystalscope.data.images import list_images  # noqa: E402
+from crystalscope.data.layout import list_images  # noqa: E402
 from crystalscope.insight.embedding import cluster_features, project_2d, view_cohesion  # noqa: E402
 from pictures import picture_ok  # noqa: E402
 

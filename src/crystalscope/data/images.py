@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from crystalscope.data.layout import (IMAGE_EXTENSIONS, class_folders, is_image_file, list_images,  # noqa: F401
-                                      natural_key)
 from crystalscope.errors import CrystalscopeError
 
 DEFAULT_MAX_PIXELS = 25_000_000

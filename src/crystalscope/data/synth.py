@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from crystalscope.errors import CrystalscopeError
 from crystalscope.io import atomic_dir
-from crystalscope.runtime import cpu_count, default_workers, progress_bar
+from crystalscope.runtime import cpu_count, default_workers, run_chunks
 from crystalscope.safety import check_output, claim_output
 
 #: Real file counts of the Kaggle download (``archive/cropped/cropped/{cex,pg}``).
@@ -503,28 +503,6 @@ def _check_options(out_dir: Path, per_class: int | None, seed: int, difficulty: 
     check_output(out_dir, kind="folder", force=force, owned=OWNED, option="OUT_DIR")
 
 
-def _run_chunks(jobs: list, total_files: int, workers: int, progress: bool) -> list[tuple]:
-    """Run the chunks (in a process pool when workers > 1), in order, with a progress bar."""
-    rows: list[tuple] = []
-    if workers == 1:
-        with progress_bar("synth", total_files, enabled=progress) as advance:
-            for chunk_rows in map(_write_chunk, jobs):
-                rows.extend(chunk_rows)
-                advance(len(rows))
-        return rows
-    import multiprocessing
-
-    # the pool (its forked workers) before the bar: rich refreshes the bar from a thread, and a
-    # process forked while another thread holds a lock can deadlock
-    with multiprocessing.get_context().Pool(workers) as pool, \
-            progress_bar("synth", total_files, enabled=progress) as advance:
-        # imap keeps chunk order, so the manifest comes out in file order
-        for chunk_rows in pool.imap(_write_chunk, jobs, chunksize=1):
-            rows.extend(chunk_rows)
-            advance(len(rows))
-    return rows
-
-
 def _write_manifest(path: Path, rows: Sequence[tuple]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
@@ -570,7 +548,10 @@ def generate(out_dir: str | os.PathLike, per_class: int | None = None, seed: int
         for class_name in REAL_COUNTS:
             (staging / KAGGLE_SUBDIR / class_name).mkdir(parents=True)
         jobs = [(str(staging), chunk, int(seed), difficulty) for chunk in chunks]
-        rows = _run_chunks(jobs, sum(counts.values()), workers, progress)
+        sizes = [sum(task.n_views for task in chunk) for chunk in chunks]
+        # in chunk order, so the manifest comes out in file order
+        rows = [row for chunk_rows in run_chunks(_write_chunk, jobs, sizes, "synth", progress, workers)
+                for row in chunk_rows]
         _write_manifest(staging / MANIFEST_NAME, rows)
     return {
         "out_dir": str(out_dir),

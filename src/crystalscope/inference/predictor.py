@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from crystalscope.data.images import IMAGE_EXTENSIONS, list_images
+from crystalscope.data.layout import IMAGE_EXTENSIONS, list_images
 from crystalscope.data.transforms import Preprocessing
 from crystalscope.errors import CrystalscopeError, require
 from crystalscope.evaluation.calibration import softmax
@@ -406,7 +406,7 @@ class Predictor:
             rows.append(Prediction(path=name))
             decoded = self._decode(item)
             if isinstance(decoded, Exception):  # one bad file must not stop the batch
-                rows[-1].status = f"error: {_reason(decoded, name)}"
+                rows[-1].status = f"error: {first_line(decoded, limit=None, without=name)}"
             else:
                 arrays.append(decoded)
         if not arrays:
@@ -470,13 +470,6 @@ def _image_statistics(resized: np.ndarray, rejection) -> np.ndarray | None:
     from crystalscope.evaluation.ood import image_statistics
 
     return image_statistics(resized)
-
-
-def _reason(exc: Exception, name: str) -> str:
-    """A one-line error reason without the path (the CSV row already names the file)."""
-    text = first_line(exc, limit=None)
-    prefix = f"{name}: "
-    return text[len(prefix):] if text.startswith(prefix) else text
 
 
 # ---- files in, CSV out (the `predict` command) --------------------------------------------

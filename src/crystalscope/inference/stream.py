@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from crystalscope.data.images import IMAGE_EXTENSIONS, is_image_file, natural_key
+from crystalscope.data.layout import IMAGE_EXTENSIONS, is_image_file, natural_key
 from crystalscope.data.layout import is_hidden
 from crystalscope.errors import CrystalscopeError
 from crystalscope.evaluation.sheets import sheet_urgency
@@ -58,7 +58,7 @@ def iter_files(paths: Sequence[str | os.PathLike], recursive: bool = True) -> It
     A folder contributes its image files and (with ``recursive``) those of its sub-folders,
     depth first; only one folder's names are held at a time. A file given by name is yielded
     whatever its name. Hidden files and folders are skipped, as in
-    :func:`~crystalscope.data.images.list_images`. No file is yielded twice: a folder given
+    :func:`~crystalscope.data.layout.list_images`. No file is yielded twice: a folder given
     twice or inside another given (recursive) folder is walked once, and a file given by name
     that a given folder's walk yields anyway comes from the walk.
 

@@ -291,7 +291,7 @@ def explain_batch(predictor: Predictor, items: Sequence, target_class: str | Non
             original = load_rgb(item)
         except (CrystalscopeError, OSError, ValueError, Image.DecompressionBombError) as exc:
             # one bad file must not stop the others
-            results[-1].status = f"error: {_reason(exc, name)}"
+            results[-1].status = f"error: {first_line(exc, limit=None, without=name)}"
             continue
         originals.append(original)
         arrays.append(np.asarray(pre.resize_image(original), dtype=np.uint8))
@@ -321,12 +321,6 @@ def _class_index(predictor: Predictor, name: str) -> int:
         raise CrystalscopeError(f"--class {name!r} is not a class of {predictor.source}: use one of "
                                 f"{', '.join(predictor.class_names)}")
     return predictor.class_names.index(name)
-
-
-def _reason(exc: Exception, name: str) -> str:
-    """A one-line reason without the file name (the row already names the file)."""
-    text = first_line(exc, limit=None)
-    return text[len(name) + 2:] if text.startswith(f"{name}: ") else text
 
 
 def explain_images(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike],

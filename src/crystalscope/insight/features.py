@@ -110,10 +110,6 @@ def _decode(preprocessing: Preprocessing, path) -> np.ndarray | Exception:
         return exc
 
 
-def _reason(exc: Exception, path: str) -> str:
-    return first_line(exc, limit=None).removeprefix(f"{path}: ")
-
-
 def extract_features(source: "Predictor | ImageNetFeatures", files: Sequence[str | os.PathLike], *,
                      batch_size: int = 32, on_batch: Callable[[int], None] | None = None) -> FeatureSet:
     """Features of ``files`` from a trained model (a :class:`Predictor`) or :class:`ImageNetFeatures`.
@@ -146,7 +142,7 @@ def extract_features(source: "Predictor | ImageNetFeatures", files: Sequence[str
             arrays = []
             for path, decoded in zip(chunk, pool.map(lambda p: _decode(source.preprocessing, p), chunk)):
                 if isinstance(decoded, Exception):
-                    errors[path] = _reason(decoded, path)
+                    errors[path] = first_line(decoded, limit=None, without=path)
                 else:
                     paths.append(path)
                     arrays.append(decoded)

@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from crystalscope.data.images import ImageReadError, list_images, load_rgb
+from crystalscope.data.images import ImageReadError, load_rgb
+from crystalscope.data.layout import list_images
 from crystalscope.errors import CrystalscopeError
 from crystalscope.inference.predictor import Prediction, Predictor
 from crystalscope.io import write_bytes, write_json, write_text
+from crystalscope.runtime import first_line
 from crystalscope.safety import claim_output
 from crystalscope.monitor.detect import (DETECTORS, MAX_PARTICLE_SIDE, MIN_SHARPNESS, Region, cut_crops, detect,
                                          sharpness, to_grey)
@@ -109,7 +111,7 @@ class Monitor:
         try:
             image = load_rgb(path)
         except ImageReadError as exc:
-            record.status = f"error: {str(exc).removeprefix(f'{path}: ')}"
+            record.status = f"error: {first_line(exc, limit=None, without=str(path))}"
             log.warning("frame %s: %s", path.name, record.status)
             return self.timeline.add(record)
         # converted to grey once: detection, the crops and the overlay all read this one frame

@@ -20,6 +20,7 @@ from crystalscope.data.audit import parallel
 from crystalscope.data.audit.fingerprint import ImageRecord, dihedral_views
 from crystalscope.data.images import ImageReadError, load_rgb
 from crystalscope.data.layout import natural_key
+from crystalscope.runtime import run_chunks
 
 #: Candidate pairs differ in at most this many of the 64 hash bits (under the best rotation).
 PHASH_MAX_DISTANCE = 6
@@ -181,7 +182,8 @@ def _verify_again(records: Sequence[ImageRecord], pairs: list[tuple[int, int]], 
         local = {i: k for k, i in enumerate(indices)}
         payload.append(([records[i].path for i in indices], [(local[a], local[b]) for a, b in job]))
         sizes.append(len(indices))
-    results = parallel.run_chunks(verify_pairs, payload, sizes, "verifying duplicates", progress, workers)
+    results = run_chunks(verify_pairs, payload, sizes, "verifying duplicates", progress, workers,
+                         serial_below=parallel.SERIAL_BELOW)
     verdicts = {}
     for job, (_, local_pairs), result in zip(jobs, payload, results):
         for (a, b), local_pair in zip(job, local_pairs):

@@ -14,6 +14,7 @@ from crystalscope.data.audit import parallel
 from crystalscope.data.audit.duplicates import candidate_pairs, find_duplicates, pixel_verdicts
 from crystalscope.data.audit.fingerprint import ImageRecord, fingerprint
 from crystalscope.data.layout import natural_key
+from crystalscope.runtime import run_chunks
 
 
 def scan_chunk(paths: Sequence[Path]) -> list[ImageRecord]:
@@ -50,8 +51,8 @@ def scan_images(paths: Iterable[str | os.PathLike], progress: bool = False,
                    key=lambda i: (paths[i].parent.name.lower(), natural_key(paths[i].name)))
     chunks = [[paths[i] for i in order[k:k + parallel.CHUNK]]
               for k in range(0, len(order), parallel.CHUNK)]
-    results = parallel.run_chunks(scan_chunk, chunks, [len(c) for c in chunks], "decoding images",
-                                    progress, workers)
+    results = run_chunks(scan_chunk, chunks, [len(c) for c in chunks], "decoding images", progress, workers,
+                         serial_below=parallel.SERIAL_BELOW)
     records: list[ImageRecord] = [None] * len(paths)  # type: ignore[list-item]
     for i, record in zip(order, (r for chunk in results for r in chunk)):
         records[i] = record
