@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from crystalscope.config import choices
+from crystalscope.runtime import first_line
 
 
 #: what ``prefix_runtime`` accepts (named once, in the config): ``auto`` = ONNX Runtime on the
@@ -113,8 +114,7 @@ def onnx_runtime_prefix(prefix: nn.Module, check_batch: torch.Tensor, *, atol: f
         scale = max(1.0, float(expected.abs().max()))
         same = diff <= atol * scale
     except Exception as exc:  # any export/runtime failure only costs speed, never the run
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        return None, f"the ONNX export of the frozen prefix failed ({first})"
+        return None, f"the ONNX export of the frozen prefix failed ({first_line(exc, 160)})"
     finally:
         prefix.train(was_training)
     if not same:  # also catches NaN
