@@ -206,7 +206,6 @@ def save_checkpoints(cfg: TrainConfig, learner: Learner, state: TrainState, data
     """``last.ckpt`` every epoch, ``best.ckpt`` when val loss improved (rank 0 only)."""
     if not learner.world.is_main:
         return
+    # best before last: a crash in between leaves last.ckpt at the previous epoch, which --resume redoes
     ckpt = checkpoint(cfg, learner, state, data, data_hashes)
-    if improved:
-        save_checkpoint(ckpt, folder.best)
-    save_checkpoint(ckpt, folder.last)
+    save_checkpoint(ckpt, *([folder.best] if improved else []), folder.last)
