@@ -75,7 +75,7 @@ def split_outputs(cfg: TrainConfig, learner: Learner, state: TrainState, data: R
     world = learner.world
     if cfg.caches_features:
         if world.enabled:
-            return evaluate_split(cfg, learner, state, data, split, model=learner.trained, bf16=False)["logits"], None
+            return evaluate_split(cfg, learner, state, data, split, bf16=False)["logits"], None
         _, eval_tf = transforms(cfg, data, state)
         packed = loop.evaluate(FeaturesAndLogits(learner.trained, learner.model), data.inputs[split], None,
                                transform=eval_tf, batch_size=cfg.optimiser.batch_size, device=learner.device,
