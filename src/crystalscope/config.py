@@ -271,7 +271,7 @@ def _type_error(exc: ValidationError, values: dict, sources: dict) -> Crystalsco
     elif error["msg"].startswith("Value error, "):  # a validator's own sentence
         problem = error["msg"].removeprefix("Value error, ")
     else:
-        problem = f"is not valid ({error['msg'].removeprefix('Value error, ')})"
+        problem = f"is not valid ({error['msg']})"
     source = sources.get(name, "option")
     if source == "option":  # typed on the command line (or --set): name the option
         return CrystalscopeError(f"{_flag(name)}: {value!r} {problem}")

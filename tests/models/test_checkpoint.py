@@ -53,6 +53,16 @@ def test_save_load_rebuild_round_trip_gives_the_same_outputs(tmp_path):
     assert checkpoint.preprocessing_from_checkpoint(loaded) == PRE
 
 
+def test_one_save_to_several_paths_serialises_once(tmp_path, monkeypatch):
+    saves = []
+    real = torch.save
+    monkeypatch.setattr(checkpoint.torch, "save", lambda *a, **k: saves.append(1) or real(*a, **k))
+    first = checkpoint.save_checkpoint(_checkpoint(seed=0)[1], tmp_path / "best.ckpt", tmp_path / "last.ckpt")
+    assert first == tmp_path / "best.ckpt" and len(saves) == 1
+    assert first.read_bytes() == (tmp_path / "last.ckpt").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
 def test_a_failed_save_keeps_the_earlier_checkpoint(tmp_path, monkeypatch):
     path = checkpoint.save_checkpoint(_checkpoint(seed=0)[1], tmp_path / "last.ckpt")
     before = path.read_bytes()

@@ -140,6 +140,7 @@ def test_save_checkpoints_writes_last_always_and_best_when_improved(split, tmp_p
     assert folder.last.is_file() and not folder.best.exists()
     state.epoch = 2
     epoch.save_checkpoints(cfg, learner, state, data, folder, {"train": "sha256:t"}, improved=True)
+    assert folder.best.read_bytes() == folder.last.read_bytes()  # one checkpoint, serialised once
     best, last = load_checkpoint(folder.best), load_checkpoint(folder.last)
     assert best["training"]["epoch"] == last["training"]["epoch"] == 2
     assert best["training"]["data_sha256"] == {"train": "sha256:t"}

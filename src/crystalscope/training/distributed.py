@@ -37,6 +37,7 @@ import torch
 
 from crystalscope.data.dataset import ImageFolder
 from crystalscope.errors import CrystalscopeError
+from crystalscope.runtime import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +127,8 @@ def running(world: World) -> Iterator[None]:
     except (dist.DistError, RuntimeError) as exc:
         if not isinstance(exc, dist.DistError) and not _is_peer_failure(exc):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]  # gloo's "[.../pair.cc:545] Read error ..."
+        # gloo's "[.../pair.cc:545] Read error ...": the location prefix and the detail after it go
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first_line(exc, None)).split(". ")[0]
         raise StoppedByPeer(f"rank {world.rank}: lost contact with another rank, which died or was stopped "
                           f"({first[:120]}); the run folder keeps its last completed epoch (--resume)") from None
     finally:

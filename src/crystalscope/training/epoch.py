@@ -89,20 +89,19 @@ def train_epoch(cfg: TrainConfig, learner: Learner, state: TrainState, data: Run
 
 
 def evaluate_split(cfg: TrainConfig, learner: Learner, state: TrainState, data: RunData, split: str,
-                   on_step: Callable[[], None] | None = None, bf16: bool | None = None,
-                   model: torch.nn.Module | None = None) -> dict:
+                   on_step: Callable[[], None] | None = None, bf16: bool | None = None) -> dict:
     """Logits (whole split, in order), loss and accuracy of the trained model on ``split``.
 
     ``bf16`` defaults to the training steps' precision (the per-epoch validation that picks the
-    best epoch runs like training); ``model`` defaults to ``learner.forward`` (one process). With several processes each rank evaluates its shard with
-    rank 0's BatchNorm buffers and the rows are gathered: every image once, the numbers of a
-    one-process evaluation.
+    best epoch runs like training). One process runs ``learner.forward``. With several processes
+    each rank evaluates its shard with rank 0's BatchNorm buffers and the rows are gathered:
+    every image once, the numbers of a one-process evaluation.
     """
     _, eval_tf = transforms(cfg, data, state)
     bf16 = learner.bf16 if bf16 is None else bf16
     world, batch = learner.world, cfg.optimiser.batch_size
     if not world.enabled:
-        return loop.evaluate(model or learner.forward, data.inputs[split], data.labels[split], transform=eval_tf,
+        return loop.evaluate(learner.forward, data.inputs[split], data.labels[split], transform=eval_tf,
                              batch_size=batch, device=learner.device, on_step=on_step, bf16=bf16)
     distributed.sync_buffers(learner.trained, world)
     # the plain module, not the DDP replica: shards differ in length, and eval needs no gradient sync
@@ -206,7 +205,6 @@ def save_checkpoints(cfg: TrainConfig, learner: Learner, state: TrainState, data
     """``last.ckpt`` every epoch, ``best.ckpt`` when val loss improved (rank 0 only)."""
     if not learner.world.is_main:
         return
+    # best before last: a crash in between leaves last.ckpt at the previous epoch, which --resume redoes
     ckpt = checkpoint(cfg, learner, state, data, data_hashes)
-    if improved:
-        save_checkpoint(ckpt, folder.best)
-    save_checkpoint(ckpt, folder.last)
+    save_checkpoint(ckpt, *([folder.best] if improved else []), folder.last)

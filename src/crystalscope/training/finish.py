@@ -31,21 +31,16 @@ log = logging.getLogger(__name__)
 
 
 class FeaturesAndLogits(torch.nn.Module):
-    """What ``trained`` computes, returned as ``[penultimate features | logits]`` in one tensor.
+    """What ``trained`` computes on cached inputs, returned as ``[penultimate features | logits]``.
 
     ``loop.evaluate`` collects one output per batch; packing both keeps that one loop for the
-    rejection fit. ``trained`` is the whole model, its head (cached backbone features) or the
-    trainable backbone tail followed by the head (cached frozen maps).
+    rejection fit. ``trained`` is the head (cached backbone features) or the trainable backbone
+    tail followed by the head (cached frozen maps); without caching :class:`Predictor` runs.
     """
 
     def __init__(self, trained: torch.nn.Module, model: CrystalClassifier):
         super().__init__()
-        if trained is model:
-            self.body = model.backbone
-        elif trained is model.head:
-            self.body = torch.nn.Identity()
-        else:
-            self.body = torch.nn.Sequential(*list(trained)[:-1])
+        self.body = torch.nn.Identity() if trained is model.head else torch.nn.Sequential(*list(trained)[:-1])
         self.head = model.head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,25 +48,56 @@ class FeaturesAndLogits(torch.nn.Module):
         return torch.cat([features, self.head[-1](features)], dim=1)
 
 
-def features_and_logits(cfg: TrainConfig, learner: Learner, state: TrainState, data: RunData,
-                        split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Penultimate features ``(N, D)`` and logits ``(N, C)`` of one split's inputs, in order (fp32)."""
-    _, eval_tf = transforms(cfg, data, state)
-    packed = loop.evaluate(FeaturesAndLogits(learner.trained, learner.model), data.inputs[split], None,
-                           transform=eval_tf, batch_size=cfg.optimiser.batch_size, device=learner.device,
-                           bf16=False)["logits"]
-    n_classes = len(data.class_names)
-    return packed[:, :-n_classes], packed[:, -n_classes:]
+def predictor_outputs(predictor, images: torch.Tensor, data: RunData, batch_size: int,
+                      device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`Predictor.logits_and_features` of uint8 images ``(N, H, W, 3)``, normalised batch by
+    batch, in order: ``(logits (N, C), features (N, D))``."""
+    logits, features = [], []
+    for rows in loop.batches(images.shape[0], batch_size):
+        batch = data.preprocessing.normalize_torch(loop.to_device(images, rows, device))
+        batch_logits, batch_features = predictor.logits_and_features(batch)  # takes the tensor where it is
+        logits.append(batch_logits)
+        features.append(batch_features)
+    if not logits:
+        return np.zeros((0, len(data.class_names)), np.float32), np.zeros((0, 0), np.float32)
+    return np.concatenate(logits), np.concatenate(features)
 
 
-def fit_rejection(cfg: TrainConfig, learner: Learner, state: TrainState, data: RunData) -> tuple[dict, np.ndarray]:
-    """Fit the OOD score on the train split and its threshold on val; returns (params, test scores)."""
+def split_outputs(cfg: TrainConfig, learner: Learner, state: TrainState, data: RunData, predictor,
+                  split: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits of a whole split by the best model in fp32 (every process's rows, in order) and,
+    from the same forward pass, its penultimate features ``(N, D)``: the rejection fit's input,
+    so only in a one-process run (None with several).
+
+    ``predictor``: :class:`Predictor` on the best checkpoint (None with feature caching, where
+    the trained head or tail runs on the cached inputs).
+    """
+    world = learner.world
+    if cfg.caches_features:
+        if world.enabled:
+            return evaluate_split(cfg, learner, state, data, split, bf16=False)["logits"], None
+        _, eval_tf = transforms(cfg, data, state)
+        packed = loop.evaluate(FeaturesAndLogits(learner.trained, learner.model), data.inputs[split], None,
+                               transform=eval_tf, batch_size=cfg.optimiser.batch_size, device=learner.device,
+                               bf16=False)["logits"]
+        n_classes = len(data.class_names)
+        return packed[:, -n_classes:], packed[:, :-n_classes]
+    logits, features = predictor_outputs(predictor, data.inputs[split], data, cfg.optimiser.batch_size, learner.device)
+    if not world.enabled:
+        return logits, features
+    return distributed.gather_logits(logits, data.shard_index[split], len(data.splits[split]), world), None
+
+
+def fit_rejection(cfg: TrainConfig, data: RunData, train_features: np.ndarray,
+                  val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]) -> tuple[dict, np.ndarray]:
+    """Fit the OOD score on the train split and its threshold on val; returns (params, test scores).
+
+    ``val``, ``test``: each split's (logits, features) from :func:`split_outputs`.
+    """
     from crystalscope.evaluation.ood import fit_detector
 
     started = time.perf_counter()
-    train_features, _ = features_and_logits(cfg, learner, state, data, "train")
-    val_features, val_logits = features_and_logits(cfg, learner, state, data, "val")
-    test_features, test_logits = features_and_logits(cfg, learner, state, data, "test")
+    (val_logits, val_features), (test_logits, test_features) = val, test
     stats = data.image_stats
     # with --feature-passes k the training features are k passes over the same images
     train_stats = np.tile(stats["train"], (len(train_features) // max(len(stats["train"]), 1), 1))
@@ -84,32 +110,12 @@ def fit_rejection(cfg: TrainConfig, learner: Learner, state: TrainState, data: R
     return detector.to_dict(), detector.score(test_features, test_logits, stats["test"])
 
 
-def predictor_logits(predictor, images: torch.Tensor, data: RunData, batch_size: int,
-                     device: torch.device) -> np.ndarray:
-    """:meth:`Predictor.logits` of uint8 images ``(N, H, W, 3)``, normalised batch by batch, in order."""
-    chunks = []
-    for rows in loop.batches(images.shape[0], batch_size):
-        batch = data.preprocessing.normalize_torch(loop.to_device(images, rows, device))
-        chunks.append(predictor.logits(batch))  # Predictor takes the tensor where it is
-    return np.concatenate(chunks) if chunks else np.zeros((0, len(data.class_names)), np.float32)
+def fit_run_rejection(cfg: TrainConfig, learner: Learner, state: TrainState, data: RunData, best: dict,
+                      predictor, val: tuple, test: tuple) -> dict | None:
+    """The rejection of foreign images (into ``best``) with the test split's scores, or None.
 
-
-def report_logits(cfg: TrainConfig, learner: Learner, state: TrainState, data: RunData, best: dict,
-                  split: str) -> np.ndarray:
-    """Logits of a whole split (every process's rows, in order) by the best model, in fp32."""
-    if cfg.caches_features:
-        return evaluate_split(cfg, learner, state, data, split, model=learner.trained, bf16=False)["logits"]
-    from crystalscope.inference.predictor import Predictor
-
-    predictor = Predictor.from_checkpoint(best, device=str(learner.device))
-    local = predictor_logits(predictor, data.inputs[split], data, cfg.optimiser.batch_size, learner.device)
-    if not learner.world.enabled:
-        return local
-    return distributed.gather_logits(local, data.shard_index[split], len(data.splits[split]), learner.world)
-
-
-def fit_run_rejection(cfg: TrainConfig, learner: Learner, state: TrainState, data: RunData, best: dict) -> dict | None:
-    """The rejection of foreign images (into ``best``) with the test split's scores, or None."""
+    ``val``, ``test``: the report's (logits, features) of those splits, reused rather than run again.
+    """
     if cfg.reject_fpr <= 0:
         return None
     if learner.world.enabled:
@@ -117,7 +123,8 @@ def fit_run_rejection(cfg: TrainConfig, learner: Learner, state: TrainState, dat
         log.info("rejection: not fitted in a multi-process run; fit it afterwards on one process "
                  "or train without --nproc (docs/scaling.md)")
         return None
-    best["ood"], test_scores = fit_rejection(cfg, learner, state, data)
+    _, train_features = split_outputs(cfg, learner, state, data, predictor, "train")
+    best["ood"], test_scores = fit_rejection(cfg, data, train_features, val, test)
     return {**best["ood"], "scores": test_scores}
 
 
@@ -126,16 +133,19 @@ def finalize(cfg: TrainConfig, learner: Learner, state: TrainState, data: RunDat
     from crystalscope.evaluation.calibration import fit_temperature
     from crystalscope.evaluation.plots import plot_training_curves
     from crystalscope.evaluation.report import write_test_report
+    from crystalscope.inference.predictor import Predictor
 
     # distributed hook: rank 0 reads best.ckpt and sends it (other machines need not see its disk)
     best = distributed.from_main(lambda: load_checkpoint(folder.best), learner.world)
     learner.model.load_state_dict(best["model_state"])
-    temperature = fit_temperature(report_logits(cfg, learner, state, data, best, "val"), data.splits["val"].labels)
-    test_logits = report_logits(cfg, learner, state, data, best, "test")
+    predictor = None if cfg.caches_features else Predictor.from_checkpoint(best, device=str(learner.device))
+    # one forward pass per split gives the report's logits and the rejection fit's features
+    val_out, test_out = (split_outputs(cfg, learner, state, data, predictor, split) for split in ("val", "test"))
+    temperature, test_logits = fit_temperature(val_out[0], data.splits["val"].labels), test_out[0]
     if not learner.world.is_main:  # only rank 0 writes the report, plots and ONNX
         return {"run_dir": str(folder.path), "rank": learner.world.rank}
     best["temperature"] = float(temperature)
-    rejection = fit_run_rejection(cfg, learner, state, data, best)
+    rejection = fit_run_rejection(cfg, learner, state, data, best, predictor, val_out, test_out)
     save_checkpoint(best, folder.best)
     test = data.splits["test"]
     result = write_test_report(folder.path, y_true=test.labels, logits=test_logits, class_names=data.class_names,

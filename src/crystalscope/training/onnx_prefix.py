@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from crystalscope.config import choices
+from crystalscope.runtime import first_line
 
 
 #: what ``prefix_runtime`` accepts (named once, in the config): ``auto`` = ONNX Runtime on the
@@ -54,18 +55,6 @@ class OrtPrefix:
         return torch.from_numpy(self.session.run(None, {self.input_name: batch})[0])
 
 
-def ort_session_options(ort, threads: int | None = None):
-    """Explicit ONNX Runtime CPU options: all graph optimisations, ``threads`` intra-op threads
-    (default: torch's thread count), one inter-op thread (a CNN graph is a chain)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = int(threads or torch.get_num_threads())
-    options.inter_op_num_threads = 1
-    return options
-
-
 def _export_prefix(prefix: nn.Module, image_size: int, opset: int = 17) -> bytes:
     """The prefix as ONNX bytes, dynamic batch axis, TorchScript exporter (as ``export/onnx.py``)."""
     example = torch.zeros(2, 3, image_size, image_size)
@@ -97,12 +86,16 @@ def onnx_runtime_prefix(prefix: nn.Module, check_batch: torch.Tensor, *, atol: f
         import onnxruntime as ort
     except ImportError:
         return None, "onnxruntime is not installed (pip install 'crystalscope[onnx]')"
+    from crystalscope.inference.predictor import onnx_session_options
+
     was_training = prefix.training
     prefix.eval()
     try:
         model_bytes = _export_prefix(prefix.cpu(), int(check_batch.shape[-1]))
-        session = ort.InferenceSession(model_bytes, sess_options=ort_session_options(ort, threads),
-                                       providers=["CPUExecutionProvider"])
+        # predict's session options (no spin-waiting: torch normalises the next batch in between),
+        # and as many intra-op threads as torch uses
+        options = onnx_session_options(ort, threads or torch.get_num_threads())
+        session = ort.InferenceSession(model_bytes, sess_options=options, providers=["CPUExecutionProvider"])
         with torch.inference_mode():
             expected = prefix(check_batch).float()
         runner = OrtPrefix(session, 0.0)
@@ -113,8 +106,7 @@ def onnx_runtime_prefix(prefix: nn.Module, check_batch: torch.Tensor, *, atol: f
         scale = max(1.0, float(expected.abs().max()))
         same = diff <= atol * scale
     except Exception as exc:  # any export/runtime failure only costs speed, never the run
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        return None, f"the ONNX export of the frozen prefix failed ({first})"
+        return None, f"the ONNX export of the frozen prefix failed ({first_line(exc, 160)})"
     finally:
         prefix.train(was_training)
     if not same:  # also catches NaN

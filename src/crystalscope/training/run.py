@@ -21,8 +21,7 @@ import torch
 from crystalscope.config import TrainConfig, load_config, save_config
 from crystalscope.data.dataset import data_hash
 from crystalscope.errors import CrystalscopeError
-from crystalscope.formats import (CONFIG_FILE, ENVIRONMENT_FILE, LAST_CHECKPOINT, RUN_FILES,  # noqa: F401 (RUN_FILES re-exported)
-                                  WEIGHTS_DIR)
+from crystalscope.formats import CONFIG_FILE, ENVIRONMENT_FILE, LAST_CHECKPOINT, WEIGHTS_DIR
 from crystalscope.io import write_json
 from crystalscope.models.checkpoint import load_checkpoint
 from crystalscope.runtime import counter, progress_bar, resolve_device
