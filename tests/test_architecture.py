@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "crystalscope"
 # Bottom to top. A module belongs to the first entry that is its name or a package above it.
 LAYERS = [
     ["crystalscope.version", "crystalscope.errors", "crystalscope.formats"],
-    ["crystalscope.runtime", "crystalscope.io"],
+    ["crystalscope.runtime", "crystalscope.io", "crystalscope.figures"],
     ["crystalscope.safety", "crystalscope.config"],
     ["crystalscope.data"],
     ["crystalscope.models"],

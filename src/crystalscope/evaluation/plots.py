@@ -15,29 +15,10 @@ import numpy as np
 
 from crystalscope.errors import CrystalscopeError
 from crystalscope.formats import metrics_class_names, metrics_columns
-from crystalscope.io import atomic_path
+from crystalscope.figures import new_figure, save_png
 
-_DPI = 110
 # what the training curves draw, per epoch (all of them columns of formats.metrics_columns)
 PLOTTED_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
-
-
-def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=_DPI)
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _save(figure, out_png) -> Path:
-    figure.tight_layout()
-    with atomic_path(out_png) as tmp:
-        # The temporary name ends in .tmp, so the format must be given explicitly.
-        figure.savefig(tmp, format="png", dpi=_DPI)
-    figure.clear()
-    return Path(out_png)
 
 
 def _read_metrics_csv(metrics_csv) -> dict[str, list[float]]:
@@ -88,7 +69,7 @@ def plot_training_curves(metrics_csv, out_png) -> Path:
     """
     columns = _read_metrics_csv(metrics_csv)
     epochs = columns["epoch"]
-    figure = _new_figure(10, 4)
+    figure = new_figure(10, 4)
     panels = (("accuracy", "Accuracy"), ("loss", "Loss"))
     for position, (metric, title) in enumerate(panels, start=1):
         axes = figure.add_subplot(1, 2, position)
@@ -102,7 +83,7 @@ def plot_training_curves(metrics_csv, out_png) -> Path:
         axes.legend()
         if len(epochs) < 12:
             axes.set_xticks(epochs)
-    return _save(figure, out_png)
+    return save_png(figure, out_png)
 
 
 def plot_confusion_matrix(cm: np.ndarray, class_names: list[str], out_png) -> Path:
@@ -117,7 +98,7 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: list[str], out_png) -> Pa
     with np.errstate(invalid="ignore", divide="ignore"):
         row_share = np.where(row_totals > 0, cm / np.maximum(row_totals, 1), 0.0)
     size = 2.2 + 1.0 * len(class_names)
-    figure = _new_figure(size + 1.2, size)
+    figure = new_figure(size + 1.2, size)
     axes = figure.add_subplot(1, 1, 1)
     image = axes.imshow(row_share, cmap="Blues", vmin=0.0, vmax=1.0)
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of true class")
@@ -134,7 +115,7 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: list[str], out_png) -> Pa
                       f"{cm[true_index, pred_index]}\n{100 * share:.1f}%",
                       ha="center", va="center", fontsize=10,
                       color="white" if share > 0.5 else "black")
-    return _save(figure, out_png)
+    return save_png(figure, out_png)
 
 
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, float] | None], out_png,
@@ -144,7 +125,7 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, float] | None], out
     Example:
         >>> plot_roc({"pg": (np.array([0, 1]), np.array([0, 1]), 0.5)}, "roc.png")  # doctest: +SKIP
     """
-    figure = _new_figure(5.5, 5)
+    figure = new_figure(5.5, 5)
     axes = figure.add_subplot(1, 1, 1)
     axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
     undefined = []
@@ -166,7 +147,7 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, float] | None], out
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right", fontsize=9)
-    return _save(figure, out_png)
+    return save_png(figure, out_png)
 
 
 def _draw_reliability(axes, bins: dict, ece: float, title: str) -> None:
@@ -201,8 +182,8 @@ def plot_reliability(panels: list[tuple[str, dict, float]], out_png) -> Path:
         >>> from crystalscope.evaluation.calibration import reliability_bins  # doctest: +SKIP
         >>> plot_reliability([("T = 1", reliability_bins(p, y), 0.03)], "cal.png")  # doctest: +SKIP
     """
-    figure = _new_figure(5.2 * len(panels), 4.8)
+    figure = new_figure(5.2 * len(panels), 4.8)
     for position, (title, bins, ece) in enumerate(panels, start=1):
         _draw_reliability(figure.add_subplot(1, len(panels), position), bins, ece, title)
-    return _save(figure, out_png)
+    return save_png(figure, out_png)
 

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from crystalscope.errors import require
-from crystalscope.io import atomic_path
+from crystalscope.figures import new_figure, save_png
 
 MARKERS = ("o", "^", "s", "D", "v", "P", "X", "*")
 _DPI = 90
@@ -92,14 +92,10 @@ def map_figure(coords: np.ndarray, colour_keys: Sequence[str], out_png: str | os
         PosixPath('map.png')
     """
     require("matplotlib", "insight")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     coords = np.asarray(coords, dtype=float)
     if colours is None:
         colours = {key: colour_of(i) for i, key in enumerate(sorted(set(colour_keys), key=str))}
-    figure = Figure(figsize=(13 if panels else 8, height), dpi=_DPI)
-    FigureCanvasAgg(figure)
+    figure = new_figure(13 if panels else 8, height, dpi=_DPI)
     grid = figure.add_gridspec(max(1, len(panels)), 2 if panels else 1, width_ratios=[3, 2] if panels else [1])
     ax = figure.add_subplot(grid[:, 0])
     _scatter(ax, coords, colour_keys, colours, marker_keys, ring, ring_label)
@@ -112,8 +108,4 @@ def map_figure(coords: np.ndarray, colour_keys: Sequence[str], out_png: str | os
         pax.imshow(np.asarray(panel.image.convert("RGB")))
         pax.set_title(panel.title, fontsize=9, color=_hex(panel.colour), loc="left")
         pax.axis("off")
-    figure.tight_layout()
-    with atomic_path(out_png) as tmp:
-        figure.savefig(tmp, format="png", dpi=_DPI)  # the temporary name ends in .tmp
-    figure.clear()
-    return Path(out_png)
+    return save_png(figure, out_png)

@@ -10,6 +10,7 @@ import io
 
 from PIL import Image, ImageDraw
 
+from crystalscope.figures import new_figure, png_bytes
 from crystalscope.monitor.timeline import Timeline
 
 #: Box colours (RGB); classes beyond these get the fallback colour.
@@ -62,13 +63,9 @@ def timeline_png(timeline: Timeline, onset_s: float | None = None) -> bytes:
 
     Times (records, alarms, ``onset_s``) are seconds since the first frame.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     records = [r for r in timeline.records if r.status == "ok"]
     minutes = lambda t: t / 60.0  # noqa: E731 - a unit conversion
-    fig = Figure(figsize=(8, 3.6), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = new_figure(8, 3.6, dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     scored = [r for r in records if r.fraction is not None]
     if scored:
@@ -88,7 +85,4 @@ def timeline_png(timeline: Timeline, onset_s: float | None = None) -> bytes:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8, ncol=3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return png_bytes(fig)

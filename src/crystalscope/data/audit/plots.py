@@ -10,16 +10,14 @@ import numpy as np
 
 from crystalscope.data.audit.fingerprint import HISTOGRAM_BINS, ImageRecord
 from crystalscope.errors import require
+from crystalscope.figures import new_figure, save_png
 
 
 def plot_sizes(records: Sequence[ImageRecord], classes: Sequence[str], out_png: Path) -> None:
     """Width x height per class; marker area grows with the number of images of that size."""
-    matplotlib = require("matplotlib", "train")
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 5))
+    require("matplotlib", "train")
+    fig = new_figure(6, 5)
+    ax = fig.add_subplot(1, 1, 1)
     per_class = {name: Counter((r.width, r.height) for r, c in zip(records, classes)
                                if c == name and r.readable) for name in sorted(set(classes))}
     largest = max((n for sizes in per_class.values() for n in sizes.values()), default=1)
@@ -40,19 +38,14 @@ def plot_sizes(records: Sequence[ImageRecord], classes: Sequence[str], out_png: 
     ax.set_ylabel("height (px)")
     ax.set_title("Image size per class")
     ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    save_png(fig, out_png)
 
 
 def plot_intensity(records: Sequence[ImageRecord], classes: Sequence[str], out_png: Path) -> None:
     """Grey-level distribution per class (all pixels of the class pooled, normalised)."""
-    matplotlib = require("matplotlib", "train")
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    require("matplotlib", "train")
+    fig = new_figure(6, 4)
+    ax = fig.add_subplot(1, 1, 1)
     centres = (np.arange(HISTOGRAM_BINS) + 0.5) * 256 / HISTOGRAM_BINS
     for i, class_name in enumerate(sorted(set(classes))):
         hists = [r.histogram for r, c in zip(records, classes) if c == class_name and r.readable]
@@ -65,6 +58,4 @@ def plot_intensity(records: Sequence[ImageRecord], classes: Sequence[str], out_p
     ax.set_yscale("log")
     ax.set_title("Intensity histogram per class")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    save_png(fig, out_png)
