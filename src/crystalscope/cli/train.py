@@ -12,7 +12,7 @@ from crystalscope.config import SECTION_OF, choices, defaults
 
 # what a None default means, said in the help (the config's default is None for these)
 NONE_MEANS = {"positive_class": "pg when present, else the last class", "workers": "the CPU count",
-              "cache_dir": "~/.cache/crystalscope"}
+              "cache_dir": "$XDG_CACHE_HOME/crystalscope, or ~/.cache/crystalscope"}
 
 
 def _option(name: str, *decls: str, help: str):
