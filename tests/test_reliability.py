@@ -1,18 +1,17 @@
-"""Attacks a new user or a plant fault can make, each one kept fixed (issue 10, points 1-11).
+"""Attacks a new user or a plant fault can make: outputs, training, images, kills, resume.
 
 Every attack runs a real command on tiny data (32 px) and asserts: the exit code, no
 traceback, the error line's key words, and that every file that existed before is
 byte-identical afterwards. Disk-full and read-only attacks mount a small tmpfs (root only,
 as in CI) and are skipped otherwise.
 
-``CRYSTALSCOPE_RELIABILITY_TABLE=docs/reliability.md pytest tests/test_reliability.py``
-also writes the attack table of docs/reliability.md from the attacks that ran.
+``CRYSTALSCOPE_RELIABILITY_TABLE=docs/reliability.md pytest tests/test_reliability*.py``
+also writes the attack table of docs/reliability.md (``tests/attacks.py``).
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -25,7 +24,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from crystalscope.cli import app
 from crystalscope.data.split import assign_splits
@@ -33,95 +31,34 @@ from crystalscope.data.transforms import Preprocessing
 from crystalscope.models.factory import HeadSpec, build_model
 from crystalscope.safety import output_lock
 from crystalscope.training import run as run_module
-from crystalscope.models.checkpoint import make_checkpoint, save_checkpoint
-from lines_and_discs import make_split
+from crystalscope.models.checkpoint import make_checkpoint
+from attacks import FIXES, RUNNER, check_attack, dead_pid
 
 pytest.importorskip("onnxruntime")
 
-RUNNER = CliRunner()
-ATTACKS: list[dict] = []
 SMALL = {"train": (8, 8), "val": (4, 4), "test": (4, 4)}
 
-
-# ---- helpers -------------------------------------------------------------------------------
-
-def snapshot(*roots: Path) -> dict[str, str]:
-    """sha256 of every regular file under ``roots`` (the files a user has before an attack)."""
-    files = {}
-    for root in roots:
-        for path in Path(root).rglob("*"):
-            if path.is_file() and not path.is_symlink():
-                files[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return files
-
-
-def check_attack(name: str, args: list[str], *, code: int, words: tuple[str, ...] = (), roots: tuple[Path, ...] = (),
-                 shown: str | None = None):
-    """Run ``crystalscope ARGS`` and assert the outcome; record it for docs/reliability.md."""
-    before = snapshot(*roots)
-    result = RUNNER.invoke(app, [str(a) for a in args])
-    after = snapshot(*roots)
-    output = result.output
-    error = next((line for line in output.splitlines() if line.startswith("error:")), "")
-    changed = sorted(p for p, digest in before.items() if after.get(p) != digest)
-    ATTACKS.append({"attack": name, "command": shown or "crystalscope " + " ".join(str(a) for a in args),
-                    "exit": result.exit_code, "expected": code, "error": error, "changed": len(changed),
-                    "traceback": "Traceback" in output or not isinstance(result.exception, (SystemExit, type(None)))})
-    assert result.exit_code == code, output
-    assert "Traceback" not in output and isinstance(result.exception, (SystemExit, type(None))), output
-    for word in words:
-        assert word in output, output
-    assert not changed, f"{name}: pre-existing files changed: {changed}"
-    return result
-
-
-def dead_pid() -> int:
-    """The pid of a process that has already exited (what a kill -9'd writer leaves behind)."""
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-@pytest.fixture
-def tmpfs(tmp_path):
-    """``make(size, ro=False)`` mounts a tmpfs under tmp_path (root only), unmounted afterwards."""
-    mounts = []
-
-    def make(size: str, ro: bool = False, fill=None) -> Path:
-        if os.geteuid() != 0 or shutil.which("mount") is None:
-            pytest.skip("mounting a tmpfs needs root")
-        point = tmp_path / f"mnt{len(mounts)}"
-        point.mkdir()
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
-                          capture_output=True).returncode:
-            pytest.skip("cannot mount a tmpfs here")
-        mounts.append(point)
-        if fill:
-            fill(point)
-        if ro:
-            subprocess.run(["mount", "-o", "remount,ro", str(point)], check=True)
-        return point
-
-    yield make
-    for point in mounts:
-        subprocess.run(["umount", "-l", str(point)], check=False)
-
-
-# ---- shared tiny assets --------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict[str, Path]:
-    """A tiny split, a checkpoint and its ONNX export (untrained resnet18, 32 px)."""
-    root = tmp_path_factory.mktemp("assets")
-    split = make_split(root / "split", SMALL, size=32)
-    torch.manual_seed(0)
-    model = build_model("resnet18", 2).eval()
-    ckpt = make_checkpoint(model, backbone="resnet18", head=HeadSpec(), class_names=["cex", "pg"],
-                           positive_class="pg", preprocessing=Preprocessing(image_size=32))
-    ckpt_path = save_checkpoint(ckpt, root / "model.ckpt")
-    RUNNER.invoke(app, ["export", str(ckpt_path), "--out", str(root / "model.onnx")])
-    return {"root": root, "split": split, "ckpt": ckpt_path, "onnx": root / "model.onnx",
-            "images": split / "test" / "CEX"}
+FIXES.extend([
+    ("output = input", "each command checked only its own cases",
+     "`crystalscope.safety.check_output(out, inputs=...)` in every command that writes"),
+    ("rerun deletes files, `--out .`", "`atomic_dir(force=True)` replaced any folder",
+     "folder outputs are replaced only when the command wrote them and `--force` is given; cwd refused"),
+    ("silent non-training", "batch 1 skipped, `nan` passed `lr <= 0`, NaN loss ignored",
+     "`TrainConfig.validate` (finite options, batch >= 2), trailing single image joins the previous batch, "
+     "`check_finite` stops the run before saving"),
+    ("tracebacks", "OSError/DecompressionBombError escaped; torch.save hid ENOSPC",
+     "CLI boundary `user_errors` + `safety.describe_os_error`; checkpoints serialised in memory and written by "
+     "Python; decoder limit"),
+    ("half-written report", "evaluate wrote into the final folder", "`atomic_dir` staging in `evaluate_checkpoint`"),
+    ("0 test images", "greedy placement by deficit", "`split._fill_empty_splits` (+ warning when impossible)"),
+    ("leftovers", "staging names carried no owner", "`.NAME.<pid>.<rand>.tmp/.partial`; `safety.clean_stale`"),
+    ("concurrent writers", "no lock", "`safety.output_lock` (`.NAME.lock` with the pid; a dead pid's lock is taken over)"),
+    ("huge images", "full decode before any check", "`images.check_pixels` from the header (25 Mpx default)"),
+    ("resume differs", "global RNG (dropout) not saved; feature-cache stream restored late",
+     "`training.record.rng_states` in last.ckpt, restored when the resumed epochs start"),
+    ("ONNX metadata", "resampling rules unstated", "`Preprocessing.spec()` as `preprocessing_spec`; "
+     "`tests/preprocessing_reference.py` (numpy) matches Pillow bit for bit on the real samples"),
+])
 
 
 # ---- 1. an output equal to an input --------------------------------------------------------
@@ -490,16 +427,3 @@ def test_numpy_client_reproduces_the_predictor_from_metadata_alone(real_samples,
         probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
         got = dict(zip(meta["class_names"], probs))
         assert max(abs(got[c] - prediction.probabilities[c]) for c in got) < 1e-4, path.name
-
-
-# ---- the attack table ----------------------------------------------------------------------
-
-@pytest.fixture(scope="module", autouse=True)
-def _write_table():
-    yield
-    target = os.environ.get("CRYSTALSCOPE_RELIABILITY_TABLE")
-    if target and ATTACKS:
-        from reliability_table import render
-
-        previous = Path(target).read_text() if Path(target).is_file() else ""
-        Path(target).write_text(render(ATTACKS, previous))
