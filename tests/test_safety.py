@@ -9,9 +9,12 @@ import errno
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from crystalscope.formats import MANIFEST_FILE
+from crystalscope.io import atomic_dir
 from crystalscope.safety import (OutputError, check_output, claim_output, clean_stale, describe_os_error, lock_path,
                                  output_lock, report_folder)
 
@@ -31,17 +34,58 @@ def test_an_output_on_an_input_is_refused(tmp_path, monkeypatch, out, how):
         check_output(out, inputs=[None, "model.onnx", "imgs"])
 
 
-def test_a_folder_with_foreign_files_is_never_replaced(tmp_path):
-    out = tmp_path / "report"
-    out.mkdir()
-    (out / "report.csv").write_text("ours")
+def _our_report(out, files):
+    """A folder as a command writes it: built in staging, committed with its manifest."""
+    with atomic_dir(out, command="report") as staging:
+        for rel, text in files.items():
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            (staging / rel).write_text(text)
+    return out
+
+
+def test_a_folder_is_replaced_only_when_its_manifest_vouches_for_every_file(tmp_path):
+    out = _our_report(tmp_path / "report", {"report.csv": "ours", "deep/er/plot.png": "png"})
+    assert (out / MANIFEST_FILE).is_file()
     with pytest.raises(OutputError, match="--force"):
-        check_output(out, kind="folder", owned=["report.csv"])
-    assert check_output(out, kind="folder", owned=["*.csv"], force=True) == out
-    (out / "notes.txt").write_text("mine")
-    with pytest.raises(OutputError, match=r"did not write there \(notes.txt\)"):
-        check_output(out, kind="folder", owned=["report.csv"], force=True)
+        check_output(out, kind="folder", command="report")
+    assert check_output(out, kind="folder", command="report", force=True) == out
+    (out / "deep" / "er" / "notes.txt").write_text("mine")  # nested: not only top-level names count
+    with pytest.raises(OutputError, match=r"holds deep/er/notes.txt, which crystalscope did not write there"):
+        check_output(out, kind="folder", command="report", force=True)
+    (out / "deep" / "er" / "notes.txt").unlink()
+    (out / "deep" / "er" / "plot.png").write_text("edited")
+    with pytest.raises(OutputError, match=r"deep/er/plot.png, which was changed"):
+        check_output(out, kind="folder", command="report", force=True)
     assert check_output(out, kind="folder", resume=True) == out  # train --resume continues in place
+
+
+def test_a_folder_without_a_manifest_is_written_only_if_empty(tmp_path):
+    out = tmp_path / "data"
+    (out / "cropped" / "cex").mkdir(parents=True)  # shaped like our output, but the user's
+    assert check_output(out, kind="folder", force=True) == out  # only empty folders: nothing to lose
+    (out / "cropped" / "cex" / "a.png").write_bytes(b"png")
+    with pytest.raises(OutputError, match=f"no crystalscope manifest \\({MANIFEST_FILE}\\).*choose a new folder"):
+        check_output(out, kind="folder", command="synth", force=True)
+
+
+def test_a_folder_another_command_wrote_is_refused(tmp_path):
+    out = _our_report(tmp_path / "run", {"weights/best.ckpt": "model"})
+    with pytest.raises(OutputError, match="output of `crystalscope report`, not of `evaluate`"):
+        check_output(out, kind="folder", command="evaluate", force=True)
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "link to device"])
+def test_a_file_output_that_is_not_a_plain_file_is_refused(tmp_path, kind):
+    target = tmp_path / "out"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "link to device":
+        target.symlink_to(os.devnull)
+    else:
+        target = Path(os.devnull)
+    with pytest.raises(OutputError, match="is not a regular file"):
+        check_output(target, inputs=[], kind="file")
+    assert not Path(os.devnull).is_file()
 
 
 def test_files_and_folders_in_the_wrong_place_are_one_line(tmp_path, monkeypatch):
@@ -92,13 +136,16 @@ def test_claim_and_report_folder_write_all_or_nothing(tmp_path):
         assert lock_path(path).exists()
     assert not lock_path(path).exists()
     out = tmp_path / "report"
-    with report_folder(out, owned=["r.txt"]) as staging:
+    with report_folder(out, command="r") as staging:
         (staging / "r.txt").write_text("1")
     with pytest.raises(RuntimeError):
-        with report_folder(out, owned=["r.txt"], force=True) as staging:
+        with report_folder(out, command="r", force=True) as staging:
             (staging / "r.txt").write_text("2")
             raise RuntimeError("crash")
     assert (out / "r.txt").read_text() == "1"
+    with report_folder(out, command="r", force=True) as staging:
+        (staging / "s.txt").write_text("2")
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_FILE, "s.txt"]
 
 
 def test_describe_os_error_names_the_cause_and_the_path():

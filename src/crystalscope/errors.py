@@ -12,6 +12,10 @@ class CrystalscopeError(Exception):
     exit_code = 2
 
 
+class OutputError(CrystalscopeError):
+    """An output path that would overwrite an input or delete a user's files."""
+
+
 class MissingDependencyError(CrystalscopeError):
     """An optional dependency (PyTorch, ONNX Runtime, ...) is not installed."""
 

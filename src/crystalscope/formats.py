@@ -34,6 +34,13 @@ REPORT_FILES = ("test_results.txt", "test_results.json", "confusion_matrix.png",
 RUN_FILES = (CONFIG_FILE, ENVIRONMENT_FILE, METRICS_FILE, METRICS_PLOT_FILE, WEIGHTS_DIR, *REPORT_FILES,
              ONNX_FILE)
 
+# ---- the manifest of a folder crystalscope wrote ------------------------------------------------
+# Inside every output folder: {"format", "command", "version", "files": {relative path: {"size",
+# "sha256"} or {"symlink": target}}}. A folder is ours only if it holds this file and every other
+# file in it (nested ones too) is listed with the same size and hash (crystalscope.io.foreign_entry).
+MANIFEST_FILE = "crystalscope-manifest.json"
+MANIFEST_FORMAT = "crystalscope-manifest/1"
+
 # ---- metrics.csv ------------------------------------------------------------------------------
 METRICS_PER_CLASS = ("precision", "recall", "f1")
 

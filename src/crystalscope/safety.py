@@ -7,16 +7,24 @@ A plant tool must never lose a user's file. Every command that writes (``synth``
 1. **Never onto an input.** An output that is, contains or is inside any input (a model, a
    data folder, an image) is refused with one line (exit 2): ``predict m.onnx imgs --out
    m.onnx`` cannot turn the model into a CSV.
-2. **Never delete what we did not write.** A file output may replace an earlier file of the
-   same name. A folder output (run folder, report folder, dataset) is either new/empty, or it
-   is replaced only when every entry in it is one the command writes (``owned``) *and* the
-   user passed ``--force``; a folder holding anything else is refused. The current folder
-   and its parents are never an output folder.
-3. **Leftovers are cleaned.** :func:`crystalscope.io.atomic_path` and
+2. **Never delete what we did not write.** A folder is ours only if we wrote it: every folder
+   output (run folder, report folder, dataset, split) holds a manifest
+   (``crystalscope-manifest.json``, :mod:`crystalscope.io`) listing each file the command
+   wrote with its size and SHA-256. A folder output is either new/empty, or it is replaced
+   only when its manifest was written by the same command and vouches for every file in it,
+   nested ones included, *and* the user passed ``--force``; a folder holding anything else
+   (a file not listed, a listed file since edited, or no manifest at all, e.g. an output of
+   a version before manifests) is refused with one line naming it, whatever ``--force`` says.
+   Replacing deletes only the listed files. The current folder and its parents are never an
+   output folder.
+3. **Only plain files are replaced.** A file output may replace an earlier file of the same
+   name; one that exists and is not a regular file (a device such as ``/dev/null``, a FIFO, a
+   socket, or a link to one) is refused, so the atomic rename never lands on it.
+4. **Leftovers are cleaned.** :func:`crystalscope.io.atomic_path` and
    :func:`crystalscope.io.atomic_dir` stage under hidden names that carry the writer's process
    id (``.NAME.<pid>.<random>.tmp`` / ``.partial``); a later claim removes those of processes
    that no longer run (e.g. after ``kill -9``).
-4. **One writer per output.** A lock file ``.NAME.lock`` (holding the pid) beside the output
+5. **One writer per output.** A lock file ``.NAME.lock`` (holding the pid) beside the output
    makes a second process writing the same output fail at once with one line, instead of
    one result set silently replacing the other. A lock left by a dead process is taken over.
 
@@ -25,30 +33,26 @@ Adopting it in a new command (monitor, serve, explain, ...)::
     from crystalscope.safety import claim_output
 
     with claim_output(out, inputs=[model, data_dir], kind="folder", force=force,
-                      owned=REPORT_FILES) as out:
-        with atomic_dir(out, force=True) as staging:   # claim_output already decided
+                      command="evaluate") as out:
+        with atomic_dir(out, force=True, command="evaluate") as staging:  # writes the manifest
             ...write into staging...
+
+(or :func:`report_folder`, which does both). A command that writes a folder in place records
+what it wrote with :func:`crystalscope.io.record_files`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fnmatch
 import os
-import re
 import shutil
+import stat
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
-from crystalscope.errors import CrystalscopeError
-
-# staging names of crystalscope.io: .NAME.<pid>.<random>.tmp|.partial and .NAME.old-<pid>
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.(?:tmp|partial)$|^\.(?P<old>.+)\.old-(?P<oldpid>\d+)$")
-
-
-class OutputError(CrystalscopeError):
-    """An output path that would overwrite an input or delete a user's files."""
+from crystalscope.errors import OutputError
+from crystalscope.io import STAGING_NAME, foreign_entry, is_staging_name, remove_recorded
 
 
 def _resolved(path: str | os.PathLike) -> Path:
@@ -67,7 +71,7 @@ def _overlap(out: Path, inp: Path) -> str | None:
 
 
 def check_output(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (),
-                 kind: str = "file", force: bool = False, owned: Sequence[str] | None = None,
+                 kind: str = "file", force: bool = False, command: str | None = None,
                  option: str = "--out", resume: bool = False) -> Path:
     """Refuse an output path that would destroy an input or a user's files (see module doc).
 
@@ -76,8 +80,8 @@ def check_output(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike |
         inputs: every file or folder the command reads (None entries are ignored).
         kind: ``"file"`` (one file, replaced atomically) or ``"folder"`` (a run/report/data folder).
         force: for folders, allow replacing an earlier output of this command.
-        owned: for folders, the entry names (or ``fnmatch`` patterns) this command writes
-            (``None``: any existing non-empty folder is refused, e.g. a training run folder).
+        command: for folders, the command writing it (``"split"``): a folder whose manifest
+            another command wrote is refused (``None``: any crystalscope manifest will do).
         option: the option name used in the error message.
         resume: for folders, the command continues its own earlier output in place
             (``train --resume``): the content is not checked.
@@ -104,7 +108,7 @@ def check_output(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike |
     if kind == "file":
         _check_file(path, target, option)
     elif kind == "folder":
-        _check_folder(path, target, force, owned, option, resume)
+        _check_folder(path, target, force, command, option, resume)
     else:  # pragma: no cover - programming error
         raise ValueError(f"kind must be 'file' or 'folder', not {kind!r}")
     return path
@@ -113,7 +117,24 @@ def check_output(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike |
 def _check_file(path: Path, target: Path, option: str) -> None:
     if target.is_dir():
         raise OutputError(f"{option} {path} is a folder: give a file name")
+    try:
+        mode = os.stat(path).st_mode  # follows links: a link to a device is a device
+    except FileNotFoundError:
+        mode = None
+    except OSError:  # unreadable: the write itself reports it, naming the file
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        raise OutputError(f"{option} {path} exists and is not a regular file ({_file_type(mode)}): "
+                          "crystalscope replaces only plain files; give a file name")
     _check_parent(path, target, option)
+
+
+def _file_type(mode: int) -> str:
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a plain file"
 
 
 def _check_parent(path: Path, target: Path, option: str) -> None:
@@ -123,7 +144,7 @@ def _check_parent(path: Path, target: Path, option: str) -> None:
         raise OutputError(f"{option} {path}: {parent} is a file, not a folder; choose another path")
 
 
-def _check_folder(path: Path, target: Path, force: bool, owned: Sequence[str] | None, option: str,
+def _check_folder(path: Path, target: Path, force: bool, command: str | None, option: str,
                   resume: bool = False) -> None:
     cwd = _resolved(Path.cwd())
     if cwd.is_relative_to(target):
@@ -134,15 +155,11 @@ def _check_folder(path: Path, target: Path, force: bool, owned: Sequence[str] | 
     _check_parent(path, target, option)
     if resume or not target.is_dir():
         return
-    entries = [p.name for p in target.iterdir() if not _LEFTOVER.match(p.name)]
-    if not entries:
+    if not any(not is_staging_name(p.name) for p in target.iterdir()):
         return
-    # owned names may be patterns (explain's ``*.cam.png``): one per input image
-    foreign = sorted(e for e in entries if owned is None or not any(fnmatch.fnmatchcase(e, o) for o in owned))
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise OutputError(f"{option} {path} is not empty and holds files crystalscope did not write there "
-                          f"({shown}): choose a new folder; nothing was changed")
+    problem = foreign_entry(target, command)
+    if problem:  # --force never overrides this: it replaces our files, not the user's
+        raise OutputError(f"{option} {path} {problem}: choose a new folder; nothing was changed")
     if not force:
         raise OutputError(f"{option} {path} holds an earlier output: pass --force to replace it "
                           "(swapped in only once the new one is complete)")
@@ -173,12 +190,14 @@ def clean_stale(folder: str | os.PathLike, recursive: bool = False) -> list[Path
         return []
     removed = []
     for entry in list(folder.iterdir()):
-        match = _LEFTOVER.match(entry.name)
+        match = STAGING_NAME.match(entry.name)
         if match:
             pid = int(match.group("pid") or match.group("oldpid"))
             if not _alive(pid):
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
+                if match.group("old") and entry.is_dir() and not entry.is_symlink():
+                    remove_recorded(entry)  # an earlier output being replaced: only its recorded files
+                elif entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)  # a staging folder: all ours
                 else:
                     entry.unlink(missing_ok=True)
                 removed.append(entry)
@@ -239,7 +258,7 @@ def _lock_holder(lock: Path) -> int | None:
 
 @contextlib.contextmanager
 def claim_output(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (),
-                 kind: str = "file", force: bool = False, owned: Sequence[str] | None = None,
+                 kind: str = "file", force: bool = False, command: str | None = None,
                  option: str = "--out", resume: bool = False) -> Iterator[Path]:
     """:func:`check_output`, then clean stale leftovers and hold :func:`output_lock` while writing.
 
@@ -247,7 +266,7 @@ def claim_output(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike |
         >>> with claim_output("preds.csv", inputs=["model.onnx", "imgs"]) as out:  # doctest: +SKIP
         ...     write_text(out, csv_text)
     """
-    path = check_output(out, inputs=inputs, kind=kind, force=force, owned=owned, option=option, resume=resume)
+    path = check_output(out, inputs=inputs, kind=kind, force=force, command=command, option=option, resume=resume)
     with output_lock(path, option):
         clean_stale(_existing_parent(path))
         if kind == "folder":
@@ -287,20 +306,21 @@ def describe_os_error(exc: OSError) -> str:
 
 @contextlib.contextmanager
 def report_folder(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (),
-                  owned: Sequence[str], force: bool = False, option: str = "--out") -> Iterator[Path]:
+                  command: str, force: bool = False, option: str = "--out") -> Iterator[Path]:
     """A report folder written by the rule: claimed, built in staging, swapped in when complete.
 
-    Yields the staging folder to write into. ``out`` must be new or empty, or hold only the
-    ``owned`` names of an earlier report of the same command and ``force`` be given.
+    Yields the staging folder to write into; its manifest is written when it is swapped in.
+    ``out`` must be new or empty, or hold an earlier output of ``command`` that its manifest
+    vouches for, and ``force`` be given.
 
     Example:
-        >>> with report_folder("embed-test", inputs=["model.onnx", "crops"], owned=["embedding.csv"]) as staging:  # doctest: +SKIP
+        >>> with report_folder("embed-test", inputs=["model.onnx", "crops"], command="embed") as staging:  # doctest: +SKIP
         ...     write_text(staging / "embedding.csv", text)
     """
     from crystalscope.io import atomic_dir
 
-    with claim_output(out, inputs=inputs, kind="folder", force=force, owned=owned, option=option) as path:
-        with atomic_dir(path, force=True) as staging:  # claim_output already decided
+    with claim_output(out, inputs=inputs, kind="folder", force=force, command=command, option=option) as path:
+        with atomic_dir(path, force=True, command=command) as staging:  # claim_output already decided
             yield staging
 
 
