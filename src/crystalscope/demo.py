@@ -14,7 +14,6 @@ pipeline at a toy size.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,12 +91,33 @@ def demo_config(split_dir: Path, run_dir: Path, backbone: str, image_size: int, 
     })
 
 
-def _clear_earlier_run(run_dir: Path) -> None:
+# the demo's sub-folders and the command whose manifest each holds
+SUB_FOLDERS = (("data", "synth"), ("split", "split"), ("audit", "audit"), ("run", "train"))
+
+
+def check_demo_folder(out: Path) -> None:
+    """Refuse, before any work, a demo folder whose sub-folders hold anything an earlier demo did
+    not write (each sub-folder's manifest must vouch for every file in it).
+
+    Example:
+        >>> check_demo_folder(Path("demo"))  # doctest: +SKIP
+    """
     from crystalscope.safety import check_output
 
-    # only an earlier demo run is removed; a folder holding a user's file is refused
-    check_output(run_dir, kind="folder", force=True, owned=(*formats.RUN_FILES, PREDICTIONS_FILE))
-    shutil.rmtree(run_dir)
+    for name, command in SUB_FOLDERS:
+        check_output(out / name, kind="folder", force=True, command=command, option="--out")
+
+
+def _clear_earlier_run(run_dir: Path) -> None:
+    from crystalscope.io import remove_recorded
+    from crystalscope.safety import check_output
+
+    # only an earlier demo run is removed (its manifest lists each file); a user's file is refused
+    check_output(run_dir, kind="folder", force=True, command="train", option="--out")
+    left = remove_recorded(run_dir)
+    if left:  # pragma: no cover - changed between the check and the removal
+        raise CrystalscopeError(f"--out {run_dir} holds {left[0]}, which crystalscope did not write: "
+                                "choose a new folder")
 
 
 def run_demo(out: str | Path = "demo", per_class: int = 1000, backbone: str = "efficientnet_lite0",
@@ -124,6 +144,7 @@ def run_demo(out: str | Path = "demo", per_class: int = 1000, backbone: str = "e
     """
     from crystalscope.data.audit import audit_dataset
     from crystalscope.data.split import split_dataset
+    from crystalscope.io import record_files
     from crystalscope.data.synth import generate
     from crystalscope.inference.stream import predict_paths
     from crystalscope.training.run import train
@@ -133,6 +154,7 @@ def run_demo(out: str | Path = "demo", per_class: int = 1000, backbone: str = "e
     data_dir, split_dir, run_dir = out / "data", out / "split", out / "run"
     if run_dir.exists() and not force:
         raise CrystalscopeError(f"{run_dir} exists: pass --force to replace the demo output")
+    check_demo_folder(out)
     started = time.perf_counter()
     log.info("1/5 synth: generated stand-in of the OpenCrystalData crops")
     generate(data_dir, per_class=per_class, seed=seed, force=True, progress=progress)
@@ -150,5 +172,6 @@ def run_demo(out: str | Path = "demo", per_class: int = 1000, backbone: str = "e
     log.info("5/5 predict: ONNX Runtime on the test images")
     predictions = predict_paths(run_dir / formats.ONNX_FILE, [split_dir / "test"], run_dir / PREDICTIONS_FILE,
                                 progress=False)
+    record_files(run_dir, [run_dir / PREDICTIONS_FILE], "train")  # the run folder's manifest lists it too
     return DemoResult(out=out, run_dir=run_dir, seconds=time.perf_counter() - started, split=split,
                       audit=audit, train=summary, predictions=predictions)

@@ -239,14 +239,15 @@ def foreign_entry(folder: str | os.PathLike, command: str | None = None) -> str 
 
     Example:
         >>> foreign_entry("my-data")  # doctest: +SKIP
-        'is not empty and has no crystalscope manifest (crystalscope-manifest.json)'
+        'is not empty: it holds cex/a.png and no crystalscope manifest (crystalscope-manifest.json), ...'
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
     try:
         for rel, path in folder_entries(folder):
             if manifest is None:
-                return f"is not empty and has no crystalscope manifest ({MANIFEST_FILE}), so crystalscope did not write it"
+                return (f"is not empty: it holds {rel} and no crystalscope manifest ({MANIFEST_FILE}), so crystalscope "
+                        "did not write it (or wrote it before it kept manifests)")
             if command and manifest.get("command") != command:
                 return f"holds the output of `crystalscope {manifest.get('command')}`, not of `{command}`"
             entry = manifest["files"].get(rel)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from crystalscope.formats import MANIFEST_FILE
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -49,7 +51,7 @@ def test_kaggle_layout_names_and_exact_counts(small_set):
     assert _numbers(kaggle / "cex", "CEX") == list(range(1, PER_CLASS + 1))
     assert _numbers(kaggle / "pg", "PG") == list(range(1, PER_CLASS + 1))
     # the manifest sits outside cropped/cropped so a split of the Kaggle root never sees it
-    assert sorted(p.name for p in small_set.iterdir()) == ["cropped", "synth_manifest.csv"]
+    assert sorted(p.name for p in small_set.iterdir()) == sorted(["cropped", "synth_manifest.csv", MANIFEST_FILE])
     rows = _manifest(small_set)
     assert list(rows[0]) == ["path", "class", "crystal_id", "view"]
     assert sorted(r["path"] for r in rows) == sorted(

@@ -32,7 +32,7 @@ from crystalscope.safety import check_output, report_folder
 FAR_SETS = ("photos", "uniform", "gradient", "noise", "overexposed", "underexposed", "text", "checkerboard")
 NEAR_SETS = ("blurred", "cropped")
 MANIFEST_NAME = "ood_sets.json"
-OWNED = (*FAR_SETS, *NEAR_SETS, MANIFEST_NAME)  # what generate() writes: --force may replace only these
+COMMAND = "synth-ood"  # named in the output's manifest: --force replaces only what a synth-ood wrote
 # scikit-image's bundled natural photos (shipped in the wheel; no download needed)
 SKIMAGE_PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "coffee.png", "coins.png",
                   "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "moon.png", "motorcycle_left.png",
@@ -203,7 +203,7 @@ def generate(out_dir: str | os.PathLike, per_set: int = 100, seed: int = 0, sets
         raise CrystalscopeError(f"--per-set {per_set} must be 1 or more")
     # the one output rule: a new folder, or an earlier synth-ood output replaced with --force
     # (a folder holding anything else is refused, never deleted)
-    out_dir = check_output(out_dir, inputs=[crystal_dir], kind="folder", force=force, owned=OWNED, option="OUT_DIR")
+    out_dir = check_output(out_dir, inputs=[crystal_dir], kind="folder", force=force, command=COMMAND, option="OUT_DIR")
     files = photo_files()
     if "photos" in sets and not files:
         raise CrystalscopeError("no bundled photos found: install scikit-image (pip install scikit-image) "
@@ -212,7 +212,7 @@ def generate(out_dir: str | os.PathLike, per_set: int = 100, seed: int = 0, sets
     renderers = _renderers(_crystal_source(crystal_dir, seed), photos)
     summary = {}
     # claimed again at writing: one writer at a time (the lock), a killed run's staging cleaned
-    with report_folder(out_dir, inputs=[crystal_dir], owned=OWNED, force=force, option="OUT_DIR") as staging:
+    with report_folder(out_dir, inputs=[crystal_dir], command=COMMAND, force=force, option="OUT_DIR") as staging:
         for index, name in enumerate(sets):
             rng = np.random.default_rng([int(seed), index, 1729])
             (staging / name).mkdir()

@@ -251,7 +251,7 @@ class SplitSummary:
         return asdict(self)
 
 
-OWNED = (*SPLITS, "split.csv", "split.json")  # what a split writes: --force may replace only these
+COMMAND = "split"  # named in the output's manifest: --force replaces only what a split wrote
 
 
 def _destination_names(class_dir: Path, files: Sequence[Path]) -> dict[Path, str]:
@@ -356,7 +356,7 @@ def split_dataset(source: str | os.PathLike, out_dir: str | os.PathLike,
             f"'{source}' already looks like a split (train/val/test folders): "
             "pass the original class-folder source")
     # fail before the slow scan; claim_output checks again (and locks) when writing
-    check_output(out_dir, inputs=[source, root], kind="folder", force=force, owned=OWNED, option="OUT_DIR")
+    check_output(out_dir, inputs=[source, root], kind="folder", force=force, command=COMMAND, option="OUT_DIR")
     found, files, records = _scan_source(root, progress, workers)
     readable_records = [r for r in records if r.readable]
     class_of = {p: c for c, paths in files.items() for p in paths}
@@ -393,8 +393,8 @@ def _write_split(summary: SplitSummary, files: dict[str, list[Path]], found: Cla
     summary.skipped_non_images = [str(p) for p in found.non_images]
     summary.skipped_unreadable = [f"{r.path}: {r.error}" for r in records if not r.readable]
     summary.split_csv = str(out_dir / "split.csv")
-    with claim_output(out_dir, inputs=[Path(summary.source)], kind="folder", force=force, owned=OWNED,
-                      option="OUT_DIR"), atomic_dir(out_dir, force=force) as staging:
+    with claim_output(out_dir, inputs=[Path(summary.source)], kind="folder", force=force, command=COMMAND,
+                      option="OUT_DIR"), atomic_dir(out_dir, force=force, command=COMMAND) as staging:
         for split_name in SPLITS:
             for class_name in counts:
                 (staging / split_name / class_name).mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,7 @@ FILE_PREFIX = {"cex": "CEX", "pg": "PG"}
 #: Sub-folder of OUT_DIR that mirrors the unzipped Kaggle archive.
 KAGGLE_SUBDIR = Path("cropped") / "cropped"
 MANIFEST_NAME = "synth_manifest.csv"
-OWNED = ("cropped", MANIFEST_NAME)  # what generate() writes: --force may replace only these
+COMMAND = "synth"  # named in the output's manifest: --force replaces only what a synth wrote
 MANIFEST_COLUMNS = ("path", "class", "crystal_id", "view")
 PG_GROUP_SIZES = (3, 4, 5)
 
@@ -500,7 +500,7 @@ def _check_options(out_dir: Path, per_class: int | None, seed: int, difficulty: 
             f"--difficulty {difficulty!r} is not known: use one of {', '.join(DIFFICULTIES)}")
     if workers is not None and int(workers) < 1:
         raise CrystalscopeError(f"--workers {workers} must be 1 or more")
-    check_output(out_dir, kind="folder", force=force, owned=OWNED, option="OUT_DIR")
+    check_output(out_dir, kind="folder", force=force, command=COMMAND, option="OUT_DIR")
 
 
 def _write_manifest(path: Path, rows: Sequence[tuple]) -> None:
@@ -543,8 +543,8 @@ def generate(out_dir: str | os.PathLike, per_class: int | None = None, seed: int
     # rendering is CPU-bound and scales with every core (no cap, unlike decoding)
     workers = min(default_workers(workers, cap=cpu_count()), len(chunks))
     started = time.perf_counter()
-    with claim_output(out_dir, kind="folder", force=force, owned=OWNED, option="OUT_DIR"), \
-            atomic_dir(out_dir, force=force) as staging:
+    with claim_output(out_dir, kind="folder", force=force, command=COMMAND, option="OUT_DIR"), \
+            atomic_dir(out_dir, force=force, command=COMMAND) as staging:
         for class_name in REAL_COUNTS:
             (staging / KAGGLE_SUBDIR / class_name).mkdir(parents=True)
         jobs = [(str(staging), chunk, int(seed), difficulty) for chunk in chunks]

@@ -24,12 +24,14 @@ import numpy as np
 from crystalscope.data.dataset import ImageFolder, data_hash, decode_images, index_folder
 from crystalscope.errors import CrystalscopeError
 from crystalscope.evaluation.report import write_test_report
-from crystalscope.formats import REPORT_FILES
+from crystalscope.formats import REPORT_FILES  # noqa: F401 (named in the module doc)
 from crystalscope.inference.predictor import Predictor
 from crystalscope.runtime import default_workers
 from crystalscope.safety import check_output, next_run_dir, report_folder
 
 log = logging.getLogger(__name__)
+
+COMMAND = "evaluate"  # named in the report's manifest: --force replaces only what an evaluate wrote
 
 
 def evaluate_checkpoint(ckpt_path: str | Path, data_dir: str | Path, out_dir: str | Path | None = None, *,
@@ -62,7 +64,7 @@ def evaluate_checkpoint(ckpt_path: str | Path, data_dir: str | Path, out_dir: st
     if int(batch_size) < 1:
         raise CrystalscopeError(f"--batch-size {batch_size} must be at least 1")
     out_dir = Path(out_dir) if out_dir else next_run_dir(name="evaluate")
-    check_output(out_dir, inputs=[ckpt_path, data_dir], kind="folder", force=force, owned=REPORT_FILES)
+    check_output(out_dir, inputs=[ckpt_path, data_dir], kind="folder", force=force, command=COMMAND)
     ckpt = load_checkpoint(ckpt_path)
     folder = index_folder(data_dir, class_names=list(ckpt["class_names"]))
     meta = {"model": f"{ckpt['backbone']} ({ckpt_path})", "data": str(folder.root)}
@@ -74,7 +76,7 @@ def evaluate_checkpoint(ckpt_path: str | Path, data_dir: str | Path, out_dir: st
     # with a fitted rejection the report also gives the folder's rejection rate
     rejection = None if scores is None else {**ckpt["ood"], "scores": scores}
     # the report folder appears under its final name only when complete (a full disk leaves nothing)
-    with report_folder(out_dir, inputs=[ckpt_path, data_dir], owned=REPORT_FILES, force=force) as staging:
+    with report_folder(out_dir, inputs=[ckpt_path, data_dir], command=COMMAND, force=force) as staging:
         return write_test_report(staging, y_true=folder.labels, logits=logits, class_names=predictor.class_names,
                                  positive_class=ckpt.get("positive_class"), paths=[str(p) for p in folder.paths],
                                  temperature=predictor.temperature,

@@ -19,9 +19,10 @@ from crystalscope.errors import CrystalscopeError
 from crystalscope.evaluation.ood import OODDetector, auroc, fpr_at_tpr
 from crystalscope.inference.predictor import Predictor, collect_images
 from crystalscope.io import write_json, write_text
-from crystalscope.safety import check_output
+from crystalscope.safety import check_output, report_folder
 
 REPORT_NAMES = ("ood_eval.json", "ood_eval.md")
+COMMAND = "ood-eval"  # named in the report's manifest: a rerun replaces only what an ood-eval wrote
 
 
 def _scores(predictor: Predictor, folder: Path, batch_size: int) -> tuple[np.ndarray, int]:
@@ -104,9 +105,9 @@ def evaluate_ood(model_path: str | os.PathLike, in_dir: str | os.PathLike, out_d
         >>> r.sets[0].auroc  # doctest: +SKIP
         0.9998
     """
-    if report_dir is not None:  # refused before the work: never onto a model or image folder
-        for name in REPORT_NAMES:
-            check_output(Path(report_dir) / name, inputs=[model_path, in_dir, *out_dirs], option="--report")
+    inputs = [model_path, in_dir, *out_dirs]
+    if report_dir is not None:  # refused before the work: never onto a model or image folder, nor a user's
+        check_output(report_dir, inputs=inputs, kind="folder", force=True, command=COMMAND, option="--report")
     predictor = Predictor.load(model_path, device=device)
     if predictor.rejection is None:
         raise CrystalscopeError(f"{model_path}: this model has no fitted rejection of foreign images; "
@@ -123,9 +124,10 @@ def evaluate_ood(model_path: str | os.PathLike, in_dir: str | os.PathLike, out_d
                                       n_unreadable=bad, auroc=auroc(in_scores, scores),
                                       fpr_at_95_tpr=fpr_at_tpr(in_scores, scores, 0.95),
                                       rejection_rate=_rate(scores, predictor.rejection)))
-    if report_dir is not None:
-        write_json(Path(report_dir) / REPORT_NAMES[0], result.to_dict())
-        write_text(Path(report_dir) / REPORT_NAMES[1], ood_markdown(result))
+    if report_dir is not None:  # a rerun replaces its own earlier report (the manifest says which)
+        with report_folder(report_dir, inputs=inputs, command=COMMAND, force=True, option="--report") as staging:
+            write_json(staging / REPORT_NAMES[0], result.to_dict())
+            write_text(staging / REPORT_NAMES[1], ood_markdown(result))
     return result
 
 

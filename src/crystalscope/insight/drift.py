@@ -41,6 +41,7 @@ DRIFT_COLUMNS = ("path", "set", "distance", "threshold", "flagged", "nearest_ref
 REFERENCE_SET = "reference (held out)"
 #: what a drift report folder holds (an earlier one is replaced only with --force)
 DRIFT_FILES = ("drift.csv", "drift.json", "drift.png", "drift_foreign.png")
+COMMAND = "drift"  # named in the report's manifest: --force replaces only what a drift wrote
 MIN_REFERENCE = 10
 MAX_MMD_PER_SET = 1000  # the kernel matrix is (n_ref + n_new)^2; a seeded sample beyond this
 SIGNIFICANCE = 0.05
@@ -307,7 +308,7 @@ def drift_report(reference: str | os.PathLike, new: Sequence[str | os.PathLike],
     settings = settings or DriftSettings()
     settings.validate()
     # claimed before the work: a refused --out costs nothing, and no second writer starts
-    with report_folder(out_dir, inputs=[reference, *new, model, groups_csv], owned=DRIFT_FILES,
+    with report_folder(out_dir, inputs=[reference, *new, model, groups_csv], command=COMMAND,
                        force=force) as staging:
         return _drift_into(staging, reference, new, model, settings, groups_csv, image_size, batch_size,
                            device, on_progress)

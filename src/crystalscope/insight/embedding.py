@@ -38,6 +38,7 @@ SILHOUETTE_SAMPLE = 2000  # silhouette is O(N^2): score a seeded sample of a lar
 MAX_PAIRWISE = 4000  # view cohesion builds an N x N distance matrix
 #: what an embed report folder holds (an earlier one is replaced only with --force)
 EMBED_FILES = ("embedding.csv", "embedding.png", "embedding.json")
+COMMAND = "embed"  # named in the report's manifest: --force replaces only what an embed wrote
 
 
 @dataclass
@@ -289,7 +290,7 @@ def embed_folder(model: str | os.PathLike, folder: str | os.PathLike, out_dir: s
     from crystalscope.inference.predictor import Predictor
 
     # claimed before the work: a refused --out costs nothing, and no second writer starts
-    with report_folder(out_dir, inputs=[model, folder, groups_csv], owned=EMBED_FILES, force=force) as staging:
+    with report_folder(out_dir, inputs=[model, folder, groups_csv], command=COMMAND, force=force) as staging:
         files, truth_of = labelled_images(folder)
         truth_by_path = dict(zip(map(str, files), truth_of))
         predictor = Predictor.load(model, device=device)

@@ -53,7 +53,7 @@ SHEET_PNG = "explain.png"
 EXPLAIN_CSV = "explain.csv"
 OVERLAY_SUFFIX = ".cam.png"
 #: what an explain folder holds, so a rerun with --force may replace it and nothing else
-OWNED = (SHEET_PNG, EXPLAIN_CSV, f"*{OVERLAY_SUFFIX}")
+COMMAND = "explain"  # named in the output's manifest: --force replaces only what an explain wrote
 CSV_COLUMNS = ["path", "predicted", "confidence", "target", "target_probability", "overlay", "status"]
 
 
@@ -347,7 +347,7 @@ def explain_images(model_path: str | os.PathLike, paths: Sequence[str | os.PathL
         raise CrystalscopeError(f"--batch-size {batch_size} must be 1 or more")
     require_checkpoint(model_path)
     with claim_output(out_dir, inputs=[model_path, *paths], kind="folder", force=force,
-                      owned=OWNED) as out_dir:
+                      command=COMMAND) as out_dir:
         predictor = Predictor.load(model_path, device=device)
         files = collect_images(paths, recursive=recursive)
         return _explain_files(predictor, model_path, files, out_dir, target_class, layer, batch_size, sheet_limit)
@@ -359,7 +359,7 @@ def _explain_files(predictor, model_path, files, out_dir: Path, target_class, la
         _class_index(predictor, target_class)  # fail before any work
     layer = layer or default_target_layer(predictor.backend.model, predictor.preprocessing.image_size)
     explanations, tiles, used = [], [], set()
-    with atomic_dir(out_dir, force=True) as staging:
+    with atomic_dir(out_dir, force=True, command=COMMAND) as staging:
         for start in range(0, len(files), batch_size):
             for row in explain_batch(predictor, files[start:start + batch_size], target_class, layer):
                 tile = _tile(row, predictor.class_names)

@@ -41,6 +41,7 @@ from crystalscope.safety import claim_output
 
 FRAMES_SUBDIR = "frames"
 TRUTH_SUBDIR = "truth"
+COMMAND = "synth-process"  # named in the output's manifest: --force replaces only what it wrote
 RUN_FILE = "run.json"
 TRUTH_FRAMES_COLUMNS = ("frame", "file", "time_s", "n_particles", "n_cex", "n_pg", "pg_rate", "pg_fraction")
 TRUTH_PARTICLES_COLUMNS = ("frame", "time_s", "particle", "class", "x0", "y0", "x1", "y1", "defocused")
@@ -270,7 +271,7 @@ def generate_process(out_dir: str | os.PathLike, spec: ProcessSpec = ProcessSpec
 
     _check_spec(spec)
     # the one output rule: a new folder, or an earlier synth-process run replaced with --force
-    with claim_output(out_dir, kind="folder", force=force, owned=(FRAMES_SUBDIR, TRUTH_SUBDIR),
+    with claim_output(out_dir, kind="folder", force=force, command=COMMAND,
                       option="OUT_DIR") as out_dir:
         return _write_process(out_dir, spec)
 
@@ -282,7 +283,7 @@ def _write_process(out_dir: Path, spec: "ProcessSpec") -> dict:
     started = time.perf_counter()
     illumination = run_illumination(spec)
     frame_rows, particle_rows = [], []
-    with atomic_dir(out_dir, force=True) as staging:  # claim_output already decided
+    with atomic_dir(out_dir, force=True, command=COMMAND) as staging:  # claim_output already decided
         (staging / FRAMES_SUBDIR).mkdir()
         (staging / TRUTH_SUBDIR).mkdir()
         for index in range(spec.frames):

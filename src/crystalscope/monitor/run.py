@@ -17,7 +17,6 @@ import csv
 import io
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
@@ -29,7 +28,7 @@ from crystalscope.data.images import ImageReadError, load_rgb
 from crystalscope.data.layout import list_images
 from crystalscope.errors import CrystalscopeError
 from crystalscope.inference.predictor import Prediction, Predictor
-from crystalscope.io import write_bytes, write_json, write_text
+from crystalscope.io import record_files, remove_recorded, write_bytes, write_json, write_text
 from crystalscope.runtime import first_line
 from crystalscope.safety import claim_output
 from crystalscope.monitor.detect import (DETECTORS, MAX_PARTICLE_SIDE, MIN_SHARPNESS, Region, cut_crops, detect,
@@ -42,8 +41,8 @@ log = logging.getLogger(__name__)
 
 OUTPUT_FILES = ("particles.csv", "timeline.csv", "timeline.png", "alarms.json")
 OVERLAY_SUBDIR = "overlay"
-#: what a monitor output folder holds (an earlier one is replaced only with --force)
-MONITOR_OWNED = (*OUTPUT_FILES, OVERLAY_SUBDIR)
+#: named in the output folder's manifest: --force replaces only what a monitor wrote
+COMMAND = "monitor"
 #: Statuses of regions the monitor does not count as classified particles (besides the model's
 #: own ``rejected`` and ``error: ...``): too blurred, several particles in one region, or a
 #: classification below ``min_confidence``.
@@ -95,6 +94,7 @@ class Monitor:
         self.particles: list[list] = []
         self.truth_onset_s = (read_truth(self.frames_dir) or {}).get("onset_s")
         self._first_time: float | None = None
+        self._unrecorded: list[Path] = []  # overlays written since the manifest last listed them
 
     def frame_time(self, path: Path) -> float:
         """Seconds since the first frame: from the name (``..._t000360.00s.png``) or the file's mtime."""
@@ -134,7 +134,8 @@ class Monitor:
             shown.append({"box": region.box, "class": p.predicted, "confidence": p.confidence or 0.0,
                           "status": p.status})
         if self.settings.overlay:
-            write_bytes(self.out_dir / OVERLAY_SUBDIR / f"{path.stem}.jpg", overlay_jpeg(image, shown))
+            self._unrecorded.append(write_bytes(self.out_dir / OVERLAY_SUBDIR / f"{path.stem}.jpg",
+                                                overlay_jpeg(image, shown)))
         return self.timeline.add(record)
 
     def _screen(self, grey, region: Region) -> str | None:
@@ -162,6 +163,9 @@ class Monitor:
         write_text(self.out_dir / "timeline.csv", self.timeline.csv_text())
         write_bytes(self.out_dir / "timeline.png", timeline_png(self.timeline, onset))
         write_json(self.out_dir / "alarms.json", self.timeline.alarms)
+        # the folder's manifest follows every rewrite, so a --force rerun (even after a kill) finds it ours
+        record_files(self.out_dir, [*(self.out_dir / name for name in OUTPUT_FILES), *self._unrecorded], COMMAND)
+        self._unrecorded.clear()
 
     def summary(self, seconds: float, interrupted: bool) -> dict:
         records = self.timeline.records
@@ -286,20 +290,10 @@ def run_monitor(model: str | os.PathLike, frames_dir: str | os.PathLike, out_dir
     # the one output rule: never inside the frames or onto the model, an earlier monitor output
     # replaced only with --force, one monitor per folder. Outputs are rewritten in place after
     # every frame (each file atomically), so a watcher always reads complete files.
-    with claim_output(out_dir, inputs=[model, frames_dir], kind="folder", force=force, owned=MONITOR_OWNED):
-        _clear_owned(out_dir)
+    with claim_output(out_dir, inputs=[model, frames_dir], kind="folder", force=force, command=COMMAND):
+        remove_recorded(out_dir)  # claim_output proved every file there is one an earlier monitor wrote
         monitor = Monitor(Predictor.load(model), frames_dir, out_dir, settings)
         return _run(monitor, frames_dir, frames, settings, watch, on_frame)
-
-
-def _clear_owned(out_dir: Path) -> None:
-    """Remove an earlier monitor output (claim_output proved it holds nothing else)."""
-    for name in MONITOR_OWNED:
-        path = out_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
 
 
 def _run(monitor: "Monitor", frames_dir: Path, frames: list[Path], settings: MonitorSettings, watch: bool,

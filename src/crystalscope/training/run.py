@@ -21,8 +21,8 @@ import torch
 from crystalscope.config import TrainConfig, load_config, save_config
 from crystalscope.data.dataset import data_hash
 from crystalscope.errors import CrystalscopeError
-from crystalscope.formats import CONFIG_FILE, ENVIRONMENT_FILE, LAST_CHECKPOINT, WEIGHTS_DIR
-from crystalscope.io import write_json
+from crystalscope.formats import BEST_CHECKPOINT, CONFIG_FILE, ENVIRONMENT_FILE, LAST_CHECKPOINT, RUN_FILES, WEIGHTS_DIR
+from crystalscope.io import record_files, write_json
 from crystalscope.models.checkpoint import load_checkpoint
 from crystalscope.runtime import counter, progress_bar, resolve_device
 from crystalscope.safety import check_output, claim_output, next_run_dir
@@ -36,6 +36,11 @@ from crystalscope.training.setup import (Learner, RunData, TrainState, build_lea
                                          check_cache_memory, index_data, load_data)
 
 log = logging.getLogger(__name__)
+
+COMMAND = "train"  # named in the run folder's manifest
+# what train writes into a run folder, listed in its manifest when the run ends (or stops)
+RECORDED = (*(name for name in RUN_FILES if name != WEIGHTS_DIR), f"{WEIGHTS_DIR}/{BEST_CHECKPOINT}",
+            f"{WEIGHTS_DIR}/{LAST_CHECKPOINT}")
 
 
 # ---- run folder and config ----------------------------------------------------------------
@@ -58,7 +63,7 @@ def target_run_dir(config: TrainConfig) -> Path:
     if run_dir.is_dir() and any(p for p in run_dir.iterdir() if not p.name.startswith(".")):
         raise CrystalscopeError(f"--out {run_dir}: folder exists and is not empty; choose another "
                                 f"--out or continue it with --resume {run_dir}")
-    check_output(run_dir, inputs=[config.data_dir, config.model.weights_file], kind="folder")
+    check_output(run_dir, inputs=[config.data_dir, config.model.weights_file], kind="folder", command=COMMAND)
     return run_dir
 
 
@@ -141,13 +146,30 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
             raise CrystalscopeError(problem)
         # the one output rule: never inside the data; one writer per run folder; stale .tmp removed
         claim = (claim_output(run_dir, inputs=[config.data_dir, config.model.weights_file], kind="folder",
-                              resume=bool(config.resume)) if world.is_main else contextlib.nullcontext())
+                              command=COMMAND, resume=bool(config.resume)) if world.is_main else contextlib.nullcontext())
         with claim:
-            summary = run_training(config, run_dir, progress and world.is_main, world, device)
+            try:
+                summary = run_training(config, run_dir, progress and world.is_main, world, device)
+            finally:
+                if world.is_main:
+                    record_run(run_dir)
         # every rank leaves together: a rank that tears its process group down while rank 0 still
         # writes the report and ONNX was seen to abort in gloo ("terminate called ...", SIGABRT)
         distributed.barrier(world)
         return summary
+
+
+def record_run(run_dir: Path) -> None:
+    """List the files train wrote (in place, not staged) in the run folder's manifest, so that a
+    later ``demo`` or ``--force`` knows they are ours; a run that failed before the folder exists
+    leaves nothing.
+
+    Example:
+        >>> record_run(Path("runs/train"))  # doctest: +SKIP
+    """
+    written = [Path(run_dir) / name for name in RECORDED if (Path(run_dir) / name).exists()]
+    if written:
+        record_files(run_dir, written, COMMAND)
 
 
 def _decide_run_dir(config: TrainConfig) -> tuple[Path | None, str | None]:

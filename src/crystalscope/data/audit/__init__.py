@@ -47,6 +47,7 @@ __all__ = ["AUDIT_FILES", "PHASH_MAX_DISTANCE", "AuditResult", "AuditSource", "D
 log = logging.getLogger(__name__)
 
 AUDIT_FILES = ("audit.json", "audit.md", "sizes.png", "intensity.png")
+COMMAND = "audit"  # named in the report's manifest: a rerun replaces only what an audit wrote
 
 
 def default_audit_dir(data_dir: str | os.PathLike) -> Path:
@@ -67,7 +68,7 @@ def _check_out_dir(out_dir: Path, source: AuditSource) -> None:
             "read as a class next time: choose a folder outside it")
     # an earlier audit (nothing but the files an audit writes) is replaced, as documented;
     # a folder holding anything else is refused, never emptied
-    check_output(out_dir, inputs=[source.data_dir], kind="folder", force=True, owned=AUDIT_FILES)
+    check_output(out_dir, inputs=[source.data_dir], kind="folder", force=True, command=COMMAND)
 
 
 def audit_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
@@ -113,7 +114,7 @@ def audit_dataset(data_dir: str | os.PathLike, out_dir: str | os.PathLike | None
 def _write_report(out_dir: Path, source: AuditSource, records: Sequence[ImageRecord], result: AuditResult,
                   started: float) -> None:
     """The four report files, built in a staging folder and swapped in complete."""
-    with report_folder(out_dir, inputs=[source.data_dir], owned=AUDIT_FILES, force=True) as staging:
+    with report_folder(out_dir, inputs=[source.data_dir], command=COMMAND, force=True) as staging:
         plot_sizes(records, source.classes, staging / "sizes.png")
         plot_intensity(records, source.classes, staging / "intensity.png")
         result.run_time_s = round(time.perf_counter() - started, 2)
