@@ -260,9 +260,9 @@ def foreign_entry(folder: str | os.PathLike, command: str | None = None) -> str 
     return None
 
 
-def remove_recorded(folder: str | os.PathLike) -> list[str]:
+def remove_recorded(folder: str | os.PathLike, keep_folder: bool = False) -> list[str]:
     """Delete the files ``folder``'s manifest lists (only while still the same size and hash),
-    then the manifest and the folders left empty, ``folder`` included.
+    then the manifest and the folders left empty, ``folder`` itself too unless ``keep_folder``.
 
     Returns:
         What was left because it is not ours (relative paths); nothing else is ever deleted.
@@ -272,6 +272,8 @@ def remove_recorded(folder: str | os.PathLike) -> list[str]:
         []
     """
     folder = Path(folder)
+    if not folder.is_dir():
+        return []
     manifest = read_manifest(folder)
     recorded = manifest["files"] if manifest else {}
     left = []
@@ -284,6 +286,8 @@ def remove_recorded(folder: str | os.PathLike) -> list[str]:
     if not left:
         (folder / MANIFEST_FILE).unlink(missing_ok=True)
     for directory, _, _ in sorted(os.walk(folder), key=lambda item: -len(item[0])):
+        if keep_folder and directory == os.fspath(folder):
+            continue
         with contextlib.suppress(OSError):  # not empty: it holds what is not ours
             os.rmdir(directory)
     return left
