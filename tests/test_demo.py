@@ -92,3 +92,29 @@ def test_demo_logs_one_line_per_step(demo_run):
     _, _, messages = demo_run
     assert [m.split(" ", 1)[0] for m in messages] == ["1/5", "2/5", "3/5", "4/5", "5/5"]
     assert "resnet18" in messages[3]
+
+
+def test_every_demo_folder_is_recorded_in_its_manifest(demo_run):
+    from crystalscope.demo import SUB_FOLDERS
+    from crystalscope.io import foreign_entry, read_manifest
+
+    result, _, _ = demo_run
+    for name, command in SUB_FOLDERS:
+        assert foreign_entry(result.out / name, command) is None, name
+    recorded = read_manifest(result.run_dir)["files"]
+    assert {"predictions.csv", "weights/best.ckpt", "model.onnx", "config.yaml"} <= set(recorded)
+
+
+def test_a_demo_rerun_replaces_only_what_the_demo_wrote(tmp_path):
+    from crystalscope.demo import run_demo
+
+    options = dict(per_class=10, backbone="resnet18", weights="none", image_size=32, epochs=1, batch_size=32,
+                   progress=False)
+    run_demo(tmp_path, **options)
+    (tmp_path / "notes.txt").write_text("the user's, beside the demo's folders")
+    run_demo(tmp_path, **options)  # every sub-folder is the demo's own: replaced
+    assert (tmp_path / "notes.txt").read_text().startswith("the user's")
+    (tmp_path / "run" / "weights" / "tuned.ckpt").write_bytes(b"the user's model")
+    with pytest.raises(CrystalscopeError, match="weights/tuned.ckpt"):
+        run_demo(tmp_path, **options)
+    assert (tmp_path / "run" / "weights" / "tuned.ckpt").read_bytes() == b"the user's model"

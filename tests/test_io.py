@@ -87,7 +87,8 @@ def test_atomic_dir_records_every_file_it_wrote_in_its_manifest(tmp_path):
         (staging / "link.png").symlink_to(tmp_path / "elsewhere.png")
     manifest = read_manifest(final)
     assert manifest["format"] == MANIFEST_FORMAT and manifest["command"] == "split"
-    assert manifest["files"]["train/cex/a.png"] == {"size": 3, "sha256": file_record(final / "train/cex/a.png")["sha256"]}
+    digest = file_record(final / "train/cex/a.png")["sha256"]
+    assert manifest["files"]["train/cex/a.png"] == {"size": 3, "sha256": digest}
     assert manifest["files"]["link.png"] == {"symlink": str(tmp_path / "elsewhere.png")}
     assert foreign_entry(final, "split") is None
 
@@ -131,7 +132,8 @@ def test_record_files_adds_in_place_writes_to_the_manifest(tmp_path):
     write_text(folder / "timeline.csv", "t\n1\n")  # rewritten per frame: recorded again
     assert "timeline.csv, which was changed" in foreign_entry(folder)
     record_files(folder, [folder / "timeline.csv"], "monitor")
-    assert foreign_entry(folder) is None and sorted(read_manifest(folder)["files"]) == ["overlay/f1.jpg", "timeline.csv"]
+    assert foreign_entry(folder) is None
+    assert sorted(read_manifest(folder)["files"]) == ["overlay/f1.jpg", "timeline.csv"]
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])

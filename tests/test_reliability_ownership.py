@@ -108,8 +108,9 @@ def test_an_output_without_a_manifest_is_refused_as_not_ours(tmp_path):
 
 def test_split_reruns_replace_only_their_own_files(assets, tmp_path):
     out = tmp_path / "split"
-    check_attack("split into a new folder", ["split", assets["split"] / "train", out, "-q"], code=0, roots=(assets["root"],))
-    check_attack("split --force rerun over its own untouched split", ["split", assets["split"] / "train", out, "--force", "-q"],
+    source = assets["split"] / "train"
+    check_attack("split into a new folder", ["split", source, out, "-q"], code=0, roots=(assets["root"],))
+    check_attack("split --force rerun over its own untouched split", ["split", source, out, "--force", "-q"],
                  code=0, roots=(assets["root"],))
     _user_file(out / "train" / "cex" / "extra.png")
     check_attack("split --force after the user added train/cex/extra.png",

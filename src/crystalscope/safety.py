@@ -314,7 +314,8 @@ def report_folder(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike 
     vouches for, and ``force`` be given.
 
     Example:
-        >>> with report_folder("embed-test", inputs=["model.onnx", "crops"], command="embed") as staging:  # doctest: +SKIP
+        >>> with report_folder("embed-test", inputs=["model.onnx", "crops"],
+        ...                    command="embed") as staging:  # doctest: +SKIP
         ...     write_text(staging / "embedding.csv", text)
     """
     from crystalscope.io import atomic_dir

@@ -192,7 +192,7 @@ def test_force_replaces_and_refusal_without_it(source, tmp_path):
     out.mkdir()
     (out / "old.txt").write_text("old")
     for force in (False, True):  # a user's file is never deleted, not even with --force
-        with pytest.raises(CrystalscopeError, match="not empty: it holds old.txt and no crystalscope manifest.*choose a new folder"):
+        with pytest.raises(CrystalscopeError, match="it holds old.txt and no crystalscope manifest.*choose a new"):
             split_dataset(source, out, force=force, progress=False)
     assert (out / "old.txt").read_text() == "old"
     (out / "old.txt").unlink()

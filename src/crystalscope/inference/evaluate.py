@@ -24,7 +24,6 @@ import numpy as np
 from crystalscope.data.dataset import ImageFolder, data_hash, decode_images, index_folder
 from crystalscope.errors import CrystalscopeError
 from crystalscope.evaluation.report import write_test_report
-from crystalscope.formats import REPORT_FILES  # noqa: F401 (named in the module doc)
 from crystalscope.inference.predictor import Predictor
 from crystalscope.runtime import default_workers
 from crystalscope.safety import check_output, next_run_dir, report_folder

@@ -291,7 +291,8 @@ def run_monitor(model: str | os.PathLike, frames_dir: str | os.PathLike, out_dir
     # replaced only with --force, one monitor per folder. Outputs are rewritten in place after
     # every frame (each file atomically), so a watcher always reads complete files.
     with claim_output(out_dir, inputs=[model, frames_dir], kind="folder", force=force, command=COMMAND):
-        remove_recorded(out_dir, keep_folder=True)  # claim_output proved every file there is one an earlier monitor wrote
+        # claim_output proved that an earlier monitor wrote every file there
+        remove_recorded(out_dir, keep_folder=True)
         monitor = Monitor(Predictor.load(model), frames_dir, out_dir, settings)
         return _run(monitor, frames_dir, frames, settings, watch, on_frame)
 

@@ -146,7 +146,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
             raise CrystalscopeError(problem)
         # the one output rule: never inside the data; one writer per run folder; stale .tmp removed
         claim = (claim_output(run_dir, inputs=[config.data_dir, config.model.weights_file], kind="folder",
-                              command=COMMAND, resume=bool(config.resume)) if world.is_main else contextlib.nullcontext())
+                              command=COMMAND, resume=bool(config.resume))
+                 if world.is_main else contextlib.nullcontext())
         with claim:
             try:
                 summary = run_training(config, run_dir, progress and world.is_main, world, device)
