@@ -62,7 +62,7 @@ def test_a_folder_is_replaced_only_when_its_manifest_vouches_for_every_file(tmp_
 def test_a_folder_without_a_manifest_is_written_only_if_empty(tmp_path):
     out = tmp_path / "data"
     (out / "cropped" / "cex").mkdir(parents=True)  # shaped like our output, but the user's
-    assert check_output(out, kind="folder", force=True) == out  # only empty folders: nothing to lose
+    assert check_output(out, kind="folder") == out  # only empty folders: nothing to lose, no --force needed
     (out / "cropped" / "cex" / "a.png").write_bytes(b"png")
     with pytest.raises(OutputError, match=f"no crystalscope manifest \\({MANIFEST_FILE}\\).*choose a new folder"):
         check_output(out, kind="folder", command="synth", force=True)

@@ -174,6 +174,17 @@ def folder_entries(folder: str | os.PathLike) -> Iterator[tuple[str, Path]]:
     yield from walk(os.fspath(folder), "")
 
 
+def holds_output(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a manifest or any file (nested ones too); empty sub-folders and
+    staging names do not count.
+
+    Example:
+        >>> holds_output("runs/new")  # doctest: +SKIP
+        False
+    """
+    return (Path(folder) / MANIFEST_FILE).exists() or next(iter(folder_entries(folder)), None) is not None
+
+
 def read_manifest(folder: str | os.PathLike) -> dict | None:
     """The manifest of ``folder``, or None when it has none (or an unreadable one).
 
@@ -335,7 +346,7 @@ def atomic_dir(final: str | os.PathLike, force: bool = False, command: str = "cr
 
 def _swap_in(final: Path, staging: Path, force: bool) -> None:
     """Replace the existing ``final`` by ``staging``; of the old folder delete only what is ours."""
-    if any(not is_staging_name(p.name) for p in final.iterdir()):
+    if holds_output(final):
         if not force:
             raise FileExistsError(final)
         problem = foreign_entry(final)

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from crystalscope.errors import OutputError
-from crystalscope.io import STAGING_NAME, foreign_entry, is_staging_name, remove_recorded
+from crystalscope.io import STAGING_NAME, foreign_entry, holds_output, remove_recorded
 
 
 def _resolved(path: str | os.PathLike) -> Path:
@@ -155,11 +155,11 @@ def _check_folder(path: Path, target: Path, force: bool, command: str | None, op
     _check_parent(path, target, option)
     if resume or not target.is_dir():
         return
-    if not any(not is_staging_name(p.name) for p in target.iterdir()):
-        return
     problem = foreign_entry(target, command)
     if problem:  # --force never overrides this: it replaces our files, not the user's
         raise OutputError(f"{option} {path} {problem}: choose a new folder; nothing was changed")
+    if not holds_output(target):
+        return  # no file and no manifest: nothing to lose
     if not force:
         raise OutputError(f"{option} {path} holds an earlier output: pass --force to replace it "
                           "(swapped in only once the new one is complete)")
