@@ -119,9 +119,7 @@ def _check_file(path: Path, target: Path, option: str) -> None:
         raise OutputError(f"{option} {path} is a folder: give a file name")
     try:
         mode = os.stat(path).st_mode  # follows links: a link to a device is a device
-    except FileNotFoundError:
-        mode = None
-    except OSError:  # unreadable: the write itself reports it, naming the file
+    except OSError:  # missing (a new file), or unreadable: the write itself reports that
         mode = None
     if mode is not None and not stat.S_ISREG(mode):
         raise OutputError(f"{option} {path} exists and is not a regular file ({_file_type(mode)}): "
