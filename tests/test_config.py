@@ -156,3 +156,16 @@ def test_a_yaml_that_is_not_a_utf8_mapping_is_one_line(tmp_path, content, words)
 def test_the_bounds_are_reachable():
     cfg = load_config(None, {"seed": 2**32 - 1, "head_dropout": [0.0, 0.99], "rotation": 180, "zoom": 0})
     assert cfg.seed == 2**32 - 1 and cfg.augmentation.rotation == 180
+
+
+def test_docs_list_every_constrained_range():
+    from pathlib import Path
+
+    from crystalscope.config import SECTION_OF, allowed_range, field_bounds
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text(encoding="utf-8")
+    constrained = [name for name in SECTION_OF if field_bounds(name)]
+    assert {"seed", "head_hidden", "head_dropout", "rotation", "shift", "zoom"} <= set(constrained)
+    for name in constrained:
+        row = next(line for line in docs.splitlines() if line.startswith(f"| `{name}` |"))
+        assert allowed_range(name) in row, row

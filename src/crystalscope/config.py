@@ -270,7 +270,7 @@ def _type_error(exc: ValidationError, values: dict, sources: dict) -> Crystalsco
         problem = f"is not known; use {_choices(choices(name))}"
     elif error["type"] in _RANGE_ERRORS:  # a Field constraint: say the whole range, not one bound
         each = "each value " if len(error["loc"]) > 2 or isinstance(error["loc"][-1], int) else ""
-        problem = f"is out of range: {each}must be in {_allowed_range(error['ctx'], name)}"
+        problem = f"is out of range: {each}must be in {allowed_range(name, error.get('ctx'))}"
         value = error.get("input") if each else value
     elif error["msg"].startswith("Value error, "):  # a validator's own sentence
         problem = error["msg"].removeprefix("Value error, ")
@@ -285,7 +285,7 @@ def _type_error(exc: ValidationError, values: dict, sources: dict) -> Crystalsco
 _RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number")
 
 
-def _bounds(name: str) -> dict:
+def field_bounds(name: str) -> dict:
     """A field's numeric bounds (``ge``/``gt``/``le``/``lt``), of its items for a list field."""
     section = SECTION_OF.get(name)
     info = (SECTIONS[section] if section else TrainConfig).model_fields[name]
@@ -302,10 +302,15 @@ def _bounds(name: str) -> dict:
     return bounds
 
 
-def _allowed_range(ctx: dict | None, name: str) -> str:
-    """``[0, 1)``-style range of a constrained field, e.g. ``"[0, 4294967295]"`` for seed."""
+def allowed_range(name: str, ctx: dict | None = None) -> str:
+    """The range of a constrained key as an interval (``ctx``: pydantic's bounds for a key not in the config).
+
+    Example:
+        >>> allowed_range("seed"), allowed_range("head_dropout")
+        ('[0, 4294967295]', '[0, 1)')
+    """
     bounds = {k: int(v) if float(v).is_integer() else v
-              for k, v in (_bounds(name) if name in SECTION_OF else dict(ctx or {})).items()}
+              for k, v in (field_bounds(name) if name in SECTION_OF else dict(ctx or {})).items()}
     low = f"[{bounds['ge']}" if "ge" in bounds else f"({bounds['gt']}" if "gt" in bounds else "(-inf"
     high = f"{bounds['le']}]" if "le" in bounds else f"{bounds['lt']})" if "lt" in bounds else "inf)"
     return f"{low}, {high}"
