@@ -172,6 +172,7 @@ BAD_CONFIG = [
     ("not UTF-8", b"lr: 0.1\nbackbone: r\xe9snet\xff\n", ("UTF-8",)),
     ("a list, not a mapping", b"- lr\n- 0.1\n", ("mapping",)),
     ("a section that is not a mapping", b"optimiser: 5\n", ("optimiser", "mapping")),
+    ("a string where a list is expected", b"head_hidden: wide\n", ("head_hidden", "list")),
 ]
 
 
@@ -184,6 +185,13 @@ def test_train_refuses_bad_config_before_writing(assets, tmp_path, case, text, w
                           words=("config.yaml", *words), roots=(assets["root"], config))
     assert not out.exists()
     assert len([line for line in result.output.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_train_refuses_a_seed_option_out_of_range(assets, tmp_path):
+    out = tmp_path / "run"
+    check_attack("train --seed -1", _train_args(assets["split"], out, "--seed", "-1"), code=2,
+                 words=("--seed", "[0, 4294967295]"), roots=(assets["root"],))
+    assert not out.exists()
 
 
 # ---- user text is text ------------------------------------------------------------------------
