@@ -274,3 +274,11 @@ def test_progress_bar_description_is_literal(monkeypatch):
     with progress_bar("decoding [/b] data", total=2, transient=False) as advance:
         advance(2, 2)
     assert "[/b]" in stream.getvalue()
+
+
+def test_embed_prints_class_folder_names_literally(assets, tmp_path, wide):
+    data = _markup_copy(assets, tmp_path, "[red]x")
+    result = check_attack("embed: class folders with markup", ["embed", assets["onnx"], data / "test", "--out",
+                                                               tmp_path / "embed [/b]", "--clusters", "2"],
+                          code=0, roots=(data,))
+    assert "[red]x" in result.output and "embed [/b]" in result.output, result.output
