@@ -286,7 +286,12 @@ _RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_e
 
 
 def field_bounds(name: str) -> dict:
-    """A field's numeric bounds (``ge``/``gt``/``le``/``lt``), of its items for a list field."""
+    """A field's numeric bounds (``ge``/``gt``/``le``/``lt``), of its items for a list field.
+
+    Example:
+        >>> field_bounds("head_dropout")
+        {'ge': 0, 'lt': 1}
+    """
     section = SECTION_OF.get(name)
     info = (SECTIONS[section] if section else TrainConfig).model_fields[name]
     metadata = list(info.metadata)

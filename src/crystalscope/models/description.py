@@ -71,7 +71,12 @@ def validate_description(meta, source: str) -> None:
 
 
 def preprocessing_from(meta: dict, source: str) -> Preprocessing:
-    """The description's :class:`Preprocessing`, or a one-line error naming the bad key."""
+    """The description's :class:`Preprocessing`, or a one-line error naming the bad key.
+
+    Example:
+        >>> preprocessing_from({"preprocessing": {"image_size": 32}}, "m.ckpt").image_size
+        32
+    """
     pre = meta.get("preprocessing")
     if not isinstance(pre, dict):
         raise _bad(source, "preprocessing", pre, "a mapping with image_size, mean, std, resize, interpolation")
