@@ -122,3 +122,50 @@ def test_choices_are_named_once():
     assert choices("precision") == ("auto", "fp32", "bf16")
     assert choices("prefix_runtime") == ("auto", "onnxruntime", "torch")
     assert choices("lr") == ()
+
+
+@pytest.mark.parametrize("override,expected", [
+    ({"seed": -1}, "--seed: -1 is out of range: must be in [0, 4294967295]"),
+    ({"seed": 2**32}, "--seed: 4294967296 is out of range: must be in [0, 4294967295]"),
+    ({"head_dropout": [0.2, 1.0]}, "--head-dropout: 1.0 is out of range: each value must be in [0, 1)"),
+    ({"head_hidden": [64, 0]}, "--head-hidden: 0 is out of range: each value must be in [1, inf)"),
+    ({"rotation": -5}, "--rotation: -5 is out of range: must be in [0, 180]"),
+    ({"zoom": 1.0}, "--zoom: 1.0 is out of range: must be in [0, 1)"),
+    ({"shift": float("nan")}, "--shift: nan is out of range: must be in [0, 1)"),
+])
+def test_values_out_of_their_domain_name_the_key_and_the_range(override, expected):
+    with pytest.raises(CrystalscopeError) as err:
+        load_config(None, override)
+    assert str(err.value) == expected
+
+
+@pytest.mark.parametrize("content,words", [
+    (b"lr: 0.1\nbackbone: r\xe9snet\n", "not UTF-8"),
+    (b"- lr\n- 0.1\n", "expected a mapping of option: value, not a list"),
+    (b"'just a string'\n", "not a str"),
+    (b"optimiser: [1, 2]\n", "optimiser must be a mapping"),
+])
+def test_a_yaml_that_is_not_a_utf8_mapping_is_one_line(tmp_path, content, words):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    with pytest.raises(CrystalscopeError) as err:
+        load_config(path)
+    assert words in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_bounds_are_reachable():
+    cfg = load_config(None, {"seed": 2**32 - 1, "head_dropout": [0.0, 0.99], "rotation": 180, "zoom": 0})
+    assert cfg.seed == 2**32 - 1 and cfg.augmentation.rotation == 180
+
+
+def test_docs_list_every_constrained_range():
+    from pathlib import Path
+
+    from crystalscope.config import SECTION_OF, allowed_range, field_bounds
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text(encoding="utf-8")
+    constrained = [name for name in SECTION_OF if field_bounds(name)]
+    assert {"seed", "head_hidden", "head_dropout", "rotation", "shift", "zoom"} <= set(constrained)
+    for name in constrained:
+        row = next(line for line in docs.splitlines() if line.startswith(f"| `{name}` |"))
+        assert allowed_range(name) in row, row

@@ -18,7 +18,7 @@ import difflib
 import math
 import os
 from pathlib import Path
-from typing import Literal, get_args, get_origin
+from typing import Annotated, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -49,8 +49,8 @@ class ModelConfig(_Section):
     weights: Weights = "imagenet"
     weights_file: str | None = None
     trainable_fraction: float = 0.1  # last fraction of backbone layers trained: 0 frozen, 1 all
-    head_hidden: list[int] = Field(default_factory=lambda: [512, 256])
-    head_dropout: list[float] = Field(default_factory=lambda: [0.4, 0.3])
+    head_hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [512, 256])  # widths
+    head_dropout: list[Annotated[float, Field(ge=0, lt=1)]] = Field(default_factory=lambda: [0.4, 0.3])
     image_size: int = 224
     resize: Resize = "stretch"
 
@@ -69,9 +69,9 @@ class OptimiserConfig(_Section):
 class AugmentationConfig(_Section):
     """Training augmentation (Keras ImageDataGenerator semantics); fields of ``AugmentSpec``."""
 
-    rotation: float = 30.0  # degrees, uniform in +-rotation
-    shift: float = 0.2  # fraction of the side, uniform in +-shift
-    zoom: float = 0.3  # scale uniform in 1 +- zoom
+    rotation: float = Field(30.0, ge=0, le=180)  # degrees, uniform in +-rotation
+    shift: float = Field(0.2, ge=0, lt=1)  # fraction of the side, uniform in +-shift
+    zoom: float = Field(0.3, ge=0, lt=1)  # scale uniform in 1 +- zoom (1 would reach scale 0)
     hflip: bool = True
     vflip: bool = True
 
@@ -127,7 +127,7 @@ class TrainConfig(_Section):
     out: str | None = None  # None: runs/train, runs/train2, ... (never overwrites a run)
     resume: str | None = None
     positive_class: str | None = None  # default: pg when present, else the last class (binary)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's seeds are 32-bit
     onnx: bool = True
     # fraction of valid (val) images the rejection threshold rejects; 0 = no fit (docs/ood.md)
     reject_fpr: float = 0.01
@@ -268,6 +268,10 @@ def _type_error(exc: ValidationError, values: dict, sources: dict) -> Crystalsco
     value = values.get(name, error.get("input"))
     if error["type"] == "literal_error":
         problem = f"is not known; use {_choices(choices(name))}"
+    elif error["type"] in _RANGE_ERRORS:  # a Field constraint: say the whole range, not one bound
+        each = "each value " if len(error["loc"]) > 2 or isinstance(error["loc"][-1], int) else ""
+        problem = f"is out of range: {each}must be in {allowed_range(name, error.get('ctx'))}"
+        value = error.get("input") if each else value
     elif error["msg"].startswith("Value error, "):  # a validator's own sentence
         problem = error["msg"].removeprefix("Value error, ")
     else:
@@ -278,15 +282,63 @@ def _type_error(exc: ValidationError, values: dict, sources: dict) -> Crystalsco
     return CrystalscopeError(f"{source}: {name}={value!r} {problem}")
 
 
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number")
+
+
+def field_bounds(name: str) -> dict:
+    """A field's numeric bounds (``ge``/``gt``/``le``/``lt``), of its items for a list field.
+
+    Example:
+        >>> field_bounds("head_dropout")
+        {'ge': 0, 'lt': 1}
+    """
+    section = SECTION_OF.get(name)
+    info = (SECTIONS[section] if section else TrainConfig).model_fields[name]
+    metadata = list(info.metadata)
+    for arg in get_args(info.annotation):  # list[Annotated[int, Field(ge=1)]]: the item's constraints
+        metadata += getattr(arg, "__metadata__", ())
+        for item in getattr(arg, "__metadata__", ()):
+            metadata += getattr(item, "metadata", [])
+    bounds = {}
+    for item in metadata:
+        for key in ("ge", "gt", "le", "lt"):
+            if getattr(item, key, None) is not None:
+                bounds[key] = getattr(item, key)
+    return bounds
+
+
+def allowed_range(name: str, ctx: dict | None = None) -> str:
+    """The range of a constrained key as an interval (``ctx``: pydantic's bounds for a key not in the config).
+
+    Example:
+        >>> allowed_range("seed"), allowed_range("head_dropout")
+        ('[0, 4294967295]', '[0, 1)')
+    """
+    bounds = {k: int(v) if float(v).is_integer() else v
+              for k, v in (field_bounds(name) if name in SECTION_OF else dict(ctx or {})).items()}
+    low = f"[{bounds['ge']}" if "ge" in bounds else f"({bounds['gt']}" if "gt" in bounds else "(-inf"
+    high = f"{bounds['le']}]" if "le" in bounds else f"{bounds['lt']})" if "lt" in bounds else "inf)"
+    return f"{low}, {high}"
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise CrystalscopeError(f"--config {path}: file not found")
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise CrystalscopeError(f"--config {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8 YAML") from None
     except yaml.YAMLError as exc:
         raise CrystalscopeError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise CrystalscopeError(f"--config {path}: nested too deeply to be a config of option: value") from None
     if not isinstance(loaded, dict):
-        raise CrystalscopeError(f"--config {path}: expected a mapping of option: value")
+        raise CrystalscopeError(f"--config {path}: expected a mapping of option: value, not a "
+                                f"{type(loaded).__name__}")
+    for section in SECTIONS:
+        if section in loaded and not isinstance(loaded[section], dict):
+            raise CrystalscopeError(f"--config {path}: {section} must be a mapping of option: value, not "
+                                    f"{loaded[section]!r}"[:200])
     return loaded
 
 

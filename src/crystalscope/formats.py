@@ -16,6 +16,8 @@ CHECKPOINT_FORMAT = "crystalscope-checkpoint/1"
 
 # ---- exported model (.onnx) ---------------------------------------------------------------------
 ONNX_FORMAT = "crystalscope-onnx/1"
+#: every ONNX format this version reads (the one list; a file of any other format is refused)
+KNOWN_ONNX_FORMATS: tuple[str, ...] = (ONNX_FORMAT,)
 ONNX_METADATA_KEY = "crystalscope"  # metadata_props entry holding the JSON description
 
 # ---- a run folder -----------------------------------------------------------------------------

@@ -136,7 +136,8 @@ def progress_bar(description: str, total: int | None = None, enabled: bool = Tru
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    # markup=False: a description may hold a file name, and "[/b]" in it would raise in rich
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), transient=transient) as bar:
         task = bar.add_task(description, total=total)

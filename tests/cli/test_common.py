@@ -67,3 +67,25 @@ def test_log_records_reach_the_terminal_as_bare_messages(capsys):
         logger.handlers[:], logger.level = before
     assert capsys.readouterr().err.splitlines() == ["1/5 synth", "shown detail"]
 
+
+
+@pytest.mark.parametrize("text", ["split of data [/b] -> out", "PG [red]x.png", "[link=x]y", "back\\slash [/]",
+                                  ":smile: [bold]"])
+def test_the_cli_console_prints_user_text_literally(text):
+    from rich.table import Table
+
+    from crystalscope.cli.common import console
+
+    out = console()
+    with out.capture() as captured:
+        out.print(text)
+        table = Table(title=f"audit of {text}")
+        table.add_column(text)
+        table.add_row(text)
+        out.print(table)
+    assert captured.get().count(text) >= 3, captured.get()
+
+
+def test_an_error_message_with_markup_is_one_literal_line():
+    result = CliRunner().invoke(_command(CrystalscopeError("data [/b]/x.png: not found")), [])
+    assert result.exit_code == 2 and result.output.strip() == "error: data [/b]/x.png: not found"

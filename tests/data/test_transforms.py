@@ -44,3 +44,10 @@ def test_numpy_and_torch_normalisation_agree():
 def test_bad_settings_are_one_line_errors(kwargs, message):
     with pytest.raises(CrystalscopeError, match=message):
         Preprocessing(**kwargs)
+
+
+@pytest.mark.parametrize("changes", [{"std": (0.2, 0.0, 0.2)}, {"std": (0.2, -0.1, 0.2)}, {"mean": (0.5, 0.5)},
+                                     {"std": (0.2, float("nan"), 0.2)}, {"mean": (0.5, float("inf"), 0.5)}])
+def test_a_preprocessing_that_would_divide_by_zero_or_misalign_channels_is_refused(changes):
+    with pytest.raises(CrystalscopeError, match="must be 3 finite numbers"):
+        Preprocessing(image_size=32, **changes)

@@ -397,3 +397,20 @@ def test_logits_and_scores_is_the_forward_of_predict(real_samples):
 def test_from_checkpoint_refuses_an_unusable_device():
     with pytest.raises(CrystalscopeError, match="--device"):
         Predictor.from_checkpoint(tiny_checkpoint("pad"), "cuda:7" if not torch.cuda.is_available() else "nonsense")
+
+
+def test_every_onnx_load_checks_the_metadata_against_the_graph(models, tmp_path):
+    import json
+
+    onnx = pytest.importorskip("onnx")
+    proto = onnx.load(str(models["stretch"]["onnx"]))
+    entry = next(p for p in proto.metadata_props if p.key == "crystalscope")
+    meta = json.loads(entry.value)
+    meta["format"] = "crystalscope-onnx/99"
+    entry.value = json.dumps(meta)
+    bad = tmp_path / "future.onnx"
+    onnx.save(proto, str(bad))
+    for load in (Predictor.load, Predictor.from_onnx):
+        with pytest.raises(CrystalscopeError, match=r"future\.onnx: format = 'crystalscope-onnx/99'"):
+            load(bad)
+    assert Predictor.load(models["stretch"]["onnx"]).class_names == ["cex", "pg"]

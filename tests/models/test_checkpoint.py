@@ -102,3 +102,22 @@ def test_a_pickled_object_is_not_unpickled(tmp_path):
     torch.save({"format": CHECKPOINT_FORMAT, "payload": Fraction(1, 3)}, path)
     with pytest.raises(CrystalscopeError, match="not a readable crystalscope checkpoint"):
         checkpoint.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("key,value", [("temperature", float("nan")), ("temperature", 0.0), ("temperature", -1.0),
+                                       ("class_names", ["cex", "cex"]), ("positive_class", "salt")])
+def test_a_checkpoint_with_a_bad_value_is_refused_on_load(tmp_path, key, value):
+    _, ckpt = _checkpoint()
+    ckpt[key] = value
+    path = checkpoint.save_checkpoint(ckpt, tmp_path / "bad.ckpt")
+    with pytest.raises(CrystalscopeError, match=key) as err:
+        checkpoint.load_checkpoint(path)
+    assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
+
+
+def test_a_checkpoint_with_std_zero_is_refused_on_load(tmp_path):
+    _, ckpt = _checkpoint()
+    ckpt["preprocessing"]["std"] = [0.2, 0.0, 0.2]
+    path = checkpoint.save_checkpoint(ckpt, tmp_path / "bad.ckpt")
+    with pytest.raises(CrystalscopeError, match="preprocessing.std"):
+        checkpoint.load_checkpoint(path)

@@ -60,3 +60,25 @@ def test_serving_onnx_needs_no_torch(onnx_model, real_samples):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "200 ok []", proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("key,value", [("temperature", float("nan")), ("format", "crystalscope-onnx/99"),
+                                       ("class_names", ["cex", "cex"])])
+def test_the_app_is_not_built_on_a_model_with_a_bad_description(onnx_model, tmp_path, key, value):
+    """A bad model is refused when the server starts (one line), not answered with 500 per request."""
+    import json
+
+    onnx = pytest.importorskip("onnx")
+    from crystalscope.serve.server import build_app
+    from crystalscope.serve.uploads import ServeLimits
+
+    proto = onnx.load(str(onnx_model))
+    entry = next(p for p in proto.metadata_props if p.key == "crystalscope")
+    meta = json.loads(entry.value)
+    meta[key] = value
+    entry.value = json.dumps(meta)
+    bad = tmp_path / "bad.onnx"
+    onnx.save(proto, str(bad))
+    with pytest.raises(CrystalscopeError, match=key) as err:
+        build_app(bad, ServeLimits())
+    assert "\n" not in str(err.value)

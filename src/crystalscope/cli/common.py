@@ -30,6 +30,22 @@ app = typer.Typer(
 IMAGE_PATHS_HELP = f"Image files and/or folders ({', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}; any case)."
 
 
+def console(stderr: bool = False):
+    """The CLI's one rich Console: every string it prints is literal text, never markup.
+
+    File names, class folders and messages are user text: a path such as ``runs/[/b]x`` or
+    ``PG [red].png`` must print as it is (rich would read it as a closing tag and raise).
+    Styles are given as ``style=`` or ``rich.text.Text`` spans, never inline ``[tags]``.
+
+    Example:
+        >>> console().print("split [/b] -> out")  # doctest: +SKIP
+        split [/b] -> out
+    """
+    from rich.console import Console
+
+    return Console(stderr=stderr, markup=False, highlight=False, emoji=False)
+
+
 def fail(message: str, code: int = 2) -> "typer.Exit":
     """Print a one-line error to stderr and return the Exit to raise."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from crystalscope.cli.common import app, user_errors
+from crystalscope.cli.common import app, console as cli_console, user_errors
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -19,13 +19,12 @@ if TYPE_CHECKING:
 
 def render_split(summary: "SplitSummary", console: "Console | None" = None) -> None:
     """The class x split counts table, then what was grouped, skipped or warned about."""
-    from rich.console import Console
     from rich.table import Table
 
     from crystalscope.data.split import summary_lines
     from crystalscope.formats import SPLITS
 
-    console = console or Console()
+    console = console or cli_console()
     table = Table(title=f"split of {summary.source} -> {summary.out_dir} (seed {summary.seed})")
     table.add_column("class")
     for split_name in SPLITS:
@@ -44,12 +43,11 @@ def render_split(summary: "SplitSummary", console: "Console | None" = None) -> N
 
 def render_audit(result: "AuditResult", console: "Console | None" = None) -> None:
     """The counts table and the audit's findings; warnings in bold red."""
-    from rich.console import Console
     from rich.table import Table
 
     from crystalscope.data.audit import summary_lines
 
-    console = console or Console()
+    console = console or cli_console()
     table = Table(title=f"audit of {result.data_dir}")
     table.add_column("split")
     for class_name in result.classes:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from crystalscope.cli.common import app, user_errors
+from crystalscope.cli.common import app, console as cli_console, user_errors
 
 
 @app.command("demo")
@@ -21,11 +21,10 @@ def demo_command(
     seed: int = typer.Option(0, "--seed", help="Seed for the generator and training."),
 ):
     """Run the main job end to end on generated data: synth, split, audit, train, report, ONNX, predict."""
-    from rich.console import Console
 
     from crystalscope.demo import run_demo
 
-    console = Console()
+    console = cli_console()
     result = run_demo(out, per_class=per_class, backbone=backbone, image_size=image_size, epochs=epochs,
                       seed=seed, on_step=lambda name, step: _print_step(name, step, console))
     _print_demo(result, console)

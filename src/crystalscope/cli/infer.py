@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
-from crystalscope.cli.common import IMAGE_PATHS_HELP, app, fail, user_errors
+from crystalscope.cli.common import IMAGE_PATHS_HELP, app, console as cli_console, fail, user_errors
 
 if TYPE_CHECKING:  # the CLI imports the library inside each command (a plant PC may lack torch)
     from crystalscope.inference.stream import PredictSummary
@@ -110,7 +110,6 @@ def predict_cmd(
 
 
 def _print_predictions(summary: "PredictSummary", show: int) -> None:
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text  # plain Text: file names like "PG [1].png" are not markup
 
@@ -121,7 +120,7 @@ def _print_predictions(summary: "PredictSummary", show: int) -> None:
     for p in predictions[:show]:
         table.add_row(Text(p.path), Text(p.predicted or ""), f"{p.confidence:.4f}" if p.classified else "",
                       Text(p.status, style="" if p.ok else "yellow" if p.rejected else "red"))
-    console = Console()
+    console = cli_console()
     if show:
         console.print(table)
         if summary.n_images > show:
@@ -150,7 +149,6 @@ def ood_eval_command(
     device: str = typer.Option("auto", "--device", help="For .ckpt models: auto, cpu or cuda."),
 ):
     """Measure rejection of foreign images: AUROC, FPR at 95 % TPR and rejection rate per folder."""
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
@@ -166,7 +164,7 @@ def ood_eval_command(
     for s in result.sets:
         table.add_row(Text(s.name), s.kind, str(s.n_images), "-" if s.auroc is None else f"{s.auroc:.4f}",
                       _percent(s.fpr_at_95_tpr), _percent(s.rejection_rate))
-    Console().print(table)
+    cli_console().print(table)
     if report is not None:
         typer.echo(f"report: {report / 'ood_eval.md'}, {report / 'ood_eval.json'}")
 

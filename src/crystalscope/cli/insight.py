@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from crystalscope.cli.common import IMAGE_PATHS_HELP, app, fail, user_errors
+from crystalscope.cli.common import IMAGE_PATHS_HELP, app, console as cli_console, fail, user_errors
 
 
 @app.command("embed")
@@ -41,7 +41,6 @@ def embed_cmd(
 
 
 def _print_embedding(summary: dict, out: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     clusters = summary["clusters"]
@@ -52,7 +51,7 @@ def _print_embedding(summary: dict, out: Path) -> None:
     for row in clusters["composition"]:
         table.add_row(str(row["cluster"]), str(row["n"]), ", ".join(f"{k} {v}" for k, v in row["true"].items()),
                       ", ".join(f"{k} {v}" for k, v in row["predicted"].items()))
-    console = Console()
+    console = cli_console()
     console.print(table)
     explained = summary["projection"]["explained"]
     if explained:
@@ -104,7 +103,6 @@ def drift_cmd(
 
 
 def _print_drift(summary: dict, out: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
@@ -118,7 +116,7 @@ def _print_drift(summary: dict, out: Path) -> None:
         table.add_row(Text(name), str(s["n_images"]), f"{s['n_flagged']} ({100 * (s['flagged_fraction'] or 0):.1f} %)",
                       f"{100 * low:.1f}-{100 * high:.1f} %", f"{mmd.get('mmd2', float('nan')):.4f}",
                       f"{mmd.get('p_value', float('nan')):.3g}", s["verdict"])
-    console = Console()
+    console = cli_console()
     console.print(table)
     console.print(f"threshold {summary['threshold']:.4f} (cosine distance, "
                   f"{100 * summary['settings']['false_flag_rate']:g} % of held-out reference images above it)",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from crystalscope.cli.common import app, user_errors
+from crystalscope.cli.common import app, console as cli_console, user_errors
 
 
 @app.command("synth-process")
@@ -63,12 +63,11 @@ def monitor_command(
                                "(a folder holding anything else is never replaced)."),
 ):
     """Watch a crystallization: particles per frame -> PG fraction over time -> alarm."""
-    from rich.console import Console
 
     from crystalscope.monitor.run import MonitorSettings, run_monitor
     from crystalscope.monitor.timeline import AlarmRule
 
-    console = Console(stderr=True)
+    console = cli_console(stderr=True)
     settings = MonitorSettings(rule=AlarmRule(alarm_fraction, alarm_frames, smoothing), detector=detector,
                                batch_size=batch_size, overlay=overlay, min_sharpness=min_sharpness,
                                max_side=max_side, min_confidence=min_confidence)

@@ -74,6 +74,12 @@ class Preprocessing:
             )
         if int(self.image_size) < 8:
             raise CrystalscopeError(f"--image-size {self.image_size} is too small: use 8 or more")
+        for key, values in (("mean", self.mean), ("std", self.std)):
+            values = [float(v) for v in values]  # (TypeError for a non-number, as before)
+            # a std of 0 divides by zero: every image would become inf/NaN and get one label
+            if len(values) != 3 or not all(np.isfinite(values)) or (key == "std" and min(values) <= 0):
+                raise CrystalscopeError(f"preprocessing {key} {values} must be 3 finite numbers (R, G, B)"
+                                        + (", each > 0" if key == "std" else ""))
         object.__setattr__(self, "image_size", int(self.image_size))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))

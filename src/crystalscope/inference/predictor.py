@@ -42,6 +42,7 @@ from crystalscope.data.layout import IMAGE_EXTENSIONS, list_images
 from crystalscope.data.transforms import Preprocessing
 from crystalscope.errors import CrystalscopeError, require
 from crystalscope.evaluation.calibration import softmax
+from crystalscope.models.description import validate_metadata
 # the ONNX metadata contract lives in crystalscope.formats; the names stay importable from here
 from crystalscope.formats import ONNX_FORMAT, ONNX_METADATA_KEY as METADATA_KEY  # noqa: F401  (re-exported)
 from crystalscope.runtime import cpu_count, default_workers, first_line, resolve_device
@@ -117,8 +118,10 @@ class _OnnxBackend:
             )
         try:
             self.meta = json.loads(meta_map[METADATA_KEY])
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise CrystalscopeError(f"{path}: the crystalscope metadata is not valid JSON; re-export the model") from None
+        validate_metadata(self.meta, [(i.name, i.shape) for i in self.session.get_inputs()],
+                          [(o.name, o.shape) for o in self.session.get_outputs()], str(path))
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.source = path

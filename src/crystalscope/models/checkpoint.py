@@ -19,6 +19,7 @@ from crystalscope.data.transforms import Preprocessing
 from crystalscope.errors import CrystalscopeError
 from crystalscope.formats import CHECKPOINT_FORMAT
 from crystalscope.io import write_bytes
+from crystalscope.models.description import validate_description
 from crystalscope.models.factory import CrystalClassifier, HeadSpec, build_model
 
 FORMAT = CHECKPOINT_FORMAT
@@ -66,7 +67,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load and validate a checkpoint (no arbitrary unpickling).
 
     Raises:
-        CrystalscopeError: missing file, not a checkpoint, or written by another tool.
+        CrystalscopeError: missing file, not a checkpoint, written by another tool, or a bad
+            value in its description (:func:`~crystalscope.models.description.validate_description`).
     """
     path = Path(path)
     if not path.is_file():
@@ -77,6 +79,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise CrystalscopeError(f"{path}: not a readable crystalscope checkpoint ({type(exc).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CrystalscopeError(f"{path}: not a crystalscope checkpoint (expected format {FORMAT})")
+    validate_description(ckpt, str(path))
     return ckpt
 
 
