@@ -43,6 +43,23 @@ RUN_FILES = (CONFIG_FILE, ENVIRONMENT_FILE, METRICS_FILE, METRICS_PLOT_FILE, WEI
 MANIFEST_FILE = "crystalscope-manifest.json"
 MANIFEST_FORMAT = "crystalscope-manifest/1"
 
+# ---- the provenance of a predictions CSV ---------------------------------------------------------
+# Beside every predictions CSV (not on stdout): ``<csv>.json`` with what decides its rows. resume
+# and merge compare PREDICTIONS_IDENTITY (and the shard) and refuse to mix.
+PREDICTIONS_FORMAT = "crystalscope-predictions/1"
+PREDICTIONS_SIDECAR_SUFFIX = ".json"
+#: keys that must be equal for rows to belong in one CSV (resume) or one merge
+PREDICTIONS_IDENTITY = ("model_sha256", "class_names", "inputs", "recursive", "reject")
+
+
+def predictions_sidecar(csv_path) -> "Path":
+    """``predictions.csv`` -> ``predictions.csv.json``, the provenance file beside it."""
+    from pathlib import Path
+
+    csv_path = Path(csv_path)
+    return csv_path.with_name(csv_path.name + PREDICTIONS_SIDECAR_SUFFIX)
+
+
 # ---- metrics.csv ------------------------------------------------------------------------------
 METRICS_PER_CLASS = ("precision", "recall", "f1")
 

@@ -4,6 +4,7 @@ predict's table and its all-unreadable exit, merge's summary)."""
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -78,13 +79,33 @@ def test_predict_exits_1_when_no_file_is_an_image(tiny_ckpt, tmp_path):
     assert line == f"error: none of the 2 files could be read as an image (reasons in {tmp_path / 'p.csv'})"
 
 
+def shard_csvs(tmp_path, names=("x.png", "y.png", "z.png", "w.png"), count=2) -> list:
+    """Shard CSVs of one campaign as predict writes them: rows of their shard, a provenance file each."""
+    from crystalscope.inference.provenance import write_provenance
+    from crystalscope.inference.stream import in_shard
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"weights")
+    parts = []
+    for index in range(count):
+        part = tmp_path / f"part{index}.csv"
+        rows = [n for n in names if in_shard(n, (index, count))]
+        part.write_text("path,predicted\n" + "".join(f"{n},cex\n" for n in rows))
+        write_provenance(part, {"format": "crystalscope-predictions/1", "model_sha256": "abc", "class_names": ["cex"],
+                                "inputs": ["/crops"], "recursive": True, "reject": True, "shard": f"{index}/{count}"})
+        parts.append(part)
+    return parts
+
+
 def test_merge_joins_the_shards_and_says_how_many_rows(tmp_path):
-    (tmp_path / "a.csv").write_text("path,predicted\nx.png,cex\ny.png,pg\n")
-    (tmp_path / "b.csv").write_text("path,predicted\nz.png,pg\n")
-    result = invoke("merge", tmp_path / "a.csv", tmp_path / "b.csv", "--out", tmp_path / "all.csv")
+    parts = shard_csvs(tmp_path)
+    result = invoke("merge", *parts, "--out", tmp_path / "all.csv")
     assert result.exit_code == 0, result.output
-    assert f"3 rows from 2 shard CSVs -> {tmp_path / 'all.csv'}" in result.output
-    assert (tmp_path / "all.csv").read_text().splitlines() == ["path,predicted", "x.png,cex", "y.png,pg", "z.png,pg"]
+    assert f"4 rows from 2 shard CSVs -> {tmp_path / 'all.csv'}" in result.output
+    lines = (tmp_path / "all.csv").read_text().splitlines()
+    assert lines[0] == "path,predicted" and sorted(lines[1:]) == ["w.png,cex", "x.png,cex", "y.png,cex", "z.png,cex"]
+    merged = json.loads((tmp_path / "all.csv.json").read_text())
+    assert merged["shard"] is None and merged["missing_shards"] == [] and merged["model_sha256"] == "abc"
 
 
 def test_merge_of_a_missing_shard_names_it_and_writes_nothing(tmp_path):

@@ -17,6 +17,7 @@ from crystalscope.inference.stream import predict_paths
 from crystalscope.inference.predictor import Prediction
 from crystalscope.inference.stream import SheetRows, in_shard, iter_files, parse_shard, predict_stream
 from crystalscope.errors import CrystalscopeError
+from close_rows import assert_rows_close
 from crystalscope.models.factory import HeadSpec, build_model
 from crystalscope.models.checkpoint import make_checkpoint, save_checkpoint
 
@@ -61,11 +62,8 @@ def test_listing_is_lazy_and_matches_the_in_memory_predict(model, campaign, tmp_
     assert streamed.n_images == whole.n_images == 38 and streamed.n_errors == 1
     assert streamed.n_ok + streamed.n_rejected == 37 and sum(streamed.counts.values()) == streamed.n_ok
     assert len(streamed.predictions) == 20 and len(whole.predictions) == 38  # keep=20 by default
-    by_path = {r["path"]: r for r in rows(tmp_path / "w.csv")}
-    got = rows(tmp_path / "s.csv")
-    assert list(got[0]) == list(next(iter(by_path.values())))  # the same columns, in the same order
-    assert sorted(r["path"] for r in got) == sorted(by_path)
-    assert all(r == by_path[r["path"]] for r in got)
+    # other chunks split the batches otherwise: the same rows, probabilities within float noise
+    assert_rows_close(rows(tmp_path / "s.csv"), rows(tmp_path / "w.csv"), atol=1e-5)
 
 
 def test_listing_gives_each_file_once_however_the_paths_overlap(tmp_path):
@@ -136,7 +134,7 @@ def test_resume_refuses_a_csv_with_other_columns_and_bad_shards(model, campaign,
     before = other.read_bytes()
     result = CliRunner().invoke(app, ["predict", str(model), str(campaign), "--out", str(other), "--resume",
                                       "--device", "cpu"])
-    assert result.exit_code == 2 and "p_a" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "other.csv.json" in result.output and "Traceback" not in result.output
     assert other.read_bytes() == before  # never appended to, never truncated
     for bad in ("2/2", "x", "1/0"):
         with pytest.raises(CrystalscopeError, match="--shard"):

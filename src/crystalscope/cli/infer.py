@@ -71,7 +71,9 @@ def predict_cmd(
     model: Path = typer.Argument(..., help="Trained model: a .ckpt checkpoint (needs PyTorch) or an exported .onnx."),
     paths: List[Path] = typer.Argument(..., help=IMAGE_PATHS_HELP),
     out: Path = typer.Option(Path("predictions.csv"), "--out", "-o",
-                             help="CSV to write: path,predicted,confidence,p_<class>...,ood_score,ood_threshold,status."),
+                             help="CSV to write: path,predicted,confidence,p_<class>...,ood_score,ood_threshold,status; "
+                             "beside it <csv>.json records the model, inputs and options (resume and merge check "
+                             "it). '-' writes the CSV to standard output (no .json; logs stay on stderr)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="Images per forward pass "
                                              "(default: 8 for an .onnx model, the fastest on a CPU; 32 for a .ckpt)."),
     recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Look for images in subfolders too."),
@@ -104,12 +106,12 @@ def predict_cmd(
                                  reject=reject, sheet=sheet, sheet_max=sheet_max)
     if summary.n_skipped:
         typer.echo(f"resumed: {summary.n_skipped} files already in {out} were skipped", err=True)
-    _print_predictions(summary, show)
+    _print_predictions(summary, show, stderr=str(out) == "-")  # stdout carries the CSV then
     if summary.n_images and summary.n_ok + summary.n_rejected == 0:  # (a resume may have nothing left)
         raise fail(f"none of the {summary.n_images} files could be read as an image (reasons in {out})", 1)
 
 
-def _print_predictions(summary: "PredictSummary", show: int) -> None:
+def _print_predictions(summary: "PredictSummary", show: int, stderr: bool = False) -> None:
     from rich.table import Table
     from rich.text import Text  # plain Text: file names like "PG [1].png" are not markup
 
@@ -120,7 +122,7 @@ def _print_predictions(summary: "PredictSummary", show: int) -> None:
     for p in predictions[:show]:
         table.add_row(Text(p.path), Text(p.predicted or ""), f"{p.confidence:.4f}" if p.classified else "",
                       Text(p.status, style="" if p.ok else "yellow" if p.rejected else "red"))
-    console = cli_console()
+    console = cli_console(stderr=stderr)
     if show:
         console.print(table)
         if summary.n_images > show:
@@ -177,10 +179,19 @@ def _percent(value: float | None) -> str:
 @user_errors
 def merge_cmd(
     parts: List[Path] = typer.Argument(..., help="The CSVs of `predict --shard I/N`, one per shard."),
-    out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="The joined CSV (written atomically)."),
+    out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="The joined CSV (written atomically, "
+                             "with its <csv>.json)."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Merge even when a shard of I/N is "
+                                       "missing (the summary and the .json name the missing ones)."),
 ):
-    """Join the prediction CSVs of several shards (same model, same columns) into one."""
+    """Join the prediction CSVs of the shards of one campaign (same model, inputs and options) into one.
+
+    Refuses a shard given twice, shards of different models or options, a path in two shards
+    and, without --allow-partial, a missing shard.
+    """
     from crystalscope.inference.stream import merge_csvs
 
-    result = merge_csvs(parts, out)
-    typer.echo(f"{result['rows']} rows from {result['parts']} shard CSVs -> {result['out_csv']}")
+    result = merge_csvs(parts, out, allow_partial=allow_partial)
+    missing = result["missing_shards"]
+    note = f" (partial: shard {', '.join(missing)} missing)" if missing else ""
+    typer.echo(f"{result['rows']} rows from {result['parts']} shard CSVs -> {result['out_csv']}{note}")

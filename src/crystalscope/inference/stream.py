@@ -38,11 +38,15 @@ from crystalscope.data.layout import is_hidden
 from crystalscope.errors import CrystalscopeError
 from crystalscope.evaluation.sheets import sheet_urgency
 from crystalscope.inference.predictor import Prediction, Predictor, prediction_columns, predictions_csv
+from crystalscope.formats import predictions_sidecar
+from crystalscope.inference.provenance import check_resume, check_shards, provenance, write_provenance
 from crystalscope.io import atomic_path
 from crystalscope.runtime import ProgressCallback, progress_bar
 
 logger = logging.getLogger(__name__)
 
+#: ``--out -``: the CSV on standard output
+STDOUT = "-"
 #: Files per appended block: big enough that the write is cheap, small enough that a kill loses little.
 DEFAULT_CHUNK = 512
 #: fsync the CSV at most this often (one disk round trip per block is not needed: a killed
@@ -289,32 +293,78 @@ def predict_stream(model_path: str | os.PathLike, paths: Sequence[str | os.PathL
         >>> s.n_images + s.n_skipped  # doctest: +SKIP
         250123
     """
-    from crystalscope.safety import check_output, claim_output
-
     if (batch_size is not None and batch_size < 1) or chunk < 1:
         raise CrystalscopeError(f"--batch-size {batch_size} must be 1 or more")
     _check_sheet_options(sheet, sheet_max)
-    out_csv = Path(out_csv)
+    if str(out_csv) == STDOUT:
+        if resume:
+            raise CrystalscopeError("--out -: --resume appends to a CSV file; give a file name to resume into")
+        return _predict_to_stdout(model_path, paths, batch_size=batch_size, recursive=recursive, device=device,
+                                  shard=shard, chunk=chunk, keep=keep, on_progress=on_progress, reject=reject,
+                                  sheet=sheet, sheet_max=sheet_max)
+    return _predict_to_file(model_path, paths, Path(out_csv), batch_size=batch_size, recursive=recursive,
+                            device=device, resume=resume, shard=shard, chunk=chunk, keep=keep,
+                            on_progress=on_progress, reject=reject, sheet=sheet, sheet_max=sheet_max)
+
+
+def _predict_to_file(model_path, paths, out_csv: Path, *, recursive: bool, resume: bool, shard, reject: bool,
+                     sheet, **options) -> PredictSummary:
+    """The CSV written atomically (or appended to with ``resume``) and its provenance beside it."""
+    from crystalscope.safety import check_output, claim_output
+
+    sidecar = predictions_sidecar(out_csv)
     with claim_output(out_csv, inputs=[model_path, *paths], kind="file", resume=resume):
+        check_output(sidecar, inputs=[model_path, *paths], kind="file")
         if sheet is not None:
             check_output(sheet, inputs=[model_path, out_csv, *paths], kind="file", option="--sheet")
-        predictor = Predictor.load(model_path, device=device, reject=reject)
-        rows = _Rows(predictor, batch_size, chunk, keep, on_progress,
-                     SheetRows(sheet_max) if sheet is not None else None)
+        rows, predictor = _rows(model_path, reject=reject, sheet=sheet, **options)
+        record = provenance(model_path, predictor.class_names, paths, recursive=recursive, reject=reject,
+                            shard=shard)
         files = (f for f in iter_files(paths, recursive) if in_shard(f, shard))
         summary = _summary(model_path, out_csv, predictor, shard, sheet)
         if resume:
-            _resume_into(out_csv, files, rows, summary)
+            _resume_into(out_csv, files, rows, summary, record)
         else:
+            # the old sidecar goes first: a kill before the new one is written leaves a CSV
+            # without provenance (refused by resume and merge), never one with another's
+            sidecar.unlink(missing_ok=True)
             # not resumable: the CSV appears under its name only once complete
             with atomic_path(out_csv) as staging:
                 _append_all(files, staging, rows, summary, header=True)
                 _require_some(summary, paths, recursive, shard)
+            write_provenance(out_csv, record)
         if sheet is not None:
             _write_sheet(rows.sheet_rows, sheet, model_path, predictor)
     if resume and summary.n_images + summary.n_skipped == 0:
         _require_some(summary, paths, recursive, shard)
     return summary
+
+
+def _predict_to_stdout(model_path, paths, *, recursive: bool, shard, sheet, reject: bool,
+                       **options) -> PredictSummary:
+    """``--out -``: the CSV on standard output as it is predicted (no provenance file)."""
+    import sys
+
+    from crystalscope.safety import check_output
+
+    if sheet is not None:
+        check_output(sheet, inputs=[model_path, *paths], kind="file", option="--sheet")
+    rows, predictor = _rows(model_path, reject=reject, sheet=sheet, **options)
+    summary = _summary(model_path, Path(STDOUT), predictor, shard, sheet)
+    summary.out_csv = "standard output"
+    files = (f for f in iter_files(paths, recursive) if in_shard(f, shard))
+    _write_rows(files, sys.stdout, rows, summary, header=True, sync=False)
+    _require_some(summary, paths, recursive, shard)
+    if sheet is not None:
+        _write_sheet(rows.sheet_rows, sheet, model_path, predictor)
+    return summary
+
+
+def _rows(model_path, *, device: str, reject: bool, batch_size, chunk: int, keep, on_progress, sheet,
+          sheet_max: int) -> tuple["_Rows", Predictor]:
+    predictor = Predictor.load(model_path, device=device, reject=reject)
+    return _Rows(predictor, batch_size, chunk, keep, on_progress,
+                 SheetRows(sheet_max) if sheet is not None else None), predictor
 
 
 def _summary(model_path, out_csv: Path, predictor: Predictor, shard, sheet) -> PredictSummary:
@@ -328,11 +378,17 @@ def _summary(model_path, out_csv: Path, predictor: Predictor, shard, sheet) -> P
         sheet=str(sheet) if sheet is not None else None)
 
 
-def _resume_into(out_csv: Path, files: Iterator[Path], rows: _Rows, summary: PredictSummary) -> None:
-    """Append to ``out_csv`` the files it has no row for (a new CSV gets the header first)."""
-    if out_csv.is_file():
+def _resume_into(out_csv: Path, files: Iterator[Path], rows: _Rows, summary: PredictSummary, record: dict) -> None:
+    """Append to ``out_csv`` the files it has no row for (a new CSV gets the header first).
+
+    A CSV with rows is continued only when its provenance is this run's (:func:`check_resume`).
+    """
+    if out_csv.is_file() and out_csv.stat().st_size > 0:
+        check_resume(out_csv, record)
         summary.n_skipped, last = existing_rows(out_csv, prediction_columns(rows.predictor.class_names))
         files = _skip_done(files, out_csv, summary.n_skipped, last)
+    else:
+        write_provenance(out_csv, record)  # first, so even a CSV cut short knows what made it
     header = not out_csv.is_file() or out_csv.stat().st_size == 0
     _append_all(files, out_csv, rows, summary, header=header)
 
@@ -395,22 +451,29 @@ def _append_all(files: Iterator[Path], csv_path: Path, rows: _Rows, summary: Pre
                 header: bool) -> None:
     """Predict ``files`` in chunks, append each chunk's rows (flushed, synced now and then) to
     ``csv_path`` and count them into ``summary``."""
+    with open(csv_path, "a", newline="", encoding="utf-8") as handle:
+        _write_rows(files, handle, rows, summary, header)
+        os.fsync(handle.fileno())
+
+
+def _write_rows(files: Iterator[Path], handle, rows: _Rows, summary: PredictSummary, header: bool,
+                sync: bool = True) -> None:
+    """Predict ``files`` in chunks and write each chunk's rows to the open ``handle`` at once
+    (``sync``: fsync a file now and then; a pipe cannot be synced)."""
     class_names = rows.predictor.class_names
     synced = time.monotonic()
-    with open(csv_path, "a", newline="", encoding="utf-8") as handle:
-        if header:
-            handle.write(predictions_csv([], class_names))
-        while block := list(itertools.islice(files, rows.chunk)):
-            predictions = rows.predictor.predict(block, batch_size=rows.batch_size)
-            handle.write(predictions_csv(predictions, class_names, header=False))
-            handle.flush()  # a killed process loses at most the block being predicted
-            if time.monotonic() - synced > SYNC_EVERY_S:  # a power cut, at most this much more
-                os.fsync(handle.fileno())
-                synced = time.monotonic()
-            _count(predictions, rows, summary)
-            if rows.on_progress is not None:
-                rows.on_progress(summary.n_images, None)
-        os.fsync(handle.fileno())
+    if header:
+        handle.write(predictions_csv([], class_names))
+    while block := list(itertools.islice(files, rows.chunk)):
+        predictions = rows.predictor.predict(block, batch_size=rows.batch_size)
+        handle.write(predictions_csv(predictions, class_names, header=False))
+        handle.flush()  # a killed process loses at most the block being predicted
+        if time.monotonic() - synced > SYNC_EVERY_S and sync:  # a power cut, at most this much more
+            os.fsync(handle.fileno())
+            synced = time.monotonic()
+        _count(predictions, rows, summary)
+        if rows.on_progress is not None:
+            rows.on_progress(summary.n_images, None)
 
 
 def _count(predictions: Sequence[Prediction], rows: _Rows, summary: PredictSummary) -> None:
@@ -439,44 +502,88 @@ def _require_some(summary: PredictSummary, paths, recursive: bool, shard) -> Non
 
 # ---- joining shard outputs -----------------------------------------------------------------
 
-def merge_csvs(parts: Sequence[str | os.PathLike], out_csv: str | os.PathLike, *, force: bool = False) -> dict:
-    """Concatenate the CSVs of several shards (same header) into ``out_csv``, streaming.
+def merge_csvs(parts: Sequence[str | os.PathLike], out_csv: str | os.PathLike, *, allow_partial: bool = False) -> dict:
+    """Join the CSVs of the shards of one campaign into ``out_csv``, streaming.
 
-    Rows keep each part's order, parts in the order given. A part's cut-off last row (a
-    shard still running or killed) is an error: finish it with ``predict --resume`` first.
+    Rows keep each part's order, parts in the order given. Refused (nothing written): a part
+    given twice (also through another path to it), parts whose provenance differs (another
+    model, classes, inputs or options), two parts of the same shard, a missing shard of I/N
+    (unless ``allow_partial``), a row whose path is not of its part's shard or appears twice,
+    different headers, or a cut-off last row (finish that shard with ``predict --resume``).
+    The merged CSV gets its own provenance file (``shard`` None, the parts and any missing shard).
 
-    Raises:
-        CrystalscopeError: no parts, a missing part, different headers or a cut-off row.
+    Returns:
+        ``{"out_csv", "rows", "parts", "missing_shards": ["I/N", ...]}``.
 
     Example:
         >>> merge_csvs(["part0.csv", "part1.csv"], "predictions.csv")["rows"]  # doctest: +SKIP
         250123
     """
-    from crystalscope.safety import claim_output
+    from crystalscope.safety import check_output, claim_output
 
     parts = [Path(p) for p in parts]
     if not parts:
         raise CrystalscopeError("merge: give the shard CSVs to join")
-    header, rows = None, 0
-    with claim_output(out_csv, inputs=parts, kind="file"), atomic_path(out_csv) as staging, \
-            open(staging, "w", newline="", encoding="utf-8") as out:
-        for part in parts:
-            if not part.is_file():
-                raise CrystalscopeError(f"merge: {part}: no such file")
-            with open(part, "rb") as raw:
-                raw.seek(max(0, raw.seek(0, os.SEEK_END) - 1))
-                if raw.tell() and raw.read(1) != b"\n":
-                    raise CrystalscopeError(f"merge: {part} ends in a cut-off row; finish that shard with "
-                                            "`crystalscope predict ... --resume` first")
-            with open(part, newline="", encoding="utf-8") as handle:
-                first = handle.readline()
-                if header is None:
-                    header = first
-                    out.write(first)
-                elif first != header:
-                    raise CrystalscopeError(f"merge: {part} has other columns than {parts[0]} "
-                                            "(another model?); merge only shards of one model")
-                for line in handle:
-                    out.write(line)
-                    rows += 1
-    return {"out_csv": str(out_csv), "rows": rows, "parts": len(parts)}
+    records = _merge_records(parts)
+    shards = check_shards(parts, records, allow_partial)
+    out_csv = Path(out_csv)
+    with claim_output(out_csv, inputs=parts, kind="file"):
+        check_output(predictions_sidecar(out_csv), inputs=parts, kind="file")
+        predictions_sidecar(out_csv).unlink(missing_ok=True)
+        with atomic_path(out_csv) as staging, open(staging, "w", newline="", encoding="utf-8") as out:
+            rows = _merge_rows(parts, records, out)
+        missing = [f"{i}/{shards['count']}" for i in shards["missing"]]
+        write_provenance(out_csv, {**records[0], "shard": None, "parts": [str(p) for p in parts],
+                                   "missing_shards": missing})
+    return {"out_csv": str(out_csv), "rows": rows, "parts": len(parts), "missing_shards": missing}
+
+
+def _merge_records(parts: list[Path]) -> list[dict]:
+    """Each part's provenance, after refusing a missing, cut-off or twice-given part."""
+    from crystalscope.inference.provenance import read_provenance
+
+    seen: dict[tuple[int, int], Path] = {}
+    for part in parts:
+        if not part.is_file():
+            raise CrystalscopeError(f"merge: {part}: no such file")
+        info = part.stat()
+        key = (info.st_dev, info.st_ino)
+        if key in seen:
+            raise CrystalscopeError(f"merge: {part} is the same file as {seen[key]}: give each shard once")
+        seen[key] = part
+        with open(part, "rb") as raw:
+            raw.seek(max(0, raw.seek(0, os.SEEK_END) - 1))
+            if raw.tell() and raw.read(1) != b"\n":
+                raise CrystalscopeError(f"merge: {part} ends in a cut-off row; finish that shard with "
+                                        "`crystalscope predict ... --resume` first")
+    return [read_provenance(part, "merge") for part in parts]
+
+
+def _merge_rows(parts: list[Path], records: list[dict], out) -> int:
+    """Copy the rows of every part into ``out``; each path once, and only in its own shard."""
+    import hashlib
+
+    header, rows, seen = None, 0, set()
+    for part, record in zip(parts, records):
+        shard = parse_shard(record["shard"]) if record.get("shard") else None
+        with open(part, newline="", encoding="utf-8") as handle:
+            first = handle.readline()
+            if header is None:
+                header = first
+                out.write(first)
+            elif first != header:
+                raise CrystalscopeError(f"merge: {part} has other columns than {parts[0]}; merge only shards of one model")
+            for line_number, row in enumerate(csv.reader(handle), start=2):
+                path = row[0] if row else ""
+                if not in_shard(path, shard):
+                    raise CrystalscopeError(f"merge: {part} line {line_number}: {path} is not of shard {record['shard']}; "
+                                            "was the CSV edited? predict that shard again")
+                # 8 bytes a path instead of the path: flat enough for millions of rows
+                key = hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+                if key in seen:
+                    raise CrystalscopeError(f"merge: {part} line {line_number}: {path} has a row already; "
+                                            "each image must be in one shard once")
+                seen.add(key)
+                csv.writer(out, lineterminator="\n").writerow(row)
+                rows += 1
+    return rows

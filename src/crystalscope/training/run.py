@@ -52,7 +52,25 @@ def config_for_resume(run_dir: str | Path, overrides: dict | None = None) -> Tra
         raise CrystalscopeError(f"--resume {run_dir}: no config.yaml and weights/last.ckpt there; is it a run folder?")
     values = {k: v for k, v in (overrides or {}).items() if v is not None}
     values.update(resume=str(run_dir), out=str(run_dir))
-    return load_config(run_dir / CONFIG_FILE, values)
+    saved = load_config(run_dir / CONFIG_FILE, {"resume": str(run_dir), "out": str(run_dir)})
+    config = load_config(run_dir / CONFIG_FILE, values)
+    changed = [f"--{key.replace('_', '-')} (was {old!r}, now {new!r})"
+               for key, old, new in _changed_keys(saved.to_dict(), config.to_dict()) if key not in RESUME_MAY_CHANGE]
+    if changed:
+        raise CrystalscopeError(f"--resume {run_dir}: {', '.join(changed)} would make the resumed run another run; "
+                                "only --epochs and the stopping options (--f1-threshold, --f1-patience, --patience) "
+                                "may change: start a new run with --out for the others")
+    return config
+
+
+#: what ``--resume`` may change: how long the run goes on, not what it computes. The split
+#: folder may move (``data_dir``): its content must hash as before (:func:`check_same_data`).
+RESUME_MAY_CHANGE = ("epochs", "f1_threshold", "f1_patience", "patience", "data_dir")
+
+
+def _changed_keys(saved: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(key, saved, new) for each key whose value the resumed config changes."""
+    return [(key, old, new.get(key)) for key, old in saved.items() if new.get(key) != old]
 
 
 def target_run_dir(config: TrainConfig) -> Path:
@@ -192,6 +210,22 @@ def launch_processes(config: TrainConfig) -> dict:
     return {"run_dir": config.out, "nproc": config.runtime.nproc}
 
 
+def check_same_data(run_dir: Path, last: dict | None, hashes: dict[str, str]) -> None:
+    """A resumed run must train on the split it started on (content hashes in last.ckpt).
+
+    Raises:
+        CrystalscopeError: a split's files differ (added, removed or changed), named.
+    """
+    if last is None:
+        return
+    saved = ((last.get("training") or {}).get("data_sha256")) or {}
+    changed = [name for name, digest in hashes.items() if name in saved and saved[name] != digest]
+    if changed:
+        raise CrystalscopeError(f"--resume {run_dir}: the {'/'.join(changed)} split's images changed since the run "
+                                "started (files added, removed or edited); resume on the same split, or start a "
+                                "new run with --out")
+
+
 def run_training(config: TrainConfig, run_dir: Path, progress: bool, world: World = World(),
                  device: torch.device | None = None) -> dict:
     """Build the parts once, open the run folder, run the epochs, write the deliverables."""
@@ -204,13 +238,15 @@ def run_training(config: TrainConfig, run_dir: Path, progress: bool, world: Worl
     # model, weights and data first: a bad backbone, offline weights or an unreadable image
     # fail before the run folder exists, so nothing half-made is left behind
     data = index_data(config, last)
+    hashes = {}
+    if world.is_main:
+        hashes = {name: data_hash(f.root, f.paths) for name, f in data.splits.items()}
+        check_same_data(run_dir, last, hashes)
     learner, state = build_learner(config, data, device, world, last)
     if config.caches_features:
         check_cache_memory(config, learner, data)
     data = load_data(config, data, device, world, progress)
-    hashes = {}
     if world.is_main:
-        hashes = {name: data_hash(f.root, f.paths) for name, f in data.splits.items()}
         open_run(config, run_dir, environment_record(seed=config.seed, device=device, data_hashes=hashes,
                                                      initial_weights=state.initial_weights,
                                                      weights_source=state.weights_source))
