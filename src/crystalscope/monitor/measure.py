@@ -1,0 +1,246 @@
+"""Measure the particles of a segmented frame: touching ones split, each sized in px or um.
+
+The detector's masks (:func:`crystalscope.monitor.detect.segment_frame`, at half resolution)
+say which pixels belong to which region; here
+
+1. a region that looks merged (solidity under :data:`SPLIT_SOLIDITY`, or a side longer than
+   ``max_side``) is split by a watershed of its distance transform from one marker per
+   distance maximum that stands :data:`SPLIT_DEPTH` px above the saddle to its neighbour (the
+   h-maxima): two touching discs become two, one elongated crystal stays one. A piece still
+   longer than ``max_side`` cannot be split and is a ``cluster``;
+2. each piece is measured at full resolution: its pixels are those of the piece that stand at
+   least :data:`EDGE_LEVEL` grey levels above the background (the level at which
+   ``synth-process`` calls a pixel visible), holes filled;
+3. scikit-image's ``regionprops_table`` gives area, equivalent circle diameter, solidity and
+   mean intensity (a well-kept library rather than our own code); the length and width are the
+   sides of the narrowest bounding rectangle (width = minimum Feret diameter, length = the
+   extent across it), from the convex hull of the pixels' corners, which scikit-image does not
+   offer.
+
+A needle's length is its ``length``; the aspect ratio is ``length / width`` (1 for a disc).
+
+Example:
+    >>> import numpy as np
+    >>> from crystalscope.monitor.detect import segment_frame
+    >>> frame = np.full((240, 320), 40, np.float32)
+    >>> yy, xx = np.mgrid[:240, :320]
+    >>> frame[(yy - 120) ** 2 + (xx - 160) ** 2 <= 50 ** 2] += 120
+    >>> [round(p.ecd_px) for p in measure_frame(frame, segment_frame(frame))]
+    [100]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from crystalscope.errors import require
+from crystalscope.monitor.detect import MAX_PARTICLE_SIDE, SCALE, Region, Segmentation, sharpness
+
+#: Regions less solid than this (area / convex hull area) are tried for a split.
+SPLIT_SOLIDITY = 0.95
+#: A distance maximum must rise this far (reduced-frame px) above its saddle to seed a particle.
+SPLIT_DEPTH = 4.0
+#: ... and be at least this far (reduced-frame px) from the edge: no particle narrower than ~32 px.
+MIN_PIECE_RADIUS = 8.0
+#: Grey levels above the background that make a pixel part of a particle (synth-process's
+#: visible level); a real probe may need its own, like ``--min-sharpness``.
+EDGE_LEVEL = 20.0
+#: Particle measures, in the order of the particles.csv columns (sizes then take a unit suffix).
+SIZE_MEASURES = ("area", "ecd", "length", "width")
+SHAPE_MEASURES = ("aspect", "solidity", "mean_intensity", "sharpness", "touching")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The frames' scale: ``um_per_px`` when known, else sizes stay in pixels.
+
+    Example:
+        >>> Scale(1.5).unit, Scale(1.5).length(10.0), Scale().unit
+        ('um', 15.0, 'px')
+    """
+
+    um_per_px: float | None = None
+
+    @property
+    def unit(self) -> str:
+        return "px" if self.um_per_px is None else "um"
+
+    def length(self, px: float) -> float:
+        return px if self.um_per_px is None else px * self.um_per_px
+
+    def area(self, px2: float) -> float:
+        return px2 if self.um_per_px is None else px2 * self.um_per_px ** 2
+
+    def size_columns(self) -> tuple[str, ...]:
+        """``area_px2, ecd_px, length_px, width_px`` (or ``..._um2``, ``..._um``): the unit in the name."""
+        u = self.unit
+        return (f"area_{u}2", f"ecd_{u}", f"length_{u}", f"width_{u}")
+
+
+@dataclass
+class MeasuredParticle:
+    """One particle of a frame: its box (for the classifier) and its measures in frame pixels.
+
+    ``cluster`` pieces could not be split into particles: their measures are ``None``.
+    """
+
+    region: Region
+    area_px: float | None = None
+    ecd_px: float | None = None
+    length_px: float | None = None
+    width_px: float | None = None
+    aspect: float | None = None
+    solidity: float | None = None
+    mean_intensity: float | None = None
+    sharpness: float = 0.0
+    touching: bool = False
+    cluster: bool = False
+
+    def row(self, scale: Scale) -> list[str]:
+        """The measure columns of particles.csv (sizes in ``scale``'s unit; blank for a cluster)."""
+        if self.area_px is None:
+            return ["", "", "", "", "", "", "", f"{self.sharpness:.4f}", str(int(self.touching))]
+        sizes = [scale.area(self.area_px), *(scale.length(v) for v in (self.ecd_px, self.length_px, self.width_px))]
+        return [*(f"{v:.3f}" for v in sizes), f"{self.aspect:.4f}", f"{self.solidity:.4f}",
+                f"{self.mean_intensity:.2f}", f"{self.sharpness:.4f}", str(int(self.touching))]
+
+
+def feret(mask: np.ndarray) -> tuple[float, float]:
+    """``(length, width)`` of a mask: its narrowest bounding rectangle's sides, in pixels.
+
+    The width is the minimum Feret (caliper) diameter; the length the extent at right angles to
+    it. Pixel corners are used, so an axis-aligned 30 x 10 rectangle of pixels is 30 x 10.
+
+    Example:
+        >>> m = np.zeros((20, 40), bool); m[5:15, 5:35] = True
+        >>> feret(m)
+        (30.0, 10.0)
+    """
+    spatial = require("scipy.spatial", "monitor")
+    rows = np.nonzero(mask.any(axis=1))[0]
+    if rows.size == 0:
+        return 0.0, 0.0
+    first = mask[rows].argmax(axis=1)
+    last = mask.shape[1] - mask[rows, ::-1].argmax(axis=1)  # exclusive: the pixel's right corner
+    xs = np.concatenate([first, first, last, last]).astype(float)
+    ys = np.concatenate([rows, rows + 1, rows, rows + 1]).astype(float)
+    points = np.stack([xs, ys], axis=1)
+    try:
+        hull = points[spatial.ConvexHull(points).vertices]
+    except spatial.QhullError:  # one row or one column: the hull is flat
+        return float(max(np.ptp(xs), np.ptp(ys))), float(min(np.ptp(xs), np.ptp(ys)))
+    edges = np.roll(hull, -1, axis=0) - hull
+    directions = edges / np.maximum(np.linalg.norm(edges, axis=1, keepdims=True), 1e-12)
+    along = hull @ directions.T                               # (vertices, edges)
+    across = hull @ np.stack([-directions[:, 1], directions[:, 0]], axis=1).T
+    widths, lengths = np.ptp(across, axis=0), np.ptp(along, axis=0)
+    best = int(np.argmin(widths))
+    width, length = float(widths[best]), float(lengths[best])
+    return (length, width) if length >= width else (width, length)
+
+
+def split_region(mask: np.ndarray) -> list[np.ndarray]:
+    """Pieces of a (reduced-resolution) region mask: a watershed of its distance transform.
+
+    Example:
+        >>> yy, xx = np.mgrid[:60, :100]
+        >>> two = ((yy - 30) ** 2 + (xx - 30) ** 2 <= 400) | ((yy - 30) ** 2 + (xx - 68) ** 2 <= 400)
+        >>> [int(p.sum()) > 1000 for p in split_region(two)]
+        [True, True]
+    """
+    ndimage = require("scipy.ndimage", "monitor")
+    morphology = require("skimage.morphology", "monitor")
+    segmentation = require("skimage.segmentation", "monitor")
+    padded = np.pad(mask, 1)
+    distance = ndimage.distance_transform_edt(padded)
+    peaks = morphology.h_maxima(distance, SPLIT_DEPTH) & (distance >= MIN_PIECE_RADIUS)
+    markers, count = ndimage.label(peaks)
+    if count < 2:
+        return [mask]
+    pieces = segmentation.watershed(-distance, markers, mask=padded)[1:-1, 1:-1]
+    return [pieces == k for k in range(1, count + 1) if (pieces == k).any()]
+
+
+def measure_frame(grey: np.ndarray, found: Segmentation, max_side: int = MAX_PARTICLE_SIDE,
+                  split: bool = True) -> list[MeasuredParticle]:
+    """The particles of a segmented frame, merged regions split where they can be, measured.
+
+    Args:
+        grey: the frame, ``float32 (H, W)`` grey levels.
+        found: the detector's regions and masks (:func:`segment_frame`).
+        max_side: a piece with a longer side (px) is a ``cluster``, not measured.
+        split: try to split regions that look merged (watershed).
+    """
+    measure = require("skimage.measure", "monitor")
+    solidity = _solidity_of(found, measure)
+    particles: list[MeasuredParticle] = []
+    for region, label in zip(found.regions, found.labels_of):
+        ys, xs = _half_slices(region.box)
+        mask = found.labels[ys, xs] == label
+        x0, y0, x1, y1 = region.box
+        merged = solidity.get(label, 1.0) < SPLIT_SOLIDITY or max(x1 - x0, y1 - y0) > max_side
+        pieces = split_region(mask) if split and merged else [mask]
+        for piece in pieces:
+            particles.append(_measure_piece(grey, found.background, piece, (ys.start, xs.start), max_side,
+                                            touching=len(pieces) > 1, measure=measure))
+    return particles
+
+
+def _solidity_of(found: Segmentation, measure) -> dict[int, float]:
+    if not found.labels_of:
+        return {}
+    table = measure.regionprops_table(found.labels, properties=("label", "solidity"))
+    return dict(zip(table["label"].tolist(), table["solidity"].tolist()))
+
+
+def _half_slices(box: tuple[int, int, int, int]) -> tuple[slice, slice]:
+    x0, y0, x1, y1 = box
+    return slice(y0 // SCALE, -(-y1 // SCALE)), slice(x0 // SCALE, -(-x1 // SCALE))
+
+
+def _measure_piece(grey, background, piece: np.ndarray, origin: tuple[int, int], max_side: int,
+                   touching: bool, measure) -> MeasuredParticle:
+    """Full-resolution measures of one piece (its reduced mask at ``origin`` of the reduced frame)."""
+    ndimage = require("scipy.ndimage", "monitor")
+    rows, cols = np.nonzero(piece)
+    py0, px0 = origin[0] + rows.min(), origin[1] + cols.min()
+    piece = piece[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    h, w = grey.shape
+    fy0, fx0 = py0 * SCALE, px0 * SCALE
+    fy1, fx1 = min(fy0 + piece.shape[0] * SCALE, h), min(fx0 + piece.shape[1] * SCALE, w)
+    box = (int(fx0), int(fy0), int(fx1), int(fy1))
+    region = Region(box, int(piece.sum()) * SCALE * SCALE)
+    if max(fx1 - fx0, fy1 - fy0) > max_side:
+        return MeasuredParticle(region, touching=True, cluster=True)
+    up = np.repeat(np.repeat(piece, SCALE, axis=0), SCALE, axis=1)[:fy1 - fy0, :fx1 - fx0]
+    under = np.repeat(np.repeat(background[py0:py0 + piece.shape[0], px0:px0 + piece.shape[1]], SCALE, axis=0),
+                      SCALE, axis=1)[:fy1 - fy0, :fx1 - fx0]
+    patch = grey[fy0:fy1, fx0:fx1]
+    mask = up & (patch - under >= EDGE_LEVEL)
+    labels, count = ndimage.label(mask)
+    if count > 1:  # noise specks and the edges of neighbours: keep the particle itself
+        mask = labels == (1 + int(np.argmax(ndimage.sum_labels(mask, labels, range(1, count + 1)))))
+    mask = ndimage.binary_fill_holes(mask)
+    focus = sharpness(grey, box)
+    if not mask.any():
+        return MeasuredParticle(region, sharpness=focus, touching=touching)
+    props = measure.regionprops_table(mask.astype(np.uint8), intensity_image=patch,
+                                      properties=("area", "equivalent_diameter_area", "solidity", "intensity_mean"))
+    length, width = feret(mask)
+    return MeasuredParticle(region, area_px=float(props["area"][0]), ecd_px=float(props["equivalent_diameter_area"][0]),
+                            length_px=length, width_px=width, aspect=length / max(width, 1.0),
+                            solidity=float(props["solidity"][0]), mean_intensity=float(props["intensity_mean"][0]),
+                            sharpness=focus, touching=touching)
+
+
+def equivalent_diameter(area: float) -> float:
+    """Diameter of the circle of the same area.
+
+    Example:
+        >>> round(equivalent_diameter(math.pi * 25), 6)
+        10.0
+    """
+    return math.sqrt(4.0 * area / math.pi)
