@@ -36,8 +36,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from crystalscope.errors import require
-from crystalscope.monitor.detect import MAX_PARTICLE_SIDE, SCALE, Region, Segmentation, sharpness
+from crystalscope.errors import CrystalscopeError, require
+from crystalscope.monitor.detect import (MAX_PARTICLE_SIDE, SCALE, Region, Segmentation, segment_frame, sharpness,
+                                         tiles)
 
 #: Regions less solid than this (area / convex hull area) are tried for a split.
 SPLIT_SOLIDITY = 0.95
@@ -63,6 +64,11 @@ class Scale:
     """
 
     um_per_px: float | None = None
+
+    def __post_init__(self):
+        if self.um_per_px is not None and not (math.isfinite(self.um_per_px) and self.um_per_px > 0):
+            raise CrystalscopeError(f"--um-per-px {self.um_per_px}: the frames' scale must be a positive number "
+                                    "of micrometres per pixel (leave it out to measure in px)")
 
     @property
     def unit(self) -> str:
@@ -162,6 +168,20 @@ def split_region(mask: np.ndarray) -> list[np.ndarray]:
         return [mask]
     pieces = segmentation.watershed(-distance, markers, mask=padded)[1:-1, 1:-1]
     return [pieces == k for k in range(1, count + 1) if (pieces == k).any()]
+
+
+def particles_of(grey: np.ndarray, detector: str = "segment", max_side: int = MAX_PARTICLE_SIDE,
+                 split: bool = True) -> list[MeasuredParticle]:
+    """The measured particles of a frame (``tiles``: the tiles, with their sharpness only).
+
+    Example:
+        >>> frame = np.full((240, 320), 40, np.float32); frame[60:160, 80:240] += 120
+        >>> [(round(p.length_px), round(p.width_px)) for p in particles_of(frame)]
+        [(160, 100)]
+    """
+    if detector == "tiles":
+        return [MeasuredParticle(r, sharpness=sharpness(grey, r.box)) for r in tiles(grey)]
+    return measure_frame(grey, segment_frame(grey), max_side, split)
 
 
 def measure_frame(grey: np.ndarray, found: Segmentation, max_side: int = MAX_PARTICLE_SIDE,

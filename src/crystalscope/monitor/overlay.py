@@ -86,3 +86,51 @@ def timeline_png(timeline: Timeline, onset_s: float | None = None) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8, ncol=3)
     return png_bytes(fig)
+
+
+#: Band colours of the size picture per group (``all`` grey, then the classes' box colours).
+_GROUP_COLOURS = {"all": "dimgrey", "cex": "tab:blue", "pg": "tab:red"}
+
+
+def sizes_png(timeline: Timeline) -> bytes:
+    """PNG bytes of the sizes over time: D10-D90 band and D50 of the equivalent diameter per group
+    (top), and the count of all measured particles per size class as a heat map (bottom).
+
+    Example:
+        >>> from crystalscope.monitor.timeline import AlarmRule
+        >>> t = Timeline(["cex", "pg"], "pg", AlarmRule())
+        >>> sizes_png(t)[:4] == b"\\x89PNG"
+        True
+    """
+    import numpy as np
+
+    records = [r for r in timeline.records if r.status == "ok"]
+    fig = new_figure(8, 5.4, dpi=100)
+    top, bottom = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
+    minutes = [r.time_s / 60.0 for r in records]
+    for group in timeline.groups():
+        rows = [(t, r.sizes[group].ecd) for t, r in zip(minutes, records) if group in r.sizes and r.sizes[group].ecd]
+        if not rows:
+            continue
+        t = [row[0] for row in rows]
+        colour = _GROUP_COLOURS.get(group, "goldenrod")
+        top.fill_between(t, [row[1][0] for row in rows], [row[1][2] for row in rows], color=colour, alpha=0.15,
+                         linewidth=0)
+        top.plot(t, [row[1][1] for row in rows], "-", color=colour, linewidth=1.3, label=f"{group} D50 (band D10-D90)")
+    top.set_ylabel(f"equivalent diameter ({timeline.unit})")
+    top.grid(alpha=0.3)
+    if top.lines:
+        top.legend(loc="upper left", fontsize=8, ncol=3)
+    edges = timeline.size_classes.edges()
+    counts = np.array([r.sizes["all"].class_counts if "all" in r.sizes else (0,) * (len(edges) - 1)
+                       for r in records], dtype=float).reshape(len(records), len(edges) - 1)
+    if records:
+        span = [minutes[0], minutes[-1] if len(minutes) > 1 else minutes[0] + 1.0]
+        image = bottom.imshow(counts.T, origin="lower", aspect="auto", cmap="viridis", interpolation="nearest",
+                              extent=(span[0], span[1], 0, len(edges) - 1))
+        fig.colorbar(image, ax=bottom, label="particles per frame")
+    ticks = range(0, len(edges), max(1, len(edges) // 6))
+    bottom.set_yticks(list(ticks), [f"{edges[i]:.3g}" for i in ticks])
+    bottom.set_ylabel(f"size class, ECD ({timeline.unit})")
+    bottom.set_xlabel("time since first frame (min)")
+    return png_bytes(fig)
