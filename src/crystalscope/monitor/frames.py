@@ -216,10 +216,9 @@ def _box_of(mask: np.ndarray, y: int, x: int) -> tuple[int, int, int, int]:
 
 def _true_size(visible: np.ndarray) -> tuple[float, float, float, float, float]:
     """Area, equivalent diameter, length, width, aspect of a drawn particle's mask (holes filled)."""
-    from crystalscope.errors import require
-    from crystalscope.monitor.measure import equivalent_diameter, feret
+    from crystalscope.monitor.measure import equivalent_diameter, feret, fill_holes
 
-    mask = require("scipy.ndimage", "monitor").binary_fill_holes(visible)
+    mask = fill_holes(visible)
     area = float(mask.sum())
     length, width = feret(mask)
     return area, equivalent_diameter(area), length, width, length / max(width, 1.0)

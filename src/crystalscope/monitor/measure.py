@@ -125,19 +125,33 @@ def feret(mask: np.ndarray) -> tuple[float, float]:
         >>> feret(m)
         (30.0, 10.0)
     """
+    length, width, _ = hull_measures(mask)
+    return length, width
+
+
+def hull_measures(mask: np.ndarray) -> tuple[float, float, float]:
+    """``(length, width, convex hull area)`` of a mask from the convex hull of its pixels' corners.
+
+    Example:
+        >>> m = np.zeros((20, 40), bool); m[5:15, 5:35] = True; m[5:10, 5:20] = False
+        >>> length, width, hull = hull_measures(m)
+        >>> round(float(m.sum() / hull), 3)  # solidity: the area over the hull's (a corner cut off)
+        0.857
+    """
     spatial = require("scipy.spatial", "monitor")
     rows = np.nonzero(mask.any(axis=1))[0]
     if rows.size == 0:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     first = mask[rows].argmax(axis=1)
     last = mask.shape[1] - mask[rows, ::-1].argmax(axis=1)  # exclusive: the pixel's right corner
     xs = np.concatenate([first, first, last, last]).astype(float)
     ys = np.concatenate([rows, rows + 1, rows, rows + 1]).astype(float)
     points = np.stack([xs, ys], axis=1)
     try:
-        hull = points[spatial.ConvexHull(points).vertices]
+        convex = spatial.ConvexHull(points)
     except spatial.QhullError:  # one row or one column: the hull is flat
-        return float(max(np.ptp(xs), np.ptp(ys))), float(min(np.ptp(xs), np.ptp(ys)))
+        return float(max(np.ptp(xs), np.ptp(ys))), float(min(np.ptp(xs), np.ptp(ys))), float(mask.sum())
+    hull = points[convex.vertices]
     edges = np.roll(hull, -1, axis=0) - hull
     directions = edges / np.maximum(np.linalg.norm(edges, axis=1, keepdims=True), 1e-12)
     along = hull @ directions.T                               # (vertices, edges)
@@ -145,7 +159,7 @@ def feret(mask: np.ndarray) -> tuple[float, float]:
     widths, lengths = np.ptp(across, axis=0), np.ptp(along, axis=0)
     best = int(np.argmin(widths))
     width, length = float(widths[best]), float(lengths[best])
-    return (length, width) if length >= width else (width, length)
+    return (*((length, width) if length >= width else (width, length)), float(convex.volume))
 
 
 def split_region(mask: np.ndarray) -> list[np.ndarray]:
@@ -162,10 +176,15 @@ def split_region(mask: np.ndarray) -> list[np.ndarray]:
     segmentation = require("skimage.segmentation", "monitor")
     padded = np.pad(mask, 1)
     distance = ndimage.distance_transform_edt(padded)
-    peaks = morphology.h_maxima(distance, SPLIT_DEPTH) & (distance >= MIN_PIECE_RADIUS)
-    markers, count = ndimage.label(peaks)
+    # h-maxima on every other pixel of the distance map: a quarter of the work (it dominated the
+    # measuring time), and a particle is at least 2 * MIN_PIECE_RADIUS px across at this scale
+    coarse = distance[::2, ::2]
+    peaks_coarse = morphology.h_maxima(coarse, SPLIT_DEPTH) & (coarse >= MIN_PIECE_RADIUS)
+    markers_coarse, count = ndimage.label(peaks_coarse)
     if count < 2:
         return [mask]
+    markers = np.zeros(distance.shape, dtype=np.int32)
+    markers[::2, ::2] = markers_coarse
     pieces = segmentation.watershed(-distance, markers, mask=padded)[1:-1, 1:-1]
     return [pieces == k for k in range(1, count + 1) if (pieces == k).any()]
 
@@ -194,26 +213,22 @@ def measure_frame(grey: np.ndarray, found: Segmentation, max_side: int = MAX_PAR
         max_side: a piece with a longer side (px) is a ``cluster``, not measured.
         split: try to split regions that look merged (watershed).
     """
-    measure = require("skimage.measure", "monitor")
-    solidity = _solidity_of(found, measure)
     particles: list[MeasuredParticle] = []
+    masks: list[tuple[int, np.ndarray]] = []  # (index into particles, full-resolution mask)
     for region, label in zip(found.regions, found.labels_of):
         ys, xs = _half_slices(region.box)
         mask = found.labels[ys, xs] == label
         x0, y0, x1, y1 = region.box
-        merged = solidity.get(label, 1.0) < SPLIT_SOLIDITY or max(x1 - x0, y1 - y0) > max_side
+        merged = max(x1 - x0, y1 - y0) > max_side or mask.sum() < SPLIT_SOLIDITY * hull_measures(mask)[2]
         pieces = split_region(mask) if split and merged else [mask]
         for piece in pieces:
-            particles.append(_measure_piece(grey, found.background, piece, (ys.start, xs.start), max_side,
-                                            touching=len(pieces) > 1, measure=measure))
+            particle, full = _refine_piece(grey, found.background, piece, (ys.start, xs.start), max_side)
+            particle.touching = len(pieces) > 1
+            if full is not None:
+                masks.append((len(particles), full))
+            particles.append(particle)
+    _add_measures(grey, particles, masks)
     return particles
-
-
-def _solidity_of(found: Segmentation, measure) -> dict[int, float]:
-    if not found.labels_of:
-        return {}
-    table = measure.regionprops_table(found.labels, properties=("label", "solidity"))
-    return dict(zip(table["label"].tolist(), table["solidity"].tolist()))
 
 
 def _half_slices(box: tuple[int, int, int, int]) -> tuple[slice, slice]:
@@ -221,9 +236,10 @@ def _half_slices(box: tuple[int, int, int, int]) -> tuple[slice, slice]:
     return slice(y0 // SCALE, -(-y1 // SCALE)), slice(x0 // SCALE, -(-x1 // SCALE))
 
 
-def _measure_piece(grey, background, piece: np.ndarray, origin: tuple[int, int], max_side: int,
-                   touching: bool, measure) -> MeasuredParticle:
-    """Full-resolution measures of one piece (its reduced mask at ``origin`` of the reduced frame)."""
+def _refine_piece(grey, background, piece: np.ndarray, origin: tuple[int, int],
+                  max_side: int) -> tuple[MeasuredParticle, np.ndarray | None]:
+    """A piece (reduced mask at ``origin`` of the reduced frame) and its full-resolution mask
+    (in its box), or ``None`` for a cluster or a piece with no pixel above the edge level."""
     ndimage = require("scipy.ndimage", "monitor")
     rows, cols = np.nonzero(piece)
     py0, px0 = origin[0] + rows.min(), origin[1] + cols.min()
@@ -234,26 +250,55 @@ def _measure_piece(grey, background, piece: np.ndarray, origin: tuple[int, int],
     box = (int(fx0), int(fy0), int(fx1), int(fy1))
     region = Region(box, int(piece.sum()) * SCALE * SCALE)
     if max(fx1 - fx0, fy1 - fy0) > max_side:
-        return MeasuredParticle(region, touching=True, cluster=True)
+        return MeasuredParticle(region, touching=True, cluster=True), None
     up = np.repeat(np.repeat(piece, SCALE, axis=0), SCALE, axis=1)[:fy1 - fy0, :fx1 - fx0]
     under = np.repeat(np.repeat(background[py0:py0 + piece.shape[0], px0:px0 + piece.shape[1]], SCALE, axis=0),
                       SCALE, axis=1)[:fy1 - fy0, :fx1 - fx0]
-    patch = grey[fy0:fy1, fx0:fx1]
-    mask = up & (patch - under >= EDGE_LEVEL)
+    mask = up & (grey[fy0:fy1, fx0:fx1] - under >= EDGE_LEVEL)
     labels, count = ndimage.label(mask)
     if count > 1:  # noise specks and the edges of neighbours: keep the particle itself
         mask = labels == (1 + int(np.argmax(ndimage.sum_labels(mask, labels, range(1, count + 1)))))
-    mask = ndimage.binary_fill_holes(mask)
-    focus = sharpness(grey, box)
-    if not mask.any():
-        return MeasuredParticle(region, sharpness=focus, touching=touching)
-    props = measure.regionprops_table(mask.astype(np.uint8), intensity_image=patch,
-                                      properties=("area", "equivalent_diameter_area", "solidity", "intensity_mean"))
-    length, width = feret(mask)
-    return MeasuredParticle(region, area_px=float(props["area"][0]), ecd_px=float(props["equivalent_diameter_area"][0]),
-                            length_px=length, width_px=width, aspect=length / max(width, 1.0),
-                            solidity=float(props["solidity"][0]), mean_intensity=float(props["intensity_mean"][0]),
-                            sharpness=focus, touching=touching)
+    mask = fill_holes(mask)
+    particle = MeasuredParticle(region, sharpness=sharpness(grey, box))
+    return particle, (mask if mask.any() else None)
+
+
+def _add_measures(grey: np.ndarray, particles: list[MeasuredParticle], masks: list[tuple[int, np.ndarray]]) -> None:
+    """Area, ECD and mean intensity by one ``regionprops_table`` over the frame; length, width, solidity from the hull."""
+    if not masks:
+        return
+    measure = require("skimage.measure", "monitor")
+    labels = np.zeros(grey.shape, dtype=np.int32)
+    for k, (index, mask) in enumerate(masks, start=1):
+        x0, y0, x1, y1 = particles[index].region.box
+        labels[y0:y1, x0:x1][mask] = k  # pieces are disjoint: so are their masks
+    # scikit-image's solidity draws each hull as an image (slow); the hull of the corners serves here
+    table = measure.regionprops_table(labels, intensity_image=grey,
+                                      properties=("label", "area", "equivalent_diameter_area", "intensity_mean"))
+    for k, area, ecd, mean in zip(table["label"], table["area"], table["equivalent_diameter_area"],
+                                  table["intensity_mean"]):
+        index, mask = masks[k - 1]
+        length, width, hull_area = hull_measures(mask)
+        p = particles[index]
+        p.area_px, p.ecd_px, p.mean_intensity = float(area), float(ecd), float(mean)
+        p.length_px, p.width_px, p.aspect = length, width, length / max(width, 1.0)
+        p.solidity = min(float(area) / max(hull_area, 1.0), 1.0)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every background part that does not reach the border filled in.
+
+    The same as ``scipy.ndimage.binary_fill_holes``, by one labelling instead of repeated dilations.
+
+    Example:
+        >>> ring = np.ones((5, 5), bool); ring[2, 2] = False
+        >>> bool(fill_holes(ring)[2, 2])
+        True
+    """
+    ndimage = require("scipy.ndimage", "monitor")
+    outside, _ = ndimage.label(~mask)
+    border = np.unique(np.concatenate([outside[0], outside[-1], outside[:, 0], outside[:, -1]]))
+    return ~np.isin(outside, border[border > 0])
 
 
 def equivalent_diameter(area: float) -> float:
