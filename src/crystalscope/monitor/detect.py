@@ -124,7 +124,7 @@ def segment_frame(grey: np.ndarray, min_area: int = MIN_AREA) -> Segmentation:
     mask = signal > level
     disc = _disc(3)
     # closing joins the needles of one bundle; filling makes an agglomerate one solid region
-    mask = ndimage.binary_fill_holes(ndimage.binary_closing(mask, structure=disc, border_value=0))
+    mask = fill_holes(ndimage.binary_closing(mask, structure=disc, border_value=0))
     mask = ndimage.binary_opening(mask, structure=_disc(1))
     labels, count = ndimage.label(mask)
     labels = labels.astype(np.int32)
@@ -214,6 +214,24 @@ def cut_crops(image: Image.Image, regions: list[Region]) -> list[Image.Image]:
     """
     grey = image.convert("L")  # a copy only, for the grey frame the monitor passes
     return [grey.crop(crop_box(r.box, grey.size)).convert("RGB") for r in regions]
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every background part that does not reach the border filled in.
+
+    The same as ``scipy.ndimage.binary_fill_holes``, by one labelling instead of repeated dilations.
+
+    Example:
+        >>> ring = np.ones((5, 5), bool); ring[2, 2] = False
+        >>> bool(fill_holes(ring)[2, 2])
+        True
+    """
+    ndimage = require("scipy.ndimage", "monitor")
+    outside, count = ndimage.label(~mask)
+    reaches_border = np.zeros(count + 1, dtype=bool)
+    reaches_border[np.concatenate([outside[0], outside[-1], outside[:, 0], outside[:, -1]])] = True
+    reaches_border[0] = False  # label 0 is the mask itself
+    return ~reaches_border[outside]
 
 
 def _disc(radius: int) -> np.ndarray:

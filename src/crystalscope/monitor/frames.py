@@ -216,7 +216,8 @@ def _box_of(mask: np.ndarray, y: int, x: int) -> tuple[int, int, int, int]:
 
 def _true_size(visible: np.ndarray) -> tuple[float, float, float, float, float]:
     """Area, equivalent diameter, length, width, aspect of a drawn particle's mask (holes filled)."""
-    from crystalscope.monitor.measure import equivalent_diameter, feret, fill_holes
+    from crystalscope.monitor.detect import fill_holes
+    from crystalscope.monitor.measure import equivalent_diameter, feret
 
     mask = fill_holes(visible)
     area = float(mask.sum())

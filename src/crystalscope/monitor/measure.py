@@ -3,8 +3,8 @@
 The detector's masks (:func:`crystalscope.monitor.detect.segment_frame`, at half resolution)
 say which pixels belong to which region; here
 
-1. a region that looks merged (solidity under :data:`SPLIT_SOLIDITY`, or a side longer than
-   ``max_side``) is split by a watershed of its distance transform from one marker per
+1. a region that looks merged (solidity of its full-resolution mask under
+   :data:`SPLIT_SOLIDITY`, or a side longer than ``max_side``) is split by a watershed of its distance transform from one marker per
    distance maximum that stands :data:`SPLIT_DEPTH` px above the saddle to its neighbour (the
    h-maxima): two touching discs become two, one elongated crystal stays one. A piece still
    longer than ``max_side`` cannot be split and is a ``cluster``;
@@ -31,17 +31,18 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from crystalscope.errors import CrystalscopeError, require
-from crystalscope.monitor.detect import (MAX_PARTICLE_SIDE, SCALE, Region, Segmentation, segment_frame, sharpness,
-                                         tiles)
+from crystalscope.monitor.detect import (MAX_PARTICLE_SIDE, SCALE, Region, Segmentation, fill_holes, segment_frame,
+                                         sharpness, tiles)
 
 #: Regions less solid than this (area / convex hull area) are tried for a split.
-SPLIT_SOLIDITY = 0.95
+SPLIT_SOLIDITY = 0.9
 #: A distance maximum must rise this far (reduced-frame px) above its saddle to seed a particle.
 SPLIT_DEPTH = 4.0
 #: ... and be at least this far (reduced-frame px) from the edge: no particle narrower than ~32 px.
@@ -138,7 +139,7 @@ def hull_measures(mask: np.ndarray) -> tuple[float, float, float]:
         >>> round(float(m.sum() / hull), 3)  # solidity: the area over the hull's (a corner cut off)
         0.857
     """
-    spatial = require("scipy.spatial", "monitor")
+    spatial = _libraries()[1]
     rows = np.nonzero(mask.any(axis=1))[0]
     if rows.size == 0:
         return 0.0, 0.0, 0.0
@@ -162,6 +163,16 @@ def hull_measures(mask: np.ndarray) -> tuple[float, float, float]:
     return (*((length, width) if length >= width else (width, length)), float(convex.volume))
 
 
+@functools.lru_cache(maxsize=1)
+def _libraries() -> tuple:
+    """scipy.ndimage, scipy.spatial, skimage.measure/morphology/segmentation (the monitor extra).
+
+    Looked up once: ``require`` goes through importlib on every call, 2 ms a frame in these loops.
+    """
+    return tuple(require(name, "monitor") for name in
+                 ("scipy.ndimage", "scipy.spatial", "skimage.measure", "skimage.morphology", "skimage.segmentation"))
+
+
 def split_region(mask: np.ndarray) -> list[np.ndarray]:
     """Pieces of a (reduced-resolution) region mask: a watershed of its distance transform.
 
@@ -171,9 +182,7 @@ def split_region(mask: np.ndarray) -> list[np.ndarray]:
         >>> [int(p.sum()) > 1000 for p in split_region(two)]
         [True, True]
     """
-    ndimage = require("scipy.ndimage", "monitor")
-    morphology = require("skimage.morphology", "monitor")
-    segmentation = require("skimage.segmentation", "monitor")
+    ndimage, _, _, morphology, segmentation = _libraries()
     padded = np.pad(mask, 1)
     distance = ndimage.distance_transform_edt(padded)
     # h-maxima on every other pixel of the distance map: a quarter of the work (it dominated the
@@ -214,18 +223,23 @@ def measure_frame(grey: np.ndarray, found: Segmentation, max_side: int = MAX_PAR
         split: try to split regions that look merged (watershed).
     """
     particles: list[MeasuredParticle] = []
-    masks: list[tuple[int, np.ndarray]] = []  # (index into particles, full-resolution mask)
+    masks: list[tuple[int, np.ndarray, tuple]] = []  # (index into particles, full-resolution mask, its hull)
     for region, label in zip(found.regions, found.labels_of):
         ys, xs = _half_slices(region.box)
         mask = found.labels[ys, xs] == label
-        x0, y0, x1, y1 = region.box
-        merged = max(x1 - x0, y1 - y0) > max_side or mask.sum() < SPLIT_SOLIDITY * hull_measures(mask)[2]
-        pieces = split_region(mask) if split and merged else [mask]
-        for piece in pieces:
-            particle, full = _refine_piece(grey, found.background, piece, (ys.start, xs.start), max_side)
-            particle.touching = len(pieces) > 1
+        # refined whole first: most regions are one particle, and their hull is needed anyway
+        pieces = [_refine_piece(grey, found.background, mask, (ys.start, xs.start), max_side)]
+        particle, full, hull = pieces[0]
+        if split and (particle.cluster or (full is not None and full.sum() < SPLIT_SOLIDITY * hull[2])):
+            parts = split_region(mask)
+            if len(parts) > 1:
+                pieces = [_refine_piece(grey, found.background, part, (ys.start, xs.start), max_side) for part in parts]
+        for particle, full, hull in pieces:
+            particle.touching = particle.touching or len(pieces) > 1
+            if not particle.cluster:  # the focus of what is kept only (a split region's whole is not)
+                particle.sharpness = sharpness(grey, particle.region.box)
             if full is not None:
-                masks.append((len(particles), full))
+                masks.append((len(particles), full, hull))
             particles.append(particle)
     _add_measures(grey, particles, masks)
     return particles
@@ -237,10 +251,10 @@ def _half_slices(box: tuple[int, int, int, int]) -> tuple[slice, slice]:
 
 
 def _refine_piece(grey, background, piece: np.ndarray, origin: tuple[int, int],
-                  max_side: int) -> tuple[MeasuredParticle, np.ndarray | None]:
-    """A piece (reduced mask at ``origin`` of the reduced frame) and its full-resolution mask
-    (in its box), or ``None`` for a cluster or a piece with no pixel above the edge level."""
-    ndimage = require("scipy.ndimage", "monitor")
+                  max_side: int) -> tuple[MeasuredParticle, np.ndarray | None, tuple | None]:
+    """A piece (reduced mask at ``origin`` of the reduced frame), its full-resolution mask (in its
+    box) and :func:`hull_measures`; ``None`` for a cluster or a piece with no pixel above the edge level."""
+    ndimage = _libraries()[0]
     rows, cols = np.nonzero(piece)
     py0, px0 = origin[0] + rows.min(), origin[1] + cols.min()
     piece = piece[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
@@ -250,7 +264,7 @@ def _refine_piece(grey, background, piece: np.ndarray, origin: tuple[int, int],
     box = (int(fx0), int(fy0), int(fx1), int(fy1))
     region = Region(box, int(piece.sum()) * SCALE * SCALE)
     if max(fx1 - fx0, fy1 - fy0) > max_side:
-        return MeasuredParticle(region, touching=True, cluster=True), None
+        return MeasuredParticle(region, touching=True, cluster=True), None, None
     up = np.repeat(np.repeat(piece, SCALE, axis=0), SCALE, axis=1)[:fy1 - fy0, :fx1 - fx0]
     under = np.repeat(np.repeat(background[py0:py0 + piece.shape[0], px0:px0 + piece.shape[1]], SCALE, axis=0),
                       SCALE, axis=1)[:fy1 - fy0, :fx1 - fx0]
@@ -259,17 +273,17 @@ def _refine_piece(grey, background, piece: np.ndarray, origin: tuple[int, int],
     if count > 1:  # noise specks and the edges of neighbours: keep the particle itself
         mask = labels == (1 + int(np.argmax(ndimage.sum_labels(mask, labels, range(1, count + 1)))))
     mask = fill_holes(mask)
-    particle = MeasuredParticle(region, sharpness=sharpness(grey, box))
-    return particle, (mask if mask.any() else None)
+    particle = MeasuredParticle(region)
+    return (particle, mask, hull_measures(mask)) if mask.any() else (particle, None, None)
 
 
-def _add_measures(grey: np.ndarray, particles: list[MeasuredParticle], masks: list[tuple[int, np.ndarray]]) -> None:
+def _add_measures(grey: np.ndarray, particles: list[MeasuredParticle], masks: list[tuple[int, np.ndarray, tuple]]) -> None:
     """Area, ECD and mean intensity by one ``regionprops_table`` over the frame; length, width, solidity from the hull."""
     if not masks:
         return
-    measure = require("skimage.measure", "monitor")
+    measure = _libraries()[2]
     labels = np.zeros(grey.shape, dtype=np.int32)
-    for k, (index, mask) in enumerate(masks, start=1):
+    for k, (index, mask, _) in enumerate(masks, start=1):
         x0, y0, x1, y1 = particles[index].region.box
         labels[y0:y1, x0:x1][mask] = k  # pieces are disjoint: so are their masks
     # scikit-image's solidity draws each hull as an image (slow); the hull of the corners serves here
@@ -277,28 +291,11 @@ def _add_measures(grey: np.ndarray, particles: list[MeasuredParticle], masks: li
                                       properties=("label", "area", "equivalent_diameter_area", "intensity_mean"))
     for k, area, ecd, mean in zip(table["label"], table["area"], table["equivalent_diameter_area"],
                                   table["intensity_mean"]):
-        index, mask = masks[k - 1]
-        length, width, hull_area = hull_measures(mask)
+        index, _, (length, width, hull_area) = masks[k - 1]
         p = particles[index]
         p.area_px, p.ecd_px, p.mean_intensity = float(area), float(ecd), float(mean)
         p.length_px, p.width_px, p.aspect = length, width, length / max(width, 1.0)
         p.solidity = min(float(area) / max(hull_area, 1.0), 1.0)
-
-
-def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """``mask`` with every background part that does not reach the border filled in.
-
-    The same as ``scipy.ndimage.binary_fill_holes``, by one labelling instead of repeated dilations.
-
-    Example:
-        >>> ring = np.ones((5, 5), bool); ring[2, 2] = False
-        >>> bool(fill_holes(ring)[2, 2])
-        True
-    """
-    ndimage = require("scipy.ndimage", "monitor")
-    outside, _ = ndimage.label(~mask)
-    border = np.unique(np.concatenate([outside[0], outside[-1], outside[:, 0], outside[:, -1]]))
-    return ~np.isin(outside, border[border > 0])
 
 
 def equivalent_diameter(area: float) -> float:

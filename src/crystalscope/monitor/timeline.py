@@ -68,6 +68,23 @@ class SizeClasses:
             raise CrystalscopeError(f"--size-classes {self.low:g},{self.high:g},{self.count}: give LOW,HIGH,N "
                                     "with 0 < LOW < HIGH and 1 <= N <= 50 (e.g. 16,1024,12)")
 
+    @classmethod
+    def parse(cls, text: str) -> "SizeClasses":
+        """``"LOW,HIGH,N"`` (the ``--size-classes`` option) as size classes.
+
+        Example:
+            >>> SizeClasses.parse("20,2000,4").edges().round(1).tolist()
+            [20.0, 63.2, 200.0, 632.5, 2000.0]
+        """
+        parts = text.split(",")
+        try:
+            low, high, count = float(parts[0]), float(parts[1]), int(parts[2])
+            if len(parts) != 3:
+                raise ValueError
+        except (ValueError, IndexError):
+            raise CrystalscopeError(f"--size-classes {text!r}: give LOW,HIGH,N (e.g. 16,1024,12)") from None
+        return cls(low, high, count)
+
     def edges(self) -> np.ndarray:
         return np.geomspace(self.low, self.high, self.count + 1)
 
