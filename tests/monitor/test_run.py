@@ -197,3 +197,12 @@ def test_monitor_errors_are_one_line(tmp_path):
     result = RUNNER.invoke(app, ["monitor", str(tmp_path / "model.onnx"), str(tmp_path / "nowhere"),
                                  "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "FRAMES_DIR" in result.output and "Traceback" not in result.output
+
+
+def test_scale_and_size_class_errors_are_one_line(tmp_path):
+    (tmp_path / "frames").mkdir()
+    for option, value in (("--um-per-px", "-1"), ("--size-classes", "100,10,4"), ("--size-classes", "x")):
+        result = RUNNER.invoke(app, ["monitor", str(tmp_path / "model.onnx"), str(tmp_path / "frames"),
+                                     "--out", str(tmp_path / "out"), option, value])
+        assert result.exit_code == 2 and option in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "out").exists()

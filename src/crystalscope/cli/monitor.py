@@ -68,12 +68,10 @@ def monitor_command(
     um_per_px: float | None = typer.Option(None, "--um-per-px", help="The frames' scale in micrometres per pixel: "
                                            "sizes are then written in um (column names end in _um, _um2); "
                                            "without it they are in px and the columns say so."),
-    size_classes: str = typer.Option("16,1024,12", "--size-classes", metavar="LOW,HIGH,N",
-                                     help="Log-spaced size classes of the equivalent diameter for the counts "
-                                     "per class in timeline.csv and sizes.png, in the output unit (px, or um "
-                                     "with --um-per-px): N classes from LOW to HIGH."),
-    split: bool = typer.Option(True, "--split/--no-split", help="Split touching particles (distance-transform "
-                               "watershed) before measuring and classifying them."),
+    size_classes: str = typer.Option("16,1024,12", "--size-classes", metavar="LOW,HIGH,N", help="N log-spaced "
+                                     "classes of the equivalent diameter from LOW to HIGH, in the output unit "
+                                     "(px, or um with --um-per-px): counts per class in timeline.csv, sizes.png."),
+    split: bool = typer.Option(True, "--split/--no-split", help="Split touching particles (watershed) first."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier monitor output at --out "
                                "(a folder holding anything else is never replaced)."),
 ):
@@ -85,7 +83,7 @@ def monitor_command(
     from crystalscope.monitor.timeline import AlarmRule, SizeClasses
 
     console = Console(stderr=True)
-    Scale(um_per_px)  # a bad scale is an option error before any frame is read
+    Scale(um_per_px)  # a bad scale is an option error before the output folder is claimed
     settings = MonitorSettings(rule=AlarmRule(alarm_fraction, alarm_frames, smoothing), detector=detector,
                                batch_size=batch_size, overlay=overlay, min_sharpness=min_sharpness,
                                max_side=max_side, min_confidence=min_confidence, um_per_px=um_per_px,
