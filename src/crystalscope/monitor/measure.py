@@ -106,6 +106,12 @@ class MeasuredParticle:
     touching: bool = False
     cluster: bool = False
 
+    def label(self, scale: Scale) -> str:
+        """Short text for a picture: ``ECD 183 um  L/W 1.0`` (``+``: touches another); blank for a cluster."""
+        if self.ecd_px is None:
+            return ""
+        return f"ECD {scale.length(self.ecd_px):.0f} {scale.unit}  L/W {self.aspect:.1f}{' +' if self.touching else ''}"
+
     def row(self, scale: Scale) -> list[str]:
         """The measure columns of particles.csv (sizes in ``scale``'s unit; blank for a cluster)."""
         if self.area_px is None:

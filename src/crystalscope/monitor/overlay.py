@@ -24,7 +24,7 @@ def overlay_jpeg(image: Image.Image, particles: list[dict]) -> bytes:
 
     JPEG (quality 85) keeps a 1024 x 768 overlay near 100 KB: a run writes one per frame.
 
-    ``particles`` are rows with ``box`` (x0, y0, x1, y1), ``class`` and ``status``; every status but ``ok`` (rejected, out of focus, error) is drawn hatched grey.
+    ``particles`` are rows with ``box`` (x0, y0, x1, y1), ``class`` and ``status``; every status but ``ok`` (rejected, out of focus, error) is drawn hatched grey. An optional ``size`` text (the measures) is written in the box.
 
     Example:
         >>> jpeg = overlay_jpeg(Image.new("L", (64, 48)), [{"box": (5, 5, 30, 30), "class": "pg", "status": "ok"}])
@@ -36,13 +36,18 @@ def overlay_jpeg(image: Image.Image, particles: list[dict]) -> bytes:
     width = max(2, canvas.width // 400)
     for p in particles:
         x0, y0, x1, y1 = p["box"]
+        size = p.get("size")  # "ECD 183 um, L/W 1.0" when measured
         if p["status"] == "ok":
             colour = CLASS_COLOURS.get(p["class"], FALLBACK_COLOUR)
             draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=colour, width=width)
             draw.text((x0 + 3, y0 + 2), f"{p['class']} {p.get('confidence', 0):.2f}", fill=colour)
+            if size:
+                draw.text((x0 + 3, y0 + 14), size, fill=colour)
             continue
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=REJECTED_COLOUR, width=width)
         _hatch(draw, (x0, y0, x1, y1), REJECTED_COLOUR)
+        if size:
+            draw.text((x0 + 3, y0 + 2), size, fill=REJECTED_COLOUR)
     buffer = io.BytesIO()
     canvas.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
@@ -130,7 +135,7 @@ def sizes_png(timeline: Timeline) -> bytes:
                               extent=(span[0], span[1], 0, len(edges) - 1))
         fig.colorbar(image, ax=bottom, label="particles per frame")
     ticks = range(0, len(edges), max(1, len(edges) // 6))
-    bottom.set_yticks(list(ticks), [f"{edges[i]:.3g}" for i in ticks])
+    bottom.set_yticks(list(ticks), [f"{edges[i]:.0f}" if edges[i] >= 10 else f"{edges[i]:.2g}" for i in ticks])
     bottom.set_ylabel(f"size class, ECD ({timeline.unit})")
     bottom.set_xlabel("time since first frame (min)")
     return png_bytes(fig)

@@ -141,7 +141,7 @@ class Monitor:
             self.particles.append([index, path.name, f"{record.time_s:.3f}", k, *measured.region.box,
                                    p.predicted or "", confidence, p.status, *measured.row(self.scale)])
             shown.append({"box": measured.region.box, "class": p.predicted, "confidence": p.confidence or 0.0,
-                          "status": p.status})
+                          "status": p.status, "size": measured.label(self.scale)})
         if self.settings.overlay:
             write_bytes(self.out_dir / OVERLAY_SUBDIR / f"{path.stem}.jpg", overlay_jpeg(image, shown))
         return self.timeline.add(record)
