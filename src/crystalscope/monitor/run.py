@@ -165,6 +165,10 @@ class Monitor:
         if p.status == "ok":
             record.particle_sizes.setdefault(p.predicted, []).append(sizes)
 
+    def particle_rows(self) -> list[dict]:
+        """particles.csv as dicts, one per particle (``pandas.DataFrame(monitor.particle_rows())``)."""
+        return [dict(zip(particle_columns(self.scale.unit), row)) for row in self.particles]
+
     def particles_csv(self) -> str:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")

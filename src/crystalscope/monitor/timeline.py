@@ -273,13 +273,42 @@ class Timeline:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(self.columns())
+        writer.writerows(self._rows())
+        return buffer.getvalue()
+
+    def rows(self) -> list[dict]:
+        """timeline.csv as a list of dicts (``pandas.DataFrame(timeline.rows())``); blanks are ``None``.
+
+        Example:
+            >>> t = Timeline(["cex", "pg"], "pg", AlarmRule())
+            >>> _ = t.add(FrameRecord(0, "f0.png", 0.0, {"cex": 2, "pg": 0}, particle_sizes={"all": [(100.0, 120.0, 1.2)]}))
+            >>> row = t.rows()[0]; row["n_measured"], row["all_ecd_d50_px"], row["pg_ecd_d50_px"]
+            (1, 100.0, None)
+        """
+        columns = self.columns()
+        return [{c: _value(v) for c, v in zip(columns, row)} for row in self._rows()]
+
+    def _rows(self) -> list[list]:
         alarm_frames = {a["frame"] for a in self.alarms}
+        rows = []
         for r in self.records:
             counts = [r.counts.get(c, 0) for c in self.class_names]
-            writer.writerow([r.frame, r.file, f"{r.time_s:.3f}", sum(counts) + r.rejected + r.out_of_focus + r.clusters + r.uncertain + r.errors,
-                             *counts, r.rejected, r.out_of_focus, r.clusters, r.uncertain, r.errors, _fmt(r.fraction), _fmt(r.low), _fmt(r.high), _fmt(r.ewma),
-                             int(r.frame in alarm_frames), r.status, *self._size_values(r)])
-        return buffer.getvalue()
+            rows.append([r.frame, r.file, f"{r.time_s:.3f}", sum(counts) + r.rejected + r.out_of_focus + r.clusters + r.uncertain + r.errors,
+                         *counts, r.rejected, r.out_of_focus, r.clusters, r.uncertain, r.errors, _fmt(r.fraction), _fmt(r.low), _fmt(r.high), _fmt(r.ewma),
+                         int(r.frame in alarm_frames), r.status, *self._size_values(r)])
+        return rows
+
+
+def _value(text):
+    """A CSV cell back as a number where it is one (blank: ``None``)."""
+    if not isinstance(text, str):
+        return text
+    if text == "":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _fmt(value: float | None) -> str:
