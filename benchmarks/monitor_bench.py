@@ -299,6 +299,33 @@ def _size_scores(run: Path, out: str) -> dict:
             got = float(np.median([float(r[column]) for r in mine])) / (1.0 if measure == "aspect" else scale)
             want = float(np.median([float(p[f"{measure}_px" if measure != "aspect" else "aspect"]) for p in true]))
             scores[f"{group}_{measure}_median_error"] = got / want - 1.0
+    scores.update(_matched_size_errors(truth, rows, unit, scale))
+    return scores
+
+
+def _matched_size_errors(truth: dict, rows: list[dict], unit: str, scale: float) -> dict:
+    """Median ECD and aspect of the measured particles matched (IoU >= 0.5) to a true one, per
+    *true* class, against those true particles: the measuring alone, without the classifier."""
+    from crystalscope.monitor.score import match_boxes
+
+    by_file: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["status"] != "cluster" and r.get(f"ecd_{unit}"):
+            by_file.setdefault(r["file"], []).append(r)
+    box = lambda r: tuple(int(r[k]) for k in ("x0", "y0", "x1", "y1"))  # noqa: E731
+    pairs: dict[str, list[tuple[dict, dict]]] = {}
+    for index, frame in truth["frames"].items():
+        found, true = by_file.get(Path(frame["file"]).name, []), truth["particles"].get(index, [])
+        for i, j in match_boxes([box(r) for r in found], [box(t) for t in true]):
+            pairs.setdefault(true[j]["class"], []).append((found[i], true[j]))
+    scores = {}
+    for group, matched in pairs.items():
+        if len(matched) < 10:
+            continue
+        for measure in ("ecd", "aspect"):
+            got = np.median([float(r[f"ecd_{unit}"]) / scale if measure == "ecd" else float(r["aspect"]) for r, _ in matched])
+            want = np.median([float(t["ecd_px" if measure == "ecd" else "aspect"]) for _, t in matched])
+            scores[f"matched_true_{group}_{measure}_median_error"] = float(got / want - 1.0)
     return scores
 
 
