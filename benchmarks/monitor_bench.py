@@ -15,6 +15,11 @@ Steps, all through the project's own library (the same code as `synth-process` a
    MAE, onset delay, false alarms per hour, frames per second (median and min-max over the
    runs without PG).
 
+5. ``--measure``: counts and sizes against the renderer's truth on the evaluation seeds 1-5 and
+   five dense runs (seeds 21-25, ``--density 6``), with particles lost to ``cluster`` or missed
+   on the densest quarter of frames, alarms and frames/s; with ``--baseline-src`` each run is
+   also monitored by another checkout (today's code) right before, for a fair comparison.
+
 Example:
     PYTHONPATH=src .venv/bin/python benchmarks/monitor_bench.py /tmp/monitor-demo/run/model.onnx \\
         --work /tmp/monitor-bench
@@ -199,6 +204,157 @@ def screening_check(work: Path, name: str = "cal-pg") -> dict:
     return summary
 
 
+# ---- measures: counts and sizes against the renderer's truth, today's monitor alongside ----------
+
+#: Evaluation runs of the measures: today's density (seeds 1-5, as ``evaluate``) and dense runs
+#: (seeds 21-25, ``density`` 6: 30 rising to 60 particles a frame); none is used for tuning.
+MEASURE_RUNS = (("pg-1", 1, 1.0, True), ("pg-2", 2, 1.0, True), ("nopg-3", 3, 1.0, False),
+                ("nopg-4", 4, 1.0, False), ("nopg-5", 5, 1.0, False),
+                ("dense-21", 21, 3.0, True), ("dense-22", 22, 3.0, True), ("dense-23", 23, 3.0, False),
+                ("dense-24", 24, 3.0, False), ("dense-25", 25, 3.0, False))
+#: A true particle counts as visible when later ones leave at least this much of it uncovered
+#: (the detector's smallest region).
+VISIBLE_AREA = 1600
+_BASELINE_CHILD = """
+import json, sys, time
+from crystalscope.monitor.run import MonitorSettings, run_monitor
+started, cpu = time.perf_counter(), time.process_time()
+s = run_monitor(sys.argv[1], sys.argv[2], sys.argv[3], MonitorSettings(), force=True)
+print(json.dumps({"fps": s["n_frames"] / (time.perf_counter() - started),
+                  "cpu_fps": s["n_frames"] / (time.process_time() - cpu), "alarms": s["alarms"]}))
+"""
+
+
+def _monitor_timed(model: Path, run: Path, out: str, src: Path | None, settings=None) -> dict:
+    """Monitor ``run`` into ``run/out``: with this checkout, or (``src``) another checkout's source."""
+    import os
+    import subprocess
+    import sys
+
+    if src is None:  # frames/s of the wall clock, and of this process's CPU time (steadier on a shared machine)
+        started, cpu = time.perf_counter(), time.process_time()
+        s = run_monitor(model, run / "frames", run / out, settings, force=True)
+        return {"fps": s["n_frames"] / (time.perf_counter() - started),
+                "cpu_fps": s["n_frames"] / (time.process_time() - cpu), "alarms": s["alarms"]}
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    done = subprocess.run([sys.executable, "-c", _BASELINE_CHILD, str(model), str(run / "frames"), str(run / out)],
+                          env=env, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _lost_on_densest(run: Path, out: str) -> dict:
+    """Share of visible true particles lost to ``cluster`` or missed (no IoU >= 0.5 box), on the
+    densest quarter of frames (by visible true particles), and over all frames."""
+    from crystalscope.monitor.score import match_boxes
+
+    truth = read_truth(run / "frames")
+    found: dict[str, list[dict]] = {}
+    for row in _rows(run / out / "particles.csv"):
+        found.setdefault(row["file"], []).append(row)
+    per_frame = []
+    for index, frame in truth["frames"].items():
+        true = [p for p in truth["particles"].get(index, []) if float(p["visible_area_px2"]) >= VISIBLE_AREA]
+        rows = found.get(Path(frame["file"]).name, [])
+        box = lambda r: tuple(int(r[k]) for k in ("x0", "y0", "x1", "y1"))  # noqa: E731
+        kept = [i for i, r in enumerate(rows) if r["status"] != "cluster"]
+        matched = match_boxes([box(rows[i]) for i in kept], [box(t) for t in true])
+        per_frame.append((len(true), len(true) - len(matched)))
+    per_frame.sort(reverse=True)
+    dense = per_frame[:max(1, len(per_frame) // 4)]
+    return {"lost_densest_quarter": sum(l for _, l in dense) / max(sum(n for n, _ in dense), 1),
+            "lost_all": sum(l for _, l in per_frame) / max(sum(n for n, _ in per_frame), 1)}
+
+
+def _size_scores(run: Path, out: str) -> dict:
+    """Measured vs true per frame counts, and pooled D50 (ECD, length) and median aspect per class."""
+    truth = read_truth(run / "frames")
+    rows = _rows(run / out / "particles.csv")
+    unit = "um" if "ecd_um" in rows[0] else "px"
+    scale = float(truth.get("um_per_px") or 1.0) if unit == "um" else 1.0
+    measured = [r for r in rows if r["status"] != "cluster" and r.get(f"ecd_{unit}")]
+    counts: dict[str, int] = {}
+    for r in measured:
+        counts[r["file"]] = counts.get(r["file"], 0) + 1
+    errors, totals = [], [0, 0]
+    for index, frame in truth["frames"].items():
+        visible = sum(float(p["visible_area_px2"]) >= VISIBLE_AREA for p in truth["particles"].get(index, []))
+        n = counts.get(Path(frame["file"]).name, 0)
+        totals[0], totals[1] = totals[0] + n, totals[1] + visible
+        if visible:
+            errors.append(abs(n - visible) / visible)
+    scores = {"count_ratio": totals[0] / max(totals[1], 1), "count_mape": float(np.mean(errors)),
+              "true_visible_per_frame": totals[1] / len(truth["frames"])}
+    true_all = [p for ps in truth["particles"].values() for p in ps if float(p["visible_area_px2"]) >= VISIBLE_AREA]
+    for group in ("all", "cex", "pg"):
+        mine = measured if group == "all" else [r for r in measured if r["status"] == "ok" and r["class"] == group]
+        true = true_all if group == "all" else [p for p in true_all if p["class"] == group]
+        if len(mine) < 10 or len(true) < 10:
+            continue
+        for measure, column in (("ecd", f"ecd_{unit}"), ("length", f"length_{unit}"), ("aspect", "aspect")):
+            got = float(np.median([float(r[column]) for r in mine])) / (1.0 if measure == "aspect" else scale)
+            want = float(np.median([float(p[f"{measure}_px" if measure != "aspect" else "aspect"]) for p in true]))
+            scores[f"{group}_{measure}_median_error"] = got / want - 1.0
+    scores.update(_matched_size_errors(truth, rows, unit, scale))
+    return scores
+
+
+def _matched_size_errors(truth: dict, rows: list[dict], unit: str, scale: float) -> dict:
+    """Median ECD and aspect of the measured particles matched (IoU >= 0.5) to a true one, per
+    *true* class, against those true particles: the measuring alone, without the classifier."""
+    from crystalscope.monitor.score import match_boxes
+
+    by_file: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["status"] != "cluster" and r.get(f"ecd_{unit}"):
+            by_file.setdefault(r["file"], []).append(r)
+    box = lambda r: tuple(int(r[k]) for k in ("x0", "y0", "x1", "y1"))  # noqa: E731
+    pairs: dict[str, list[tuple[dict, dict]]] = {}
+    for index, frame in truth["frames"].items():
+        found, true = by_file.get(Path(frame["file"]).name, []), truth["particles"].get(index, [])
+        for i, j in match_boxes([box(r) for r in found], [box(t) for t in true]):
+            pairs.setdefault(true[j]["class"], []).append((found[i], true[j]))
+    scores = {}
+    for group, matched in pairs.items():
+        if len(matched) < 10:
+            continue
+        for measure in ("ecd", "aspect"):
+            got = np.median([float(r[f"ecd_{unit}"]) / scale if measure == "ecd" else float(r["aspect"]) for r, _ in matched])
+            want = np.median([float(t["ecd_px" if measure == "ecd" else "aspect"]) for _, t in matched])
+            scores[f"matched_true_{group}_{measure}_median_error"] = float(got / want - 1.0)
+    return scores
+
+
+def measure_step(work: Path, model: Path, baseline_src: Path | None, frames: int, names: list[str] | None) -> list:
+    """Per run: generate (once), monitor with today's checkout (``baseline_src``) and this one in turn,
+    and score counts, sizes, particles lost on the densest frames, alarms and frames/s."""
+    results = []
+    for name, seed, density, with_pg in MEASURE_RUNS:
+        if names and name not in names:
+            continue
+        run = work / name
+        onset = RUN["pg_onset_s"] if with_pg else NO_PG
+        if not (run / "truth" / "run.json").exists():
+            generate_process(run, ProcessSpec(seed=seed, density=density, **{**RUN, "pg_onset_s": onset, "frames": frames}),
+                             force=True)
+        truth = read_truth(run / "frames")
+        r = {"name": name, "seed": seed, "density": density}
+        if baseline_src is not None:
+            base = _monitor_timed(model, run, "monitor-base", baseline_src)
+            r["base"] = {"fps": base["fps"], "cpu_fps": base["cpu_fps"], **_lost_on_densest(run, "monitor-base"), **alarm_scores(base["alarms"], truth)}
+        new = _monitor_timed(model, run, "monitor-measure", None, MonitorSettings(um_per_px=truth["um_per_px"]))
+        r["new"] = {"fps": new["fps"], "cpu_fps": new["cpu_fps"], **_lost_on_densest(run, "monitor-measure"), **alarm_scores(new["alarms"], truth),
+                    **_size_scores(run, "monitor-measure")}
+        results.append(r)
+        print(name, json.dumps({k: {m: (round(v, 4) if isinstance(v, float) else v) for m, v in d.items()}
+                                for k, d in r.items() if isinstance(d, dict)}), flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
@@ -210,8 +366,20 @@ def main() -> None:
                         help="evaluate this alarm rule instead of calibrating one (e.g. 0.15,2,0.1)")
     parser.add_argument("--screening", action="store_true",
                         help="only print the focus and confidence figures of a monitored calibration run")
+    parser.add_argument("--measure", action="store_true",
+                        help="only the measures: counts, sizes, particles lost on dense frames, alarms, frames/s")
+    parser.add_argument("--baseline-src", type=Path, metavar="SRC",
+                        help="with --measure: also monitor each run with another checkout's src/ (today's code)")
+    parser.add_argument("--frames", type=int, default=RUN["frames"], help="with --measure: frames per run")
+    parser.add_argument("--runs", nargs="*", help="with --measure: only these runs (pg-1 ... dense-25)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.measure:
+        results = measure_step(args.work, args.model, args.baseline_src, args.frames, args.runs)
+        out = args.work / "results-measure.json"
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {out}")
+        return
     if args.screening:
         print(json.dumps(screening_check(args.work), indent=1))
         return

@@ -41,3 +41,23 @@ def test_onset_after_the_last_frame_gives_a_run_without_pg(tmp_path):
 def test_synth_process_errors_are_one_line(tmp_path):
     result = RUNNER.invoke(app, ["synth-process", str(tmp_path / "x"), "--frames", "0"])
     assert result.exit_code == 2 and "--frames 0" in result.output
+
+
+def test_truth_records_sizes_scale_and_density(tmp_path):
+    import math
+
+    sparse = generate_process(tmp_path / "a", ProcessSpec(frames=4, seed=4, **SMALL))
+    dense = generate_process(tmp_path / "b", ProcessSpec(frames=4, seed=4, density=6.0, um_per_px=0.8, **SMALL))
+    assert dense["n_particles"] > 2 * sparse["n_particles"]
+    truth = read_truth(tmp_path / "b" / "frames")
+    assert truth["um_per_px"] == 0.8
+    for ps in truth["particles"].values():
+        for p in ps:
+            area, ecd = float(p["area_px2"]), float(p["ecd_px"])
+            assert abs(ecd - math.sqrt(4 * area / math.pi)) < 0.01
+            side = max(int(p["x1"]) - int(p["x0"]), int(p["y1"]) - int(p["y0"]))
+            assert float(p["width_px"]) <= float(p["length_px"]) <= side * math.sqrt(2) + 1
+            assert 0 <= float(p["visible_area_px2"]) <= area + 0.5
+    assert any(float(p["visible_area_px2"]) < float(p["area_px2"]) for ps in truth["particles"].values() for p in ps)
+    result = RUNNER.invoke(app, ["synth-process", str(tmp_path / "x"), "--density", "0"])
+    assert result.exit_code == 2 and "--density 0" in result.output

@@ -24,6 +24,7 @@ from crystalscope.cli import app  # noqa: E402
 from crystalscope.inference.predictor import Prediction  # noqa: E402
 from crystalscope.monitor.frames import ProcessSpec, generate_process  # noqa: E402
 from crystalscope.monitor.run import Monitor, MonitorSettings, run_monitor  # noqa: E402
+from crystalscope.monitor.timeline import PARTICLE_COLUMNS  # noqa: E402
 from monitor_runs import (MAX_DELAY_S, SMALL, SMALL_MIN_CONFIDENCE, SMALL_RULE, SMALL_RULE_OPTIONS, SRC,  # noqa: E402
                           read_csv)
 
@@ -112,7 +113,7 @@ def test_only_ok_particles_count_and_the_others_are_reported(onset_run, tmp_path
     monitor = Monitor(_FakePredictor(), onset_run / "frames", tmp_path, MonitorSettings(min_sharpness=0.0))
     frames = sorted((onset_run / "frames").iterdir())
     records = [monitor.process(frame) for frame in frames[20:30]]
-    statuses = [row[-1] for row in monitor.particles]
+    statuses = [row[PARTICLE_COLUMNS.index("status")] for row in monitor.particles]
     assert {"ok", "rejected", "error: bad crop", "uncertain"} <= set(statuses)
     assert sum(r.counts["pg"] for r in records) == statuses.count("ok")
     assert sum(r.rejected for r in records) == statuses.count("rejected")
@@ -121,6 +122,28 @@ def test_only_ok_particles_count_and_the_others_are_reported(onset_run, tmp_path
     assert all(r.fraction in (None, 1.0) for r in records)  # only PG was called: fraction 1 or nothing
     rows = read_csv_text(monitor.timeline.csv_text())
     assert sum(int(r["n_particles"]) for r in rows) == len(statuses)
+
+
+def test_sizes_are_written_in_the_scale_given(onset_run, tmp_path):
+    monitor = Monitor(_FakePredictor(), onset_run / "frames", tmp_path, MonitorSettings(min_sharpness=0.0, um_per_px=2.0))
+    for frame in sorted((onset_run / "frames").iterdir())[20:26]:
+        monitor.process(frame)
+    monitor.flush()
+    particles = read_csv(tmp_path / "particles.csv")
+    measured = [p for p in particles if p["ecd_um"]]
+    assert measured and "ecd_px" not in particles[0]
+    for p in measured:  # um: twice the px of a 2 um/px frame; the box bounds the particle
+        box_side = max(int(p["x1"]) - int(p["x0"]), int(p["y1"]) - int(p["y0"]))
+        assert float(p["width_um"]) <= float(p["length_um"]) <= 2.0 * box_side * 1.5
+        assert abs(float(p["area_um2"]) - 4.0 * float(p["area_um2"]) / 4.0) < 1e-6 and float(p["aspect"]) >= 1.0
+    timeline = read_csv(tmp_path / "timeline.csv")
+    assert all(r["um_per_px"] == "2" for r in timeline)
+    for r in timeline:
+        if r["all_ecd_d50_um"]:
+            assert float(r["all_ecd_d10_um"]) <= float(r["all_ecd_d50_um"]) <= float(r["all_ecd_d90_um"])
+    counts = [sum(int(v) for k, v in r.items() if k.startswith("all_n_ecd_")) for r in timeline]
+    assert counts == [int(r["n_measured"]) for r in timeline]
+    assert Image.open(tmp_path / "sizes.png").size[0] > 300
 
 
 def read_csv_text(text: str) -> list[dict]:
@@ -174,3 +197,12 @@ def test_monitor_errors_are_one_line(tmp_path):
     result = RUNNER.invoke(app, ["monitor", str(tmp_path / "model.onnx"), str(tmp_path / "nowhere"),
                                  "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "FRAMES_DIR" in result.output and "Traceback" not in result.output
+
+
+def test_scale_and_size_class_errors_are_one_line(tmp_path):
+    (tmp_path / "frames").mkdir()
+    for option, value in (("--um-per-px", "-1"), ("--size-classes", "100,10,4"), ("--size-classes", "x")):
+        result = RUNNER.invoke(app, ["monitor", str(tmp_path / "model.onnx"), str(tmp_path / "frames"),
+                                     "--out", str(tmp_path / "out"), option, value])
+        assert result.exit_code == 2 and option in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "out").exists()

@@ -24,13 +24,18 @@ def synth_process_command(
     height: int = typer.Option(768, "--height", help="Frame height in px."),
     difficulty: str = typer.Option("realistic", "--difficulty", help="Crop generator difficulty: easy | realistic | hard."),
     seed: int = typer.Option(0, "--seed", help="The same seed gives byte-identical frames."),
+    density: float = typer.Option(1.0, "--density", help="Factor on the particle count: 1 gives 5 rising to 10 "
+                                  "particles a 1024 x 768 frame, 6 gives 30 to 60 (overlapping)."),
+    um_per_px: float = typer.Option(1.2, "--um-per-px", help="Scale written into truth/run.json (assumed: "
+                                    "1024 px across about 1.2 mm, an EasyViewer-like probe's field of view)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT_DIR (once the new run is complete)."),
 ):
     """Generate a batch crystallization as probe frames (CEX, then PG from an onset) with ground truth."""
     from crystalscope.monitor.frames import TRUTH_SUBDIR, ProcessSpec, generate_process
 
     spec = ProcessSpec(frames=frames, interval_s=interval_s, pg_onset_s=pg_onset_s, pg_max=pg_max,
-                       pg_rise_s=pg_rise_s, width=width, height=height, difficulty=difficulty, seed=seed)
+                       pg_rise_s=pg_rise_s, width=width, height=height, difficulty=difficulty, seed=seed,
+                       density=density, um_per_px=um_per_px)
     s = generate_process(out_dir, spec, force=force)
     onset = "no PG (onset after the last frame)" if s["onset_s"] is None else f"PG onset at {s['onset_s']:g} s"
     typer.echo(f"wrote {s['n_frames']} frames ({width}x{height}) with {s['n_particles']} particles "
@@ -44,7 +49,8 @@ def monitor_command(
     model: Path = typer.Argument(..., help="Trained model: .onnx (ONNX Runtime, no PyTorch needed) or .ckpt."),
     frames_dir: Path = typer.Argument(..., help="Folder of probe frames (times from ..._t<seconds>s.png names, "
                                       "else file times)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for particles.csv, timeline.csv, timeline.png, alarms.json."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for particles.csv, timeline.csv, timeline.png, "
+                             "sizes.png, alarms.json."),
     watch: bool = typer.Option(False, "--watch", help="Keep processing frames as they appear; Ctrl-C stops "
                                "with every output written."),
     alarm_fraction: float = typer.Option(0.32, "--alarm-fraction", help="Alarm limit on the smoothed PG fraction."),
@@ -59,18 +65,28 @@ def monitor_command(
                                  "(overlapping particles), not classified."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write overlay/<frame>.jpg with boxes coloured by class (rejected/out of focus hatched)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Crops per forward pass."),
+    um_per_px: float | None = typer.Option(None, "--um-per-px", help="The frames' scale in micrometres per pixel: "
+                                           "sizes are then written in um (column names end in _um, _um2); "
+                                           "without it they are in px and the columns say so."),
+    size_classes: str = typer.Option("16,1024,12", "--size-classes", metavar="LOW,HIGH,N", help="N log-spaced "
+                                     "classes of the equivalent diameter from LOW to HIGH, in the output unit "
+                                     "(px, or um with --um-per-px): counts per class in timeline.csv, sizes.png."),
+    split: bool = typer.Option(True, "--split/--no-split", help="Split touching particles (watershed) first."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier monitor output at --out "
                                "(a folder holding anything else is never replaced)."),
 ):
     """Watch a crystallization: particles per frame -> PG fraction over time -> alarm."""
 
+    from crystalscope.monitor.measure import Scale
     from crystalscope.monitor.run import MonitorSettings, run_monitor
-    from crystalscope.monitor.timeline import AlarmRule
+    from crystalscope.monitor.timeline import AlarmRule, SizeClasses
 
     console = cli_console(stderr=True)
+    Scale(um_per_px)  # a bad scale is an option error before the output folder is claimed
     settings = MonitorSettings(rule=AlarmRule(alarm_fraction, alarm_frames, smoothing), detector=detector,
                                batch_size=batch_size, overlay=overlay, min_sharpness=min_sharpness,
-                               max_side=max_side, min_confidence=min_confidence)
+                               max_side=max_side, min_confidence=min_confidence, um_per_px=um_per_px,
+                               size_classes=SizeClasses.parse(size_classes), split=split)
 
     def show(record) -> None:
         fraction = "-" if record.fraction is None else f"{record.fraction:.2f}"

@@ -39,7 +39,8 @@ MIN_SHARPNESS = 1.9
 #: A region with a side longer than this is several overlapping particles (the largest crop is
 #: 230 px): classifying it as one particle made most of the false PG calls (docs/monitor.md).
 MAX_PARTICLE_SIDE = 260
-_SCALE = 2            # segmentation works on a frame reduced 2x
+SCALE = 2             # segmentation works on a frame reduced 2x
+_SCALE = SCALE
 _BACKGROUND_SCALE = 16  # the background estimate on one reduced 16x
 _SIGMA_LEVELS = 4.0   # threshold in robust noise sigmas
 _MIN_LEVEL = 8.0      # ... and at least this many grey levels above the background
@@ -60,6 +61,12 @@ def to_grey(image: Image.Image) -> np.ndarray:
 
 def foreground(grey: np.ndarray) -> tuple[np.ndarray, float]:
     """Half-resolution brightness above the background, and the threshold that marks particles."""
+    signal, _, level = _signal(grey)
+    return signal, level
+
+
+def _signal(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Half-resolution smoothed signal, the half-resolution background under it, the threshold."""
     ndimage = require("scipy.ndimage", "monitor")
     h, w = grey.shape
     small = np.asarray(Image.fromarray(grey, mode="F").resize((max(w // _SCALE, 1), max(h // _SCALE, 1)),
@@ -72,7 +79,24 @@ def foreground(grey: np.ndarray) -> tuple[np.ndarray, float]:
         small.shape[::-1], Image.Resampling.BILINEAR))
     signal = ndimage.gaussian_filter(small - background, 1.5)
     deviation = np.median(np.abs(signal - np.median(signal))) * 1.4826
-    return signal, max(_SIGMA_LEVELS * float(deviation), _MIN_LEVEL)
+    return signal, background, max(_SIGMA_LEVELS * float(deviation), _MIN_LEVEL)
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """What :func:`segment_frame` found: the regions, and the masks they came from.
+
+    Attributes:
+        regions: the kept regions (boxes in frame pixels), ``regions[i]`` is label ``labels_of[i]``.
+        labels: ``int32`` label image at 1/:data:`SCALE` resolution (0 background, dropped specks 0).
+        labels_of: the label of each region in ``labels``.
+        background: the probe's background at the same reduced resolution (grey levels).
+    """
+
+    regions: list[Region]
+    labels: np.ndarray
+    labels_of: list[int]
+    background: np.ndarray
 
 
 def segment(grey: np.ndarray, min_area: int = MIN_AREA) -> list[Region]:
@@ -83,27 +107,42 @@ def segment(grey: np.ndarray, min_area: int = MIN_AREA) -> list[Region]:
         >>> [r.box for r in segment(frame)]
         [(56, 46, 144, 124)]
     """
+    return segment_frame(grey, min_area).regions
+
+
+def segment_frame(grey: np.ndarray, min_area: int = MIN_AREA) -> Segmentation:
+    """:func:`segment` with the reduced-resolution label image and background it worked on.
+
+    Example:
+        >>> frame = np.full((192, 256), 40, np.float32); frame[50:120, 60:140] += 120
+        >>> found = segment_frame(frame)
+        >>> found.labels.shape, found.labels_of
+        ((96, 128), [1])
+    """
     ndimage = require("scipy.ndimage", "monitor")
-    signal, level = foreground(grey)
+    signal, background, level = _signal(grey)
     mask = signal > level
     disc = _disc(3)
     # closing joins the needles of one bundle; filling makes an agglomerate one solid region
-    mask = ndimage.binary_fill_holes(ndimage.binary_closing(mask, structure=disc, border_value=0))
+    mask = fill_holes(ndimage.binary_closing(mask, structure=disc, border_value=0))
     mask = ndimage.binary_opening(mask, structure=_disc(1))
     labels, count = ndimage.label(mask)
+    labels = labels.astype(np.int32)
     if count == 0:
-        return []
+        return Segmentation([], labels, [], background)
     areas = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
     h, w = grey.shape
-    regions = []
-    for slices, area in zip(ndimage.find_objects(labels), areas):
+    regions, kept = [], []
+    for label, (slices, area) in enumerate(zip(ndimage.find_objects(labels), areas), start=1):
         full_area = int(area) * _SCALE * _SCALE
         if full_area < min_area:
+            labels[slices][labels[slices] == label] = 0
             continue
         ys, xs = slices
         box = (xs.start * _SCALE, ys.start * _SCALE, min(xs.stop * _SCALE, w), min(ys.stop * _SCALE, h))
         regions.append(Region(box, full_area))
-    return regions
+        kept.append(label)
+    return Segmentation(regions, labels, kept, background)
 
 
 def tiles(grey: np.ndarray, side: int = TILE_SIDE, min_cover: float = 0.15) -> list[Region]:
@@ -175,6 +214,24 @@ def cut_crops(image: Image.Image, regions: list[Region]) -> list[Image.Image]:
     """
     grey = image.convert("L")  # a copy only, for the grey frame the monitor passes
     return [grey.crop(crop_box(r.box, grey.size)).convert("RGB") for r in regions]
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every background part that does not reach the border filled in.
+
+    The same as ``scipy.ndimage.binary_fill_holes``, by one labelling instead of repeated dilations.
+
+    Example:
+        >>> ring = np.ones((5, 5), bool); ring[2, 2] = False
+        >>> bool(fill_holes(ring)[2, 2])
+        True
+    """
+    ndimage = require("scipy.ndimage", "monitor")
+    outside, count = ndimage.label(~mask)
+    reaches_border = np.zeros(count + 1, dtype=bool)
+    reaches_border[np.concatenate([outside[0], outside[-1], outside[:, 0], outside[:, -1]])] = True
+    reaches_border[0] = False  # label 0 is the mask itself
+    return ~reaches_border[outside]
 
 
 def _disc(radius: int) -> np.ndarray:

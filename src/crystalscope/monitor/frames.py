@@ -5,7 +5,8 @@
     OUT_DIR/frames/frame_00000_t000000.00s.png   grey frames (1024 x 768 by default), time in the name
     OUT_DIR/truth/run.json                        onset_s, interval_s, frame size, seed, options
     OUT_DIR/truth/frames.csv                      frame, file, time_s, n_particles, n_cex, n_pg, pg_rate, pg_fraction
-    OUT_DIR/truth/particles.csv                   frame, time_s, particle, class, x0, y0, x1, y1, defocused
+    OUT_DIR/truth/particles.csv                   frame, time_s, particle, class, x0, y0, x1, y1, defocused,
+                                                  area_px2, ecd_px, length_px, width_px, aspect, visible_area_px2
 
 Particles are drawn by the crop generator's public functions (:func:`render_cex`,
 :func:`render_pg`) at the crops' own scale (CEX 151 px, PG 130-230 px), so a model trained on
@@ -18,7 +19,12 @@ from ``(seed, frame index)``: files are byte-identical on rerun.
 
 A ground-truth box is the bounding box of the pixels the particle makes at least
 :data:`VISIBLE_LEVEL` grey levels brighter than the frame under it: what can be seen, not the
-crop's square.
+crop's square. The particle's true mask is the same set of pixels (holes filled); its area,
+equivalent diameter, length and width (the narrowest bounding rectangle,
+:func:`crystalscope.monitor.measure.feret`) are those of the drawn particle, and
+``visible_area_px2`` what later particles leave uncovered. The scale, :data:`UM_PER_PX`, is an
+assumption: a 1024 px wide frame showing about 1.2 mm, the field of view of an EasyViewer-like
+in-line microscope probe (no datasheet was at hand).
 """
 
 from __future__ import annotations
@@ -44,7 +50,10 @@ TRUTH_SUBDIR = "truth"
 COMMAND = "synth-process"  # named in the output's manifest: --force replaces only what it wrote
 RUN_FILE = "run.json"
 TRUTH_FRAMES_COLUMNS = ("frame", "file", "time_s", "n_particles", "n_cex", "n_pg", "pg_rate", "pg_fraction")
-TRUTH_PARTICLES_COLUMNS = ("frame", "time_s", "particle", "class", "x0", "y0", "x1", "y1", "defocused")
+TRUTH_PARTICLES_COLUMNS = ("frame", "time_s", "particle", "class", "x0", "y0", "x1", "y1", "defocused",
+                           "area_px2", "ecd_px", "length_px", "width_px", "aspect", "visible_area_px2")
+#: Assumed scale of generated frames (written into truth/run.json): 1024 px across about 1.2 mm.
+UM_PER_PX = 1.2
 #: Grey levels a particle must add to a pixel for that pixel to count as visible (box truth).
 VISIBLE_LEVEL = 20.0
 #: Mean particles in a 1024 x 768 frame at the start and the end of the run (scaled by area).
@@ -71,6 +80,9 @@ class ProcessSpec:
         defocus: chance a particle is out of focus (blurred and dimmer).
         difficulty: crop generator difficulty (``easy``, ``realistic``, ``hard``).
         seed: the same seed gives byte-identical frames.
+        density: factor on the particle count (1: 5 rising to 10 a 1024 x 768 frame; 6: 30 to 60,
+            overlapping).
+        um_per_px: the frames' scale, recorded in ``truth/run.json`` (the particles do not change).
     """
 
     frames: int = 120
@@ -83,6 +95,8 @@ class ProcessSpec:
     defocus: float = 0.2
     difficulty: str = "realistic"
     seed: int = 0
+    density: float = 1.0
+    um_per_px: float = UM_PER_PX
 
 
 def frame_name(index: int, time_s: float) -> str:
@@ -141,6 +155,8 @@ class Particle:
     class_name: str
     box: tuple[int, int, int, int]
     defocused: bool
+    size: tuple[float, float, float, float, float] = (0.0, 0.0, 0.0, 0.0, 0.0)  # area, ecd, length, width, aspect
+    visible_area: float = 0.0
 
 
 def _place(rng: np.random.Generator, size: tuple[int, int], frame: tuple[int, int],
@@ -170,11 +186,17 @@ def box_iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _add_particle(canvas: np.ndarray, particle: np.ndarray, y: int, x: int) -> tuple[int, int, int, int] | None:
-    """Blend ``particle`` into the frame at ``(y, x)`` through a feathered window; return its visible box.
+def _add_particle(canvas: np.ndarray, particle: np.ndarray, y: int, x: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Blend ``particle`` into the frame at ``(y, x)`` through a feathered window.
 
     The crop is blended in whole (its own dark surroundings too), so a particle cut back out of
     the frame looks like the crops the classifier was trained on; the feathering hides the seams.
+
+    Returns:
+        ``(visible, covers)`` in the frame's coordinates of the crop's window (clipped to the
+        frame): the pixels the particle makes at least :data:`VISIBLE_LEVEL` brighter, and
+        the pixels where it replaces more than half of what was under it; ``None`` when nothing
+        of it is visible.
     """
     fh, fw = canvas.shape
     h, w = min(particle.shape[0], fh - y), min(particle.shape[1], fw - x)
@@ -182,10 +204,26 @@ def _add_particle(canvas: np.ndarray, particle: np.ndarray, y: int, x: int) -> t
     patch = canvas[y:y + h, x:x + w]
     change = window * (particle[:h, :w] - patch)
     patch += change
-    rows, cols = np.nonzero(change >= VISIBLE_LEVEL)
-    if rows.size == 0:
+    visible = change >= VISIBLE_LEVEL
+    if not visible.any():
         return None
+    return visible, window > 0.5
+
+
+def _box_of(mask: np.ndarray, y: int, x: int) -> tuple[int, int, int, int]:
+    rows, cols = np.nonzero(mask)
     return (x + int(cols.min()), y + int(rows.min()), x + int(cols.max()) + 1, y + int(rows.max()) + 1)
+
+
+def _true_size(visible: np.ndarray) -> tuple[float, float, float, float, float]:
+    """Area, equivalent diameter, length, width, aspect of a drawn particle's mask (holes filled)."""
+    from crystalscope.monitor.detect import fill_holes
+    from crystalscope.monitor.measure import equivalent_diameter, feret
+
+    mask = fill_holes(visible)
+    area = float(mask.sum())
+    length, width = feret(mask)
+    return area, equivalent_diameter(area), length, width, length / max(width, 1.0)
 
 
 def render_frame(spec: ProcessSpec, index: int, illumination: np.ndarray) -> tuple[np.ndarray, list[Particle]]:
@@ -202,10 +240,10 @@ def render_frame(spec: ProcessSpec, index: int, illumination: np.ndarray) -> tup
     time_s = index * spec.interval_s
     progress = index / max(spec.frames - 1, 1)
     mean_count = (COUNT_START + (COUNT_END - COUNT_START) * progress) * spec.width * spec.height / _REFERENCE_AREA
-    count = max(1, int(rng.poisson(mean_count)))
+    count = max(1, int(rng.poisson(mean_count * spec.density)))
     share = pg_rate(spec, time_s)
     canvas = illumination.copy()
-    particles: list[Particle] = []
+    drawn: list[tuple[str, bool, int, int, np.ndarray, np.ndarray]] = []
     taken: list[tuple[int, int, int, int]] = []
     for _ in range(count):
         class_name = "pg" if rng.random() < share else "cex"
@@ -214,12 +252,24 @@ def render_frame(spec: ProcessSpec, index: int, illumination: np.ndarray) -> tup
         particle = particle_image(crop, rng.uniform(2.5, 5.0) if defocused else 0.0)
         y, x = _place(rng, particle.shape, canvas.shape, taken)
         taken.append((x, y, x + particle.shape[1], y + particle.shape[0]))
-        box = _add_particle(canvas, particle, y, x)
-        if box is not None:
-            particles.append(Particle(class_name, box, defocused))
+        masks = _add_particle(canvas, particle, y, x)
+        if masks is not None:
+            drawn.append((class_name, defocused, y, x, *masks))
     noise = rng.uniform(1.5, 3.0)
     canvas += noise * rng.standard_normal(canvas.shape, dtype=np.float32)
-    return np.clip(canvas + 0.5, 0, 255).astype(np.uint8), particles
+    return np.clip(canvas + 0.5, 0, 255).astype(np.uint8), _particles(drawn, canvas.shape)
+
+
+def _particles(drawn, shape: tuple[int, int]) -> list[Particle]:
+    """Ground truth of the drawn particles; each one's visible area is what later ones leave uncovered."""
+    covered = np.zeros(shape, dtype=bool)
+    visible_areas = []
+    for _, _, y, x, visible, covers in reversed(drawn):
+        h, w = visible.shape
+        visible_areas.append(float((visible & ~covered[y:y + h, x:x + w]).sum()))
+        covered[y:y + h, x:x + w] |= covers
+    return [Particle(class_name, _box_of(visible, y, x), defocused, _true_size(visible), area)
+            for (class_name, defocused, y, x, visible, _), area in zip(drawn, reversed(visible_areas))]
 
 
 def run_illumination(spec: ProcessSpec) -> np.ndarray:
@@ -241,6 +291,11 @@ def _check_spec(spec: ProcessSpec) -> None:
                                 "160 px a side (particles are drawn at the crops' 130-230 px scale)")
     if not 0.0 <= spec.pg_max <= 1.0:
         raise CrystalscopeError(f"--pg-max {spec.pg_max} must be between 0 and 1")
+    if not 0.0 < spec.density <= 20.0:
+        raise CrystalscopeError(f"--density {spec.density} must be above 0 and at most 20 (6 gives 30-60 "
+                                "particles a 1024 x 768 frame)")
+    if not spec.um_per_px > 0:
+        raise CrystalscopeError(f"--um-per-px {spec.um_per_px} must be positive")
     if spec.difficulty not in DIFFICULTIES:
         raise CrystalscopeError(f"--difficulty {spec.difficulty!r} is not known: use one of {', '.join(DIFFICULTIES)}")
 
@@ -295,12 +350,14 @@ def _write_process(out_dir: Path, spec: "ProcessSpec") -> dict:
             fraction = n_pg / len(particles) if particles else 0.0
             frame_rows.append((index, f"{FRAMES_SUBDIR}/{name}", f"{time_s:.2f}", len(particles),
                                len(particles) - n_pg, n_pg, f"{pg_rate(spec, time_s):.6f}", f"{fraction:.6f}"))
-            particle_rows += [(index, f"{time_s:.2f}", k, p.class_name, *p.box, int(p.defocused))
+            particle_rows += [(index, f"{time_s:.2f}", k, p.class_name, *p.box, int(p.defocused),
+                               *(f"{v:.3f}" for v in p.size), f"{p.visible_area:.0f}")
                               for k, p in enumerate(particles)]
         last_s = (spec.frames - 1) * spec.interval_s
         onset = spec.pg_onset_s if spec.pg_onset_s <= last_s and spec.pg_max > 0 else None
         run = {"onset_s": onset, "frame_width": spec.width, "frame_height": spec.height,
-               "frames_dir": FRAMES_SUBDIR, "visible_level": VISIBLE_LEVEL, "spec": asdict(spec)}
+               "frames_dir": FRAMES_SUBDIR, "visible_level": VISIBLE_LEVEL, "um_per_px": spec.um_per_px,
+               "spec": asdict(spec)}
         (staging / TRUTH_SUBDIR / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
         _write_csv(staging / TRUTH_SUBDIR / "frames.csv", TRUTH_FRAMES_COLUMNS, frame_rows)
         _write_csv(staging / TRUTH_SUBDIR / "particles.csv", TRUTH_PARTICLES_COLUMNS, particle_rows)
@@ -329,4 +386,5 @@ def read_truth(frames_dir: str | os.PathLike) -> dict | None:
                 particles.setdefault(int(r["frame"]), []).append(r)
     except (OSError, ValueError, KeyError) as exc:
         raise CrystalscopeError(f"{truth}: ground truth is unreadable ({exc}); regenerate it with synth-process") from None
-    return {"onset_s": run.get("onset_s"), "frames": frames, "particles": particles}
+    return {"onset_s": run.get("onset_s"), "um_per_px": run.get("um_per_px"), "frames": frames,
+            "particles": particles}

@@ -24,7 +24,7 @@ def overlay_jpeg(image: Image.Image, particles: list[dict]) -> bytes:
 
     JPEG (quality 85) keeps a 1024 x 768 overlay near 100 KB: a run writes one per frame.
 
-    ``particles`` are rows with ``box`` (x0, y0, x1, y1), ``class`` and ``status``; every status but ``ok`` (rejected, out of focus, error) is drawn hatched grey.
+    ``particles`` are rows with ``box`` (x0, y0, x1, y1), ``class`` and ``status``; every status but ``ok`` (rejected, out of focus, error) is drawn hatched grey. An optional ``size`` text (the measures) is written in the box.
 
     Example:
         >>> jpeg = overlay_jpeg(Image.new("L", (64, 48)), [{"box": (5, 5, 30, 30), "class": "pg", "status": "ok"}])
@@ -36,13 +36,18 @@ def overlay_jpeg(image: Image.Image, particles: list[dict]) -> bytes:
     width = max(2, canvas.width // 400)
     for p in particles:
         x0, y0, x1, y1 = p["box"]
+        size = p.get("size")  # "ECD 183 um, L/W 1.0" when measured
         if p["status"] == "ok":
             colour = CLASS_COLOURS.get(p["class"], FALLBACK_COLOUR)
             draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=colour, width=width)
             draw.text((x0 + 3, y0 + 2), f"{p['class']} {p.get('confidence', 0):.2f}", fill=colour)
+            if size:
+                draw.text((x0 + 3, y0 + 14), size, fill=colour)
             continue
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=REJECTED_COLOUR, width=width)
         _hatch(draw, (x0, y0, x1, y1), REJECTED_COLOUR)
+        if size:
+            draw.text((x0 + 3, y0 + 2), size, fill=REJECTED_COLOUR)
     buffer = io.BytesIO()
     canvas.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
@@ -85,4 +90,52 @@ def timeline_png(timeline: Timeline, onset_s: float | None = None) -> bytes:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8, ncol=3)
+    return png_bytes(fig)
+
+
+#: Band colours of the size picture per group (``all`` grey, then the classes' box colours).
+_GROUP_COLOURS = {"all": "dimgrey", "cex": "tab:blue", "pg": "tab:red"}
+
+
+def sizes_png(timeline: Timeline) -> bytes:
+    """PNG bytes of the sizes over time: D10-D90 band and D50 of the equivalent diameter per group
+    (top), and the count of all measured particles per size class as a heat map (bottom).
+
+    Example:
+        >>> from crystalscope.monitor.timeline import AlarmRule
+        >>> t = Timeline(["cex", "pg"], "pg", AlarmRule())
+        >>> sizes_png(t)[:4] == b"\\x89PNG"
+        True
+    """
+    import numpy as np
+
+    records = [r for r in timeline.records if r.status == "ok"]
+    fig = new_figure(8, 5.4, dpi=100)
+    top, bottom = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
+    minutes = [r.time_s / 60.0 for r in records]
+    for group in timeline.groups():
+        rows = [(t, r.sizes[group].ecd) for t, r in zip(minutes, records) if group in r.sizes and r.sizes[group].ecd]
+        if not rows:
+            continue
+        t = [row[0] for row in rows]
+        colour = _GROUP_COLOURS.get(group, "goldenrod")
+        top.fill_between(t, [row[1][0] for row in rows], [row[1][2] for row in rows], color=colour, alpha=0.15,
+                         linewidth=0)
+        top.plot(t, [row[1][1] for row in rows], "-", color=colour, linewidth=1.3, label=f"{group} D50 (band D10-D90)")
+    top.set_ylabel(f"equivalent diameter ({timeline.unit})")
+    top.grid(alpha=0.3)
+    if top.lines:
+        top.legend(loc="upper left", fontsize=8, ncol=3)
+    edges = timeline.size_classes.edges()
+    counts = np.array([r.sizes["all"].class_counts if "all" in r.sizes else (0,) * (len(edges) - 1)
+                       for r in records], dtype=float).reshape(len(records), len(edges) - 1)
+    if records:
+        span = [minutes[0], minutes[-1] if len(minutes) > 1 else minutes[0] + 1.0]
+        image = bottom.imshow(counts.T, origin="lower", aspect="auto", cmap="viridis", interpolation="nearest",
+                              extent=(span[0], span[1], 0, len(edges) - 1))
+        fig.colorbar(image, ax=bottom, label="particles per frame")
+    ticks = range(0, len(edges), max(1, len(edges) // 6))
+    bottom.set_yticks(list(ticks), [f"{edges[i]:.0f}" if edges[i] >= 10 else f"{edges[i]:.2g}" for i in ticks])
+    bottom.set_ylabel(f"size class, ECD ({timeline.unit})")
+    bottom.set_xlabel("time since first frame (min)")
     return png_bytes(fig)

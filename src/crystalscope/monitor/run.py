@@ -31,15 +31,15 @@ from crystalscope.inference.predictor import Prediction, Predictor
 from crystalscope.io import record_files, remove_recorded, write_bytes, write_json, write_text
 from crystalscope.runtime import first_line
 from crystalscope.safety import claim_output
-from crystalscope.monitor.detect import (DETECTORS, MAX_PARTICLE_SIDE, MIN_SHARPNESS, Region, cut_crops, detect,
-                                         sharpness, to_grey)
+from crystalscope.monitor.detect import DETECTORS, MAX_PARTICLE_SIDE, MIN_SHARPNESS, cut_crops, to_grey
 from crystalscope.monitor.frames import read_truth, time_from_name
-from crystalscope.monitor.overlay import overlay_jpeg, timeline_png
-from crystalscope.monitor.timeline import PARTICLE_COLUMNS, AlarmRule, FrameRecord, Timeline
+from crystalscope.monitor.measure import MeasuredParticle, Scale, particles_of
+from crystalscope.monitor.overlay import overlay_jpeg, sizes_png, timeline_png
+from crystalscope.monitor.timeline import ALL, AlarmRule, FrameRecord, SizeClasses, Timeline, particle_columns
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FILES = ("particles.csv", "timeline.csv", "timeline.png", "alarms.json")
+OUTPUT_FILES = ("particles.csv", "timeline.csv", "timeline.png", "sizes.png", "alarms.json")
 OVERLAY_SUBDIR = "overlay"
 #: named in the output folder's manifest: --force replaces only what a monitor wrote
 COMMAND = "monitor"
@@ -64,6 +64,9 @@ class MonitorSettings:
         min_sharpness: regions less sharp than this are not classified (``out of focus``); 0 keeps all.
         max_side: regions with a longer side are not classified (``cluster``).
         min_confidence: classifications below this are written but not counted (``uncertain``).
+        um_per_px: the frames' scale; sizes are then in um (else px, and the outputs say so).
+        size_classes: log-spaced classes of the equivalent diameter, in the outputs' unit.
+        split: split touching particles (watershed) before measuring and classifying them.
     """
 
     rule: AlarmRule = field(default_factory=AlarmRule)
@@ -74,6 +77,9 @@ class MonitorSettings:
     min_sharpness: float = MIN_SHARPNESS
     max_side: int = MAX_PARTICLE_SIDE
     min_confidence: float = MIN_CONFIDENCE
+    um_per_px: float | None = None
+    size_classes: SizeClasses = field(default_factory=SizeClasses)
+    split: bool = True
 
 
 class Monitor:
@@ -90,7 +96,9 @@ class Monitor:
         self.predictor, self.settings = predictor, settings
         self.frames_dir, self.out_dir = Path(frames_dir), Path(out_dir)
         watched = predictor.positive_class or predictor.class_names[-1]
-        self.timeline = Timeline(predictor.class_names, watched, settings.rule)
+        self.scale = Scale(settings.um_per_px)
+        self.timeline = Timeline(predictor.class_names, watched, settings.rule, self.scale.unit,
+                                 settings.size_classes, settings.um_per_px)
         self.particles: list[list] = []
         self.truth_onset_s = (read_truth(self.frames_dir) or {}).get("onset_s")
         self._first_time: float | None = None
@@ -117,40 +125,55 @@ class Monitor:
         # converted to grey once: detection, the crops and the overlay all read this one frame
         image = image.convert("L")
         grey = to_grey(image)
-        regions = detect(grey, self.settings.detector)
-        screened = [self._screen(grey, r) for r in regions]
-        crops = cut_crops(image, [r for r, status in zip(regions, screened) if status is None])
+        found = particles_of(grey, self.settings.detector, self.settings.max_side, self.settings.split)
+        screened = [self._screen(m) for m in found]
+        crops = cut_crops(image, [m.region for m, status in zip(found, screened) if status is None])
         predictions = iter(self.predictor.predict(crops, batch_size=self.settings.batch_size))
         record.counts = {c: 0 for c in self.predictor.class_names}
         shown = []
-        for k, (region, status) in enumerate(zip(regions, screened)):
+        for k, (measured, status) in enumerate(zip(found, screened)):
             p = next(predictions) if status is None else Prediction(path="", status=status)
             if p.status == "ok" and p.confidence < self.settings.min_confidence:
                 p.status = UNCERTAIN
             _count(record, p)
+            self._add_size(record, measured, p)
             confidence = f"{p.confidence:.6f}" if p.confidence is not None else ""
-            self.particles.append([index, path.name, f"{record.time_s:.3f}", k, *region.box,
-                                   p.predicted or "", confidence, p.status])
-            shown.append({"box": region.box, "class": p.predicted, "confidence": p.confidence or 0.0,
-                          "status": p.status})
+            self.particles.append([index, path.name, f"{record.time_s:.3f}", k, *measured.region.box,
+                                   p.predicted or "", confidence, p.status, *measured.row(self.scale)])
+            shown.append({"box": measured.region.box, "class": p.predicted, "confidence": p.confidence or 0.0,
+                          "status": p.status, "size": measured.label(self.scale)})
         if self.settings.overlay:
             self._unrecorded.append(write_bytes(self.out_dir / OVERLAY_SUBDIR / f"{path.stem}.jpg",
                                                 overlay_jpeg(image, shown)))
         return self.timeline.add(record)
 
-    def _screen(self, grey, region: Region) -> str | None:
+    def _screen(self, measured: MeasuredParticle) -> str | None:
         """Why a region is not classified (``cluster``, ``out of focus``), or ``None`` to classify it."""
-        x0, y0, x1, y1 = region.box
-        if max(x1 - x0, y1 - y0) > self.settings.max_side:
+        x0, y0, x1, y1 = measured.region.box
+        if measured.cluster or max(x1 - x0, y1 - y0) > self.settings.max_side:
             return CLUSTER
-        if sharpness(grey, region.box) < self.settings.min_sharpness:
+        if measured.sharpness < self.settings.min_sharpness:
             return OUT_OF_FOCUS
         return None
+
+    def _add_size(self, record: FrameRecord, measured: MeasuredParticle, p: Prediction) -> None:
+        """A measured particle's sizes into its frame's groups: ``all``, and its class when counted."""
+        if measured.ecd_px is None:
+            return
+        sizes = (self.scale.length(measured.ecd_px), self.scale.length(measured.length_px), measured.aspect)
+        record.particle_sizes.setdefault(ALL, []).append(sizes)
+        record.touching += measured.touching
+        if p.status == "ok":
+            record.particle_sizes.setdefault(p.predicted, []).append(sizes)
+
+    def particle_rows(self) -> list[dict]:
+        """particles.csv as dicts, one per particle (``pandas.DataFrame(monitor.particle_rows())``)."""
+        return [dict(zip(particle_columns(self.scale.unit), row)) for row in self.particles]
 
     def particles_csv(self) -> str:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(PARTICLE_COLUMNS)
+        writer.writerow(particle_columns(self.scale.unit))
         writer.writerows(self.particles)
         return buffer.getvalue()
 
@@ -162,6 +185,7 @@ class Monitor:
         write_text(self.out_dir / "particles.csv", self.particles_csv())
         write_text(self.out_dir / "timeline.csv", self.timeline.csv_text())
         write_bytes(self.out_dir / "timeline.png", timeline_png(self.timeline, onset))
+        write_bytes(self.out_dir / "sizes.png", sizes_png(self.timeline))
         write_json(self.out_dir / "alarms.json", self.timeline.alarms)
         # the folder's manifest follows every rewrite, so a --force rerun (even after a kill) finds it ours
         record_files(self.out_dir, [*(self.out_dir / name for name in OUTPUT_FILES), *self._unrecorded], COMMAND)
