@@ -13,8 +13,6 @@ other status (``rejected``, ...) in the ``rejected`` column.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 import shutil
@@ -23,20 +21,21 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from crystalscope.data.images import ImageReadError, load_rgb
 from crystalscope.data.layout import list_images
 from crystalscope.errors import CrystalscopeError
 from crystalscope.inference.predictor import Prediction, Predictor
-from crystalscope.io import write_bytes, write_json, write_text
+from crystalscope.io import write_bytes
 from crystalscope.runtime import first_line
 from crystalscope.safety import claim_output
 from crystalscope.monitor.detect import (DETECTORS, MAX_PARTICLE_SIDE, MIN_SHARPNESS, Region, cut_crops, detect,
                                          sharpness, to_grey)
 from crystalscope.monitor.frames import read_truth, time_from_name
-from crystalscope.monitor.overlay import overlay_jpeg, timeline_png
-from crystalscope.monitor.timeline import PARTICLE_COLUMNS, AlarmRule, FrameRecord, Timeline
+from crystalscope.monitor.overlay import overlay_jpeg
+from crystalscope.monitor.sinks import CallbackSink, FileSink, FrameSummary, RunInfo, Sink, Sinks
+from crystalscope.monitor.timeline import AlarmRule, FrameRecord, Timeline
 
 log = logging.getLogger(__name__)
 
@@ -146,22 +145,11 @@ class Monitor:
             return OUT_OF_FOCUS
         return None
 
-    def particles_csv(self) -> str:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(PARTICLE_COLUMNS)
-        writer.writerows(self.particles)
-        return buffer.getvalue()
-
-    def flush(self) -> None:
-        """Rewrite the four outputs atomically (readers never see a half-written file)."""
-        onset = None
-        if self.truth_onset_s is not None and self._first_time is not None:
-            onset = float(self.truth_onset_s) - self._first_time
-        write_text(self.out_dir / "particles.csv", self.particles_csv())
-        write_text(self.out_dir / "timeline.csv", self.timeline.csv_text())
-        write_bytes(self.out_dir / "timeline.png", timeline_png(self.timeline, onset))
-        write_json(self.out_dir / "alarms.json", self.timeline.alarms)
+    def truth_onset_s_relative(self) -> float | None:
+        """The generated run's PG onset in seconds since the first frame (``None`` without truth)."""
+        if self.truth_onset_s is None or self._first_time is None:
+            return None
+        return float(self.truth_onset_s) - self._first_time
 
     def summary(self, seconds: float, interrupted: bool) -> dict:
         records = self.timeline.records
@@ -255,7 +243,8 @@ class _FolderWatch:
 
 def run_monitor(model: str | os.PathLike, frames_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 settings: MonitorSettings = MonitorSettings(), watch: bool = False,
-                on_frame: Callable[[FrameRecord], None] | None = None, force: bool = False) -> dict:
+                on_frame: Callable[[FrameRecord], None] | None = None, force: bool = False,
+                sinks: Sequence[Sink] = (), run_name: str | None = None) -> dict:
     """Monitor the frames in ``frames_dir`` with ``model`` and write the outputs into ``out_dir``.
 
     Args:
@@ -268,6 +257,10 @@ def run_monitor(model: str | os.PathLike, frames_dir: str | os.PathLike, out_dir
         on_frame: called after each frame (progress display).
         force: replace an earlier monitor output in ``out_dir`` (a folder holding anything
             else is refused: :func:`crystalscope.safety.claim_output`).
+        sinks: more receivers of each frame summary after the files (e.g. an
+            :class:`~crystalscope.monitor.opcua.OpcUaSink`); started before the first frame,
+            closed after the last.
+        run_name: the run's name for the sinks (default: the frames folder's name).
 
     Returns:
         The summary of :meth:`Monitor.summary` (frames, particles, alarms, seconds, interrupted).
@@ -289,7 +282,9 @@ def run_monitor(model: str | os.PathLike, frames_dir: str | os.PathLike, out_dir
     with claim_output(out_dir, inputs=[model, frames_dir], kind="folder", force=force, owned=MONITOR_OWNED):
         _clear_owned(out_dir)
         monitor = Monitor(Predictor.load(model), frames_dir, out_dir, settings)
-        return _run(monitor, frames_dir, frames, settings, watch, on_frame)
+        receivers = [FileSink(each_frame=watch), *([CallbackSink(on_frame)] if on_frame else []), *sinks]
+        run = RunInfo(run_name or frames_dir.resolve().name, frames_dir, out_dir, monitor.timeline, monitor.particles)
+        return _run(monitor, frames, settings, watch, Sinks(receivers), run)
 
 
 def _clear_owned(out_dir: Path) -> None:
@@ -302,28 +297,46 @@ def _clear_owned(out_dir: Path) -> None:
             path.unlink()
 
 
-def _run(monitor: "Monitor", frames_dir: Path, frames: list[Path], settings: MonitorSettings, watch: bool,
-         on_frame) -> dict:
-    folder = _FolderWatch(frames_dir)
+def _run(monitor: "Monitor", frames: list[Path], settings: MonitorSettings, watch: bool,
+         sinks: Sinks, run: RunInfo) -> dict:
+    folder = _FolderWatch(monitor.frames_dir)
     started = time.perf_counter()
+    clock = _SourceClock()
     with _StopFlag() as stop:
+        sinks.start(run)
         try:
-            _process_all(monitor, frames, stop, on_frame, flush_each=False)
+            _process_all(monitor, frames, stop, sinks, clock)
             while watch and not stop.stopped:
-                _process_all(monitor, folder.ready(), stop, on_frame, flush_each=True)
+                _process_all(monitor, folder.ready(), stop, sinks, clock)
                 time.sleep(settings.poll_s)
         finally:
-            monitor.flush()
-    return monitor.summary(time.perf_counter() - started, interrupted=stop.stopped)
+            result = monitor.summary(time.perf_counter() - started, interrupted=stop.stopped)
+            sinks.close(result)
+    return result
 
 
-def _process_all(monitor: Monitor, frames: list[Path], stop: _StopFlag,
-                 on_frame: Callable[[FrameRecord], None] | None, flush_each: bool) -> None:
+class _SourceClock:
+    """A frame's source time: the first frame's file time plus the frame's ``time_s``."""
+
+    def __init__(self):
+        self.epoch: float | None = None
+
+    def __call__(self, path: Path, record: FrameRecord) -> float:
+        if self.epoch is None:
+            try:
+                self.epoch = path.stat().st_mtime - record.time_s
+            except OSError:
+                self.epoch = time.time() - record.time_s
+        return self.epoch + record.time_s
+
+
+def _process_all(monitor: Monitor, frames: list[Path], stop: _StopFlag, sinks: Sinks, clock: _SourceClock) -> None:
     for path in frames:
         if stop.stopped:
             return
         record = monitor.process(path)
-        if flush_each:
-            monitor.flush()
-        if on_frame is not None:
-            on_frame(record)
+        alarms = monitor.timeline.alarms
+        sinks.frame(FrameSummary(record, clock(path, record),
+                                 alarm=alarms[-1] if alarms and alarms[-1]["frame"] == record.frame else None,
+                                 alarm_active=record.above >= monitor.settings.rule.frames,
+                                 truth_onset_s=monitor.truth_onset_s_relative()))

@@ -1,0 +1,176 @@
+"""Where a monitored frame goes once it is scored: the sinks of the monitor's pipeline.
+
+frame -> regions -> particles -> classified -> a :class:`FrameSummary` -> sinks. A sink is
+anything with ``start(run)``, ``frame(summary)`` and ``close(result)``: the output files
+(:class:`FileSink`), the OPC UA server (:mod:`crystalscope.monitor.opcua`), a progress line.
+Adding one touches no stage. Sinks are called in order on the monitor's thread; one that
+talks to the network must hand the summary on (a queue) and return, so a slow reader never
+holds up the next frame.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from crystalscope.io import write_bytes, write_json, write_text
+from crystalscope.monitor.overlay import timeline_png
+from crystalscope.monitor.timeline import PARTICLE_COLUMNS, AlarmRule, FrameRecord, Timeline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a sink knows about a run before its first frame.
+
+    Attributes:
+        name: the run's name (``--run-name``, default the frames folder's name).
+        frames_dir, out_dir: the watched folder and the output folder.
+        timeline: the run's live timeline (class names, watched class, rule, records, alarms);
+            sinks read it, only the monitor writes it.
+        particles: the run's live ``particles.csv`` rows (read-only for sinks).
+    """
+
+    name: str
+    frames_dir: Path
+    out_dir: Path
+    timeline: Timeline
+    particles: list[list]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.timeline.class_names
+
+    @property
+    def rule(self) -> AlarmRule:
+        return self.timeline.rule
+
+
+@dataclass(frozen=True)
+class FrameSummary:
+    """One scored frame, as every sink receives it.
+
+    Attributes:
+        record: the frame's counts, fraction, interval and EWMA.
+        source_time: the frame's time as a POSIX timestamp (the first frame's file time plus
+            ``record.time_s``): what a historian stores as the value's source time.
+        alarm: the alarm this frame fired (a row of ``alarms.json``), else ``None``.
+        alarm_active: whether the EWMA is above the limit for K frames or more now.
+        truth_onset_s: the generated run's PG onset relative to the first frame, if known.
+    """
+
+    record: FrameRecord
+    source_time: float
+    alarm: dict | None
+    alarm_active: bool
+    truth_onset_s: float | None = None
+
+
+class Sink(Protocol):
+    """Receives a run's frames; see :class:`FileSink` for the smallest real one."""
+
+    def start(self, run: RunInfo) -> None: ...
+
+    def frame(self, summary: FrameSummary) -> None: ...
+
+    def close(self, result: dict) -> None: ...
+
+
+class FileSink:
+    """particles.csv, timeline.csv, timeline.png and alarms.json, each rewritten atomically.
+
+    Args:
+        each_frame: rewrite after every frame (``--watch``: a reader always sees the latest
+            frame); otherwise only once, at :meth:`close`.
+
+    Example:
+        >>> sink = FileSink(each_frame=True)  # run_monitor adds one to every run
+    """
+
+    def __init__(self, each_frame: bool = False):
+        self.each_frame = each_frame
+        self.run: RunInfo | None = None
+        self.truth_onset_s: float | None = None
+
+    def start(self, run: RunInfo) -> None:
+        self.run = run
+
+    def frame(self, summary: FrameSummary) -> None:
+        self.truth_onset_s = summary.truth_onset_s
+        if self.each_frame:
+            self.write()
+
+    def close(self, result: dict) -> None:
+        self.write()
+
+    def write(self) -> None:
+        """Rewrite the four outputs atomically (readers never see a half-written file)."""
+        run = self.run
+        write_text(run.out_dir / "particles.csv", particles_csv(run.particles))
+        write_text(run.out_dir / "timeline.csv", run.timeline.csv_text())
+        write_bytes(run.out_dir / "timeline.png", timeline_png(run.timeline, self.truth_onset_s))
+        write_json(run.out_dir / "alarms.json", run.timeline.alarms)
+
+
+class CallbackSink:
+    """Calls ``on_frame(record)`` after each frame (the CLI's progress line)."""
+
+    def __init__(self, on_frame: Callable[[FrameRecord], None]):
+        self.on_frame = on_frame
+
+    def start(self, run: RunInfo) -> None:
+        pass
+
+    def frame(self, summary: FrameSummary) -> None:
+        self.on_frame(summary.record)
+
+    def close(self, result: dict) -> None:
+        pass
+
+
+class Sinks:
+    """The run's sinks, called in order; every sink is closed even when one fails to close.
+
+    Example:
+        >>> sinks = Sinks([FileSink()])  # doctest: +SKIP
+        >>> sinks.start(run); sinks.frame(summary); sinks.close(result)  # doctest: +SKIP
+    """
+
+    def __init__(self, sinks: list[Sink]):
+        self.sinks = list(sinks)
+        self.started: list[Sink] = []
+
+    def start(self, run: RunInfo) -> None:
+        for sink in self.sinks:
+            sink.start(run)
+            self.started.append(sink)
+
+    def frame(self, summary: FrameSummary) -> None:
+        for sink in self.started:
+            sink.frame(summary)
+
+    def close(self, result: dict) -> None:
+        failure = None
+        for sink in reversed(self.started):
+            try:
+                sink.close(result)
+            except Exception as exc:  # noqa: BLE001 - the files must still be written; re-raised below
+                log.error("closing %s: %s", type(sink).__name__, exc)
+                failure = failure or exc
+        self.started = []
+        if failure is not None:
+            raise failure
+
+
+def particles_csv(rows: list[list]) -> str:
+    """``particles.csv`` text: the header of :data:`PARTICLE_COLUMNS` and one row per region."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(PARTICLE_COLUMNS)
+    writer.writerows(rows)
+    return buffer.getvalue()
