@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -257,7 +258,7 @@ def run_monitor(model: str | os.PathLike, frames_dir: str | os.PathLike, out_dir
         on_frame: called after each frame (progress display).
         force: replace an earlier monitor output in ``out_dir`` (a folder holding anything
             else is refused: :func:`crystalscope.safety.claim_output`).
-        sinks: more receivers of each frame summary after the files (e.g. an
+        sinks: more receivers of each frame summary, called before the files (e.g. an
             :class:`~crystalscope.monitor.opcua.OpcUaSink`); started before the first frame,
             closed after the last.
         run_name: the run's name for the sinks (default: the frames folder's name).
@@ -282,7 +283,9 @@ def run_monitor(model: str | os.PathLike, frames_dir: str | os.PathLike, out_dir
     with claim_output(out_dir, inputs=[model, frames_dir], kind="folder", force=force, owned=MONITOR_OWNED):
         _clear_owned(out_dir)
         monitor = Monitor(Predictor.load(model), frames_dir, out_dir, settings)
-        receivers = [FileSink(each_frame=watch), *([CallbackSink(on_frame)] if on_frame else []), *sinks]
+        # the given sinks first: an OPC UA sink only queues the frame, and the DCS should not wait
+        # for timeline.png to be drawn
+        receivers = [*sinks, FileSink(each_frame=watch), *([CallbackSink(on_frame)] if on_frame else [])]
         run = RunInfo(run_name or frames_dir.resolve().name, frames_dir, out_dir, monitor.timeline, monitor.particles)
         return _run(monitor, frames, settings, watch, Sinks(receivers), run)
 
@@ -311,6 +314,9 @@ def _run(monitor: "Monitor", frames: list[Path], settings: MonitorSettings, watc
                 time.sleep(settings.poll_s)
         finally:
             result = monitor.summary(time.perf_counter() - started, interrupted=stop.stopped)
+            failure = sys.exc_info()[1]  # the fault that ends the run, told to the sinks (OPC UA Status)
+            if failure is not None:
+                result["error"] = first_line(failure)
             sinks.close(result)
     return result
 
