@@ -35,7 +35,7 @@ from crystalscope.monitor.detect import (DETECTORS, MAX_PARTICLE_SIDE, MIN_SHARP
                                          sharpness, to_grey)
 from crystalscope.monitor.frames import read_truth, time_from_name
 from crystalscope.monitor.overlay import overlay_jpeg
-from crystalscope.monitor.sinks import CallbackSink, FileSink, FrameSummary, RunInfo, Sink, Sinks
+from crystalscope.monitor.sinks import RUN_FILE, CallbackSink, FileSink, FrameSummary, RunInfo, Sink, Sinks
 from crystalscope.monitor.timeline import AlarmRule, FrameRecord, Timeline
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 OUTPUT_FILES = ("particles.csv", "timeline.csv", "timeline.png", "alarms.json")
 OVERLAY_SUBDIR = "overlay"
 #: what a monitor output folder holds (an earlier one is replaced only with --force)
-MONITOR_OWNED = (*OUTPUT_FILES, OVERLAY_SUBDIR)
+MONITOR_OWNED = (*OUTPUT_FILES, OVERLAY_SUBDIR, RUN_FILE)
 #: Statuses of regions the monitor does not count as classified particles (besides the model's
 #: own ``rejected`` and ``error: ...``): too blurred, several particles in one region, or a
 #: classification below ``min_confidence``.

@@ -23,6 +23,9 @@ from crystalscope.monitor.timeline import PARTICLE_COLUMNS, AlarmRule, FrameReco
 
 log = logging.getLogger(__name__)
 
+#: written once at the start of a run: its name, classes and alarm rule (the live page reads it)
+RUN_FILE = "run.json"
+
 
 @dataclass(frozen=True)
 class RunInfo:
@@ -99,6 +102,11 @@ class FileSink:
 
     def start(self, run: RunInfo) -> None:
         self.run = run
+        rule = run.rule
+        write_json(run.out_dir / RUN_FILE, {
+            "run": run.name, "class_names": run.class_names, "watched": run.timeline.watched,
+            "rule": {"fraction": rule.fraction, "frames": rule.frames, "smoothing": rule.smoothing,
+                     "describe": rule.describe()}})
 
     def frame(self, summary: FrameSummary) -> None:
         self.truth_onset_s = summary.truth_onset_s
