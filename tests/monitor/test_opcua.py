@@ -276,3 +276,14 @@ def test_opcua_alone_takes_the_default_endpoint():
         ["monitor", "m", "f", "--opcua", DEFAULT_ENDPOINT, "--watch"]
     given = ["monitor", "m", "f", "--opcua", "opc.tcp://127.0.0.1:4900/x/"]
     assert fill_optional_values(given) == given
+
+
+def test_the_opcua_path_imports_no_torch():
+    from monitor_runs import SRC
+
+    code = ("import sys; import crystalscope.monitor.opcua, crystalscope.monitor.run, crystalscope.cli.monitor; "
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(SRC)))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
