@@ -180,10 +180,9 @@ def test_a_user_and_password_turn_anonymous_access_off(tmp_path):
         served.sink.close({})
 
 
-def test_a_port_in_use_is_one_line(tmp_path, feed):
-    other = OpcUaSink(OpcUaSettings(feed.endpoint))
+def test_a_port_in_use_is_one_line_before_anything_starts(feed):
     with pytest.raises(CrystalscopeError, match="cannot listen") as caught:
-        other.start(RunInfo(RUN, tmp_path, tmp_path, feed.timeline, []))
+        OpcUaSink(OpcUaSettings(feed.endpoint))
     assert "\n" not in str(caught.value)
 
 

@@ -23,6 +23,7 @@ import hmac
 import ipaddress
 import logging
 import math
+import socket
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -97,6 +98,18 @@ def check_settings(settings: OpcUaSettings) -> tuple[str, int]:
     return url.hostname, port
 
 
+def check_port_free(endpoint: str, host: str, port: int) -> None:
+    """A one-line error now, before any output is written, when the port is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server binds
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as exc:
+            raise CrystalscopeError(f"--opcua {endpoint}: cannot listen ({exc.strerror or exc}); "
+                                    "choose another port or stop the other server") from None
+
+
 def is_loopback(host: str) -> bool:
     """``localhost`` or a loopback IP (127.0.0.0/8, ::1); ``0.0.0.0`` is every address, not loopback."""
     if host == "localhost":
@@ -157,7 +170,7 @@ class OpcUaSink:
     """
 
     def __init__(self, settings: OpcUaSettings = OpcUaSettings()):
-        check_settings(settings)
+        check_port_free(settings.endpoint, *check_settings(settings))
         self.settings = settings
         self.namespace_index: int | None = None
         self.run: RunInfo | None = None
