@@ -286,3 +286,36 @@ def test_the_opcua_path_imports_no_torch():
                           env=dict(os.environ, PYTHONPATH=str(SRC)))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_a_certificate_offers_only_basic256sha256_sign_and_encrypt(tmp_path):
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from asyncua.crypto.cert_gen import setup_self_signed_certificate
+
+    uses = [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
+    subject = {"organizationName": "crystalscope tests"}
+
+    async def certificates():
+        await setup_self_signed_certificate(tmp_path / "server.pem", tmp_path / "server.der",
+                                            "urn:crystalscope:monitor", "localhost", uses, subject)
+        await setup_self_signed_certificate(tmp_path / "client.pem", tmp_path / "client.der",
+                                            "urn:crystalscope:test-client", "localhost", uses, subject)
+
+    asyncio.run(certificates())
+    served = Feed(tmp_path, certificate=tmp_path / "server.der", private_key=tmp_path / "server.pem")
+    try:
+        async def scenario():
+            endpoints = await Client(served.endpoint).connect_and_get_server_endpoints()
+            assert {e.SecurityPolicyUri.rsplit("#", 1)[-1] for e in endpoints} == {"Basic256Sha256"}
+            assert {e.SecurityMode for e in endpoints} == {ua.MessageSecurityMode.SignAndEncrypt}
+            client = Client(served.endpoint)
+            await client.set_security_string(
+                f"Basic256Sha256,SignAndEncrypt,{tmp_path / 'client.der'},{tmp_path / 'client.pem'}")
+            async with client:
+                idx = await client.get_namespace_index(NAMESPACE_URI)
+                assert await served.node(client, idx, "Status").read_value() == "running"
+
+        asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        served.sink.close({})
