@@ -166,3 +166,52 @@ def test_page_asks_for_the_token_then_labels_dropped_files(chromium, onnx_model,
             browser.close()
     finally:
         stop_server(proc)
+
+
+def test_live_page_chart_gains_points_while_a_monitor_writes_frames(chromium, onnx_model, tmp_path):
+    """`serve --monitor OUT` while `monitor --watch --out OUT` takes frames: the chart grows."""
+    import signal
+    import subprocess
+    import time
+
+    from playwright.sync_api import sync_playwright
+
+    from crystalscope.monitor.frames import ProcessSpec, generate_process
+    from monitor_runs import SMALL, SRC
+
+    generate_process(tmp_path / "run", ProcessSpec(frames=6, seed=5, **SMALL))
+    incoming, out = tmp_path / "incoming", tmp_path / "out"
+    incoming.mkdir()
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    # every region classified (the serve tests' model is untrained but confident)
+    monitor = subprocess.Popen([sys.executable, "-m", "crystalscope", "monitor", str(onnx_model), str(incoming),
+                                "--out", str(out), "--watch", "--overlay", "--min-confidence", "0",
+                                "--min-sharpness", "0", "--force"], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    port = free_loopback_port()
+    server = start_server(onnx_model, port, "--monitor", str(out))
+    requested: list[str] = []
+    frames = sorted((tmp_path / "run" / "frames").iterdir())
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+            page = browser.new_page()
+            page.on("request", lambda request: requested.append(request.url))
+            page.goto(f"http://{LOOPBACK}:{port}/live")
+            counts = []
+            for batch in (frames[:2], frames[2:]):
+                for path in batch:
+                    shutil.copy(path, incoming / path.name)
+                done = frames.index(batch[-1]) + 1
+                page.wait_for_function(f"Number(document.getElementById('chart').dataset.frames) >= {done}",
+                                       timeout=60_000)
+                counts.append(int(page.get_attribute("#chart", "data-points")))
+            page.wait_for_selector("#overlay", state="visible", timeout=20_000)
+            browser.close()
+    finally:
+        stop_server(server)
+        monitor.send_signal(signal.SIGINT)
+        monitor.wait(timeout=60)
+    assert 0 < counts[0] < counts[1] <= len(frames)
+    assert all(url.startswith(f"http://{LOOPBACK}:{port}/") for url in requested)  # nothing from elsewhere

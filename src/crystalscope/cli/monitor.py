@@ -74,6 +74,12 @@ def monitor_command(
     split: bool = typer.Option(True, "--split/--no-split", help="Split touching particles (watershed) first."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier monitor output at --out "
                                "(a folder holding anything else is never replaced)."),
+    opcua: str = typer.Option(None, "--opcua", is_flag=False, flag_value="opc.tcp://127.0.0.1:4840/crystalscope/", help="Serve the run on OPC UA while monitoring (alone: opc.tcp://127.0.0.1:4840/crystalscope/; needs the opcua extra). See docs/plant.md."),
+    opcua_user: str = typer.Option(None, "--opcua-user", help="OPC UA user name (anonymous access is then off)."),
+    opcua_password: str = typer.Option(None, "--opcua-password", envvar="CRYSTALSCOPE_OPCUA_PASSWORD", help="OPC UA password (or $CRYSTALSCOPE_OPCUA_PASSWORD)."),
+    opcua_cert: Path = typer.Option(None, "--opcua-cert", help="Server certificate: only Basic256Sha256 Sign&Encrypt."),
+    opcua_key: Path = typer.Option(None, "--opcua-key", help="Private key of --opcua-cert."),
+    run_name: str = typer.Option(None, "--run-name", help="The run's name on OPC UA (default: the frames folder's name)."),
 ):
     """Watch a crystallization: particles per frame -> PG fraction over time -> alarm."""
 
@@ -96,9 +102,21 @@ def monitor_command(
                       f"{'-' if record.ewma is None else f'{record.ewma:.3f}'} {record.status}",
                       markup=False, highlight=False)
 
-    s = run_monitor(model, frames_dir, out, settings, watch=watch, on_frame=show if watch else None, force=force)
+    sinks = _opcua_sinks(opcua, opcua_user, opcua_password, opcua_cert, opcua_key)
+    s = run_monitor(model, frames_dir, out, settings, watch=watch, on_frame=show if watch else None, force=force,
+                    sinks=sinks, run_name=run_name)
     alarms = "; ".join(f"frame {a['frame']} at {a['time_s']:g} s" for a in s["alarms"]) or "none"
     typer.echo(f"{s['n_frames']} frames ({s['n_frame_errors']} unreadable), {s['n_particles']} particles, "
                f"{s['backend']} back end, {s['seconds']:.1f} s{' (interrupted)' if s['interrupted'] else ''}")
     typer.echo(f"alarms ({s['rule']}): {alarms}")
     typer.echo(f"outputs: {', '.join(s['outputs'])}")
+
+
+def _opcua_sinks(endpoint: str | None, user: str | None, password: str | None, cert: Path | None,
+                 key: Path | None) -> list:
+    """The OPC UA sink of ``--opcua`` (checked before any frame is read), or none."""
+    if endpoint is None:
+        return []
+    from crystalscope.monitor.opcua import OpcUaSettings, OpcUaSink
+
+    return [OpcUaSink(OpcUaSettings(endpoint, user, password, cert, key))]

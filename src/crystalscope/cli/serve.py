@@ -25,6 +25,8 @@ def serve_cmd(
     max_request_pixels: int = typer.Option(100_000_000, "--max-request-pixels",
                                            help="Most pixels of all images in one request (bounds its memory)."),
     device: str = typer.Option("auto", "--device", help="For .ckpt models: auto, cpu or cuda (ONNX runs on the CPU)."),
+    monitor: Optional[Path] = typer.Option(None, "--monitor", help="A `crystalscope monitor` --out folder: "
+                                           "adds /live, the batch as it runs."),
 ):
     """Serve a web page (drop images, get labels and a CSV) and a REST API (/api/predict, /docs)."""
     from crystalscope.serve.server import serve
@@ -34,5 +36,5 @@ def serve_cmd(
     # (cli/common.log_to_terminal); uvicorn configures its own access and error logs
     limits = ServeLimits(max_request_bytes=int(max_request_mb * 1024 * 1024), max_files=max_files,
                          max_pixels=max_pixels, max_request_pixels=max_request_pixels)
-    serve(model, host=host, port=port, workers=workers, token=token, limits=limits, device=device)
+    serve(model, host=host, port=port, workers=workers, token=token, limits=limits, device=device, monitor_dir=monitor)
 

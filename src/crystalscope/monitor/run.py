@@ -13,36 +13,34 @@ other status (``rejected``, ...) in the ``rejected`` column.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from crystalscope.data.images import ImageReadError, load_rgb
 from crystalscope.data.layout import list_images
 from crystalscope.errors import CrystalscopeError
 from crystalscope.inference.predictor import Prediction, Predictor
-from crystalscope.io import record_files, remove_recorded, write_bytes, write_json, write_text
+from crystalscope.io import remove_recorded, write_bytes
 from crystalscope.runtime import first_line
 from crystalscope.safety import claim_output
 from crystalscope.monitor.detect import DETECTORS, MAX_PARTICLE_SIDE, MIN_SHARPNESS, cut_crops, to_grey
 from crystalscope.monitor.frames import read_truth, time_from_name
 from crystalscope.monitor.measure import MeasuredParticle, Scale, particles_of
-from crystalscope.monitor.overlay import overlay_jpeg, sizes_png, timeline_png
+from crystalscope.monitor.overlay import overlay_jpeg
+from crystalscope.monitor.sinks import (COMMAND, OUTPUT_FILES, CallbackSink, FileSink, FrameSummary, RunInfo, Sink,
+                                        Sinks)
 from crystalscope.monitor.timeline import ALL, AlarmRule, FrameRecord, SizeClasses, Timeline, particle_columns
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FILES = ("particles.csv", "timeline.csv", "timeline.png", "sizes.png", "alarms.json")
 OVERLAY_SUBDIR = "overlay"
-#: named in the output folder's manifest: --force replaces only what a monitor wrote
-COMMAND = "monitor"
 #: Statuses of regions the monitor does not count as classified particles (besides the model's
 #: own ``rejected`` and ``error: ...``): too blurred, several particles in one region, or a
 #: classification below ``min_confidence``.
@@ -102,7 +100,7 @@ class Monitor:
         self.particles: list[list] = []
         self.truth_onset_s = (read_truth(self.frames_dir) or {}).get("onset_s")
         self._first_time: float | None = None
-        self._unrecorded: list[Path] = []  # overlays written since the manifest last listed them
+        self.unrecorded: list[Path] = []  # overlays written since the manifest last listed them
 
     def frame_time(self, path: Path) -> float:
         """Seconds since the first frame: from the name (``..._t000360.00s.png``) or the file's mtime."""
@@ -143,7 +141,7 @@ class Monitor:
             shown.append({"box": measured.region.box, "class": p.predicted, "confidence": p.confidence or 0.0,
                           "status": p.status, "size": measured.label(self.scale)})
         if self.settings.overlay:
-            self._unrecorded.append(write_bytes(self.out_dir / OVERLAY_SUBDIR / f"{path.stem}.jpg",
+            self.unrecorded.append(write_bytes(self.out_dir / OVERLAY_SUBDIR / f"{path.stem}.jpg",
                                                 overlay_jpeg(image, shown)))
         return self.timeline.add(record)
 
@@ -170,26 +168,11 @@ class Monitor:
         """particles.csv as dicts, one per particle (``pandas.DataFrame(monitor.particle_rows())``)."""
         return [dict(zip(particle_columns(self.scale.unit), row)) for row in self.particles]
 
-    def particles_csv(self) -> str:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(particle_columns(self.scale.unit))
-        writer.writerows(self.particles)
-        return buffer.getvalue()
-
-    def flush(self) -> None:
-        """Rewrite the four outputs atomically (readers never see a half-written file)."""
-        onset = None
-        if self.truth_onset_s is not None and self._first_time is not None:
-            onset = float(self.truth_onset_s) - self._first_time
-        write_text(self.out_dir / "particles.csv", self.particles_csv())
-        write_text(self.out_dir / "timeline.csv", self.timeline.csv_text())
-        write_bytes(self.out_dir / "timeline.png", timeline_png(self.timeline, onset))
-        write_bytes(self.out_dir / "sizes.png", sizes_png(self.timeline))
-        write_json(self.out_dir / "alarms.json", self.timeline.alarms)
-        # the folder's manifest follows every rewrite, so a --force rerun (even after a kill) finds it ours
-        record_files(self.out_dir, [*(self.out_dir / name for name in OUTPUT_FILES), *self._unrecorded], COMMAND)
-        self._unrecorded.clear()
+    def truth_onset_s_relative(self) -> float | None:
+        """The generated run's PG onset in seconds since the first frame (``None`` without truth)."""
+        if self.truth_onset_s is None or self._first_time is None:
+            return None
+        return float(self.truth_onset_s) - self._first_time
 
     def summary(self, seconds: float, interrupted: bool) -> dict:
         records = self.timeline.records
@@ -283,7 +266,8 @@ class _FolderWatch:
 
 def run_monitor(model: str | os.PathLike, frames_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 settings: MonitorSettings = MonitorSettings(), watch: bool = False,
-                on_frame: Callable[[FrameRecord], None] | None = None, force: bool = False) -> dict:
+                on_frame: Callable[[FrameRecord], None] | None = None, force: bool = False,
+                sinks: Sequence[Sink] = (), run_name: str | None = None) -> dict:
     """Monitor the frames in ``frames_dir`` with ``model`` and write the outputs into ``out_dir``.
 
     Args:
@@ -296,6 +280,10 @@ def run_monitor(model: str | os.PathLike, frames_dir: str | os.PathLike, out_dir
         on_frame: called after each frame (progress display).
         force: replace an earlier monitor output in ``out_dir`` (a folder holding anything
             else is refused: :func:`crystalscope.safety.claim_output`).
+        sinks: more receivers of each frame summary, called before the files (e.g. an
+            :class:`~crystalscope.monitor.opcua.OpcUaSink`); started before the first frame,
+            closed after the last.
+        run_name: the run's name for the sinks (default: the frames folder's name).
 
     Returns:
         The summary of :meth:`Monitor.summary` (frames, particles, alarms, seconds, interrupted).
@@ -318,31 +306,57 @@ def run_monitor(model: str | os.PathLike, frames_dir: str | os.PathLike, out_dir
         # claim_output proved that an earlier monitor wrote every file there
         remove_recorded(out_dir, keep_folder=True)
         monitor = Monitor(Predictor.load(model), frames_dir, out_dir, settings)
-        return _run(monitor, frames_dir, frames, settings, watch, on_frame)
+        # the given sinks first: an OPC UA sink only queues the frame, and the DCS should not wait
+        # for timeline.png to be drawn
+        receivers = [*sinks, FileSink(each_frame=watch), *([CallbackSink(on_frame)] if on_frame else [])]
+        run = RunInfo(run_name or frames_dir.resolve().name, frames_dir, out_dir, monitor.timeline, monitor.particles,
+                      monitor.unrecorded)
+        return _run(monitor, frames, settings, watch, Sinks(receivers), run)
 
 
-def _run(monitor: "Monitor", frames_dir: Path, frames: list[Path], settings: MonitorSettings, watch: bool,
-         on_frame) -> dict:
-    folder = _FolderWatch(frames_dir)
+def _run(monitor: "Monitor", frames: list[Path], settings: MonitorSettings, watch: bool,
+         sinks: Sinks, run: RunInfo) -> dict:
+    folder = _FolderWatch(monitor.frames_dir)
     started = time.perf_counter()
+    clock = _SourceClock()
     with _StopFlag() as stop:
+        sinks.start(run)
         try:
-            _process_all(monitor, frames, stop, on_frame, flush_each=False)
+            _process_all(monitor, frames, stop, sinks, clock)
             while watch and not stop.stopped:
-                _process_all(monitor, folder.ready(), stop, on_frame, flush_each=True)
+                _process_all(monitor, folder.ready(), stop, sinks, clock)
                 time.sleep(settings.poll_s)
         finally:
-            monitor.flush()
-    return monitor.summary(time.perf_counter() - started, interrupted=stop.stopped)
+            result = monitor.summary(time.perf_counter() - started, interrupted=stop.stopped)
+            failure = sys.exc_info()[1]  # the fault that ends the run, told to the sinks (OPC UA Status)
+            if failure is not None:
+                result["error"] = first_line(failure)
+            sinks.close(result)
+    return result
 
 
-def _process_all(monitor: Monitor, frames: list[Path], stop: _StopFlag,
-                 on_frame: Callable[[FrameRecord], None] | None, flush_each: bool) -> None:
+class _SourceClock:
+    """A frame's source time: the first frame's file time plus the frame's ``time_s``."""
+
+    def __init__(self):
+        self.epoch: float | None = None
+
+    def __call__(self, path: Path, record: FrameRecord) -> float:
+        if self.epoch is None:
+            try:
+                self.epoch = path.stat().st_mtime - record.time_s
+            except OSError:
+                self.epoch = time.time() - record.time_s
+        return self.epoch + record.time_s
+
+
+def _process_all(monitor: Monitor, frames: list[Path], stop: _StopFlag, sinks: Sinks, clock: _SourceClock) -> None:
     for path in frames:
         if stop.stopped:
             return
         record = monitor.process(path)
-        if flush_each:
-            monitor.flush()
-        if on_frame is not None:
-            on_frame(record)
+        alarms = monitor.timeline.alarms
+        sinks.frame(FrameSummary(record, clock(path, record),
+                                 alarm=alarms[-1] if alarms and alarms[-1]["frame"] == record.frame else None,
+                                 alarm_active=record.above >= monitor.settings.rule.frames,
+                                 truth_onset_s=monitor.truth_onset_s_relative()))

@@ -37,13 +37,15 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).with_name("static")
 
 
-def create_app(predictor: Predictor, limits: ServeLimits | None = None, token: str | None = None) -> FastAPI:
+def create_app(predictor: Predictor, limits: ServeLimits | None = None, token: str | None = None,
+               monitor_dir: Path | None = None) -> FastAPI:
     """Build the web application around a loaded model.
 
     Args:
         predictor: the model, loaded once and shared by all requests.
         limits: request size, files per request, pixels per image.
         token: when set, every ``/api`` request needs ``Authorization: Bearer <token>``.
+        monitor_dir: a ``crystalscope monitor`` output folder shown live at ``/live``.
 
     Example:
         >>> from fastapi.testclient import TestClient  # doctest: +SKIP
@@ -65,6 +67,10 @@ def create_app(predictor: Predictor, limits: ServeLimits | None = None, token: s
     _add_error_handlers(app)
     _add_api_routes(app, predictor, limits)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    if monitor_dir is not None:
+        from crystalscope.serve.live import add_live_routes
+
+        add_live_routes(app, Path(monitor_dir))
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:

@@ -68,7 +68,8 @@ def check_port_free(host: str, port: int) -> None:
                                     "choose another --port") from None
 
 
-def build_app(model: str | os.PathLike, limits: ServeLimits, token: str | None = None, device: str = "auto"):
+def build_app(model: str | os.PathLike, limits: ServeLimits, token: str | None = None, device: str = "auto",
+              monitor_dir: str | None = None):
     """Load ``model`` (a .onnx, or a .ckpt when torch is installed) and build the app.
 
     Example:
@@ -77,17 +78,19 @@ def build_app(model: str | os.PathLike, limits: ServeLimits, token: str | None =
     from crystalscope.inference.predictor import Predictor
     from crystalscope.serve.app import create_app
 
-    return create_app(Predictor.load(model, device=device), limits, token)
+    return create_app(Predictor.load(model, device=device), limits, token, monitor_dir)
 
 
 def app_from_environment():
     """uvicorn factory for ``--workers > 1``: each worker loads the model from the settings."""
     settings = json.loads(os.environ[SETTINGS_ENV])
-    return build_app(settings["model"], ServeLimits(**settings["limits"]), settings["token"], settings["device"])
+    return build_app(settings["model"], ServeLimits(**settings["limits"]), settings["token"], settings["device"],
+                     settings.get("monitor_dir"))
 
 
 def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
-          token: str | None = None, limits: ServeLimits | None = None, device: str = "auto") -> None:
+          token: str | None = None, limits: ServeLimits | None = None, device: str = "auto",
+          monitor_dir: str | os.PathLike | None = None) -> None:
     """Serve the page and the API until interrupted.
 
     The model is loaded before the port opens, so a wrong model file is a one-line error,
@@ -103,13 +106,18 @@ def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, w
     limits = limits or ServeLimits()
     check_bind(host, port, token, workers)
     check_port_free(host, port)
-    app = build_app(model, limits, token, device)  # a bad model file fails here, before the port opens
+    if monitor_dir is not None:
+        from crystalscope.serve.live import check_monitor_dir
+
+        monitor_dir = str(check_monitor_dir(monitor_dir).resolve())
+    app = build_app(model, limits, token, device, monitor_dir)  # a bad model file fails here, before the port opens
     logger.info("serving %s: open http://%s:%d/ (API docs at /docs); Ctrl+C stops", model, host, port)
     if workers == 1:
         uvicorn.run(app, host=host, port=port, log_level="info")
         return
     del app  # each worker process loads its own copy
     os.environ[SETTINGS_ENV] = json.dumps({"model": str(Path(model).resolve()), "token": token, "device": device,
+                                           "monitor_dir": monitor_dir,
                                            "limits": dataclasses.asdict(limits)})
     uvicorn.run("crystalscope.serve.server:app_from_environment", factory=True, host=host, port=port,
                 workers=workers, log_level="info")
