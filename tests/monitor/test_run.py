@@ -4,6 +4,7 @@ rule, --watch and SIGINT, ONNX without torch."""
 from __future__ import annotations
 
 import csv
+import math
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ pytest.importorskip("scipy")
 from crystalscope.cli import app  # noqa: E402
 from crystalscope.inference.predictor import Prediction  # noqa: E402
 from crystalscope.monitor.frames import ProcessSpec, generate_process  # noqa: E402
+from crystalscope.monitor.sinks import FileSink, RunInfo  # noqa: E402
 from crystalscope.monitor.run import Monitor, MonitorSettings, run_monitor  # noqa: E402
 from crystalscope.monitor.timeline import PARTICLE_COLUMNS  # noqa: E402
 from monitor_runs import (MAX_DELAY_S, SMALL, SMALL_MIN_CONFIDENCE, SMALL_RULE, SMALL_RULE_OPTIONS, SRC,  # noqa: E402
@@ -128,14 +130,18 @@ def test_sizes_are_written_in_the_scale_given(onset_run, tmp_path):
     monitor = Monitor(_FakePredictor(), onset_run / "frames", tmp_path, MonitorSettings(min_sharpness=0.0, um_per_px=2.0))
     for frame in sorted((onset_run / "frames").iterdir())[20:26]:
         monitor.process(frame)
-    monitor.flush()
+    sink = FileSink()
+    sink.start(RunInfo("run", onset_run / "frames", tmp_path, monitor.timeline, monitor.particles, monitor.unrecorded))
+    sink.close({})
     particles = read_csv(tmp_path / "particles.csv")
     measured = [p for p in particles if p["ecd_um"]]
     assert measured and "ecd_px" not in particles[0]
     for p in measured:  # um: twice the px of a 2 um/px frame; the box bounds the particle
         box_side = max(int(p["x1"]) - int(p["x0"]), int(p["y1"]) - int(p["y0"]))
         assert float(p["width_um"]) <= float(p["length_um"]) <= 2.0 * box_side * 1.5
-        assert abs(float(p["area_um2"]) - 4.0 * float(p["area_um2"]) / 4.0) < 1e-6 and float(p["aspect"]) >= 1.0
+        # the equivalent circle diameter is that of a disc of the particle's area, in the same unit
+        assert float(p["area_um2"]) == pytest.approx(math.pi * (float(p["ecd_um"]) / 2) ** 2, rel=1e-3)
+        assert float(p["aspect"]) >= 1.0
     timeline = read_csv(tmp_path / "timeline.csv")
     assert all(r["um_per_px"] == "2" for r in timeline)
     for r in timeline:
