@@ -94,6 +94,14 @@ def monitor_command(
                                max_side=max_side, min_confidence=min_confidence, um_per_px=um_per_px,
                                size_classes=SizeClasses.parse(size_classes), split=split)
 
+    sinks = _opcua_sinks(opcua, opcua_user, opcua_password, opcua_cert, opcua_key)
+    s = run_monitor(model, frames_dir, out, settings, watch=watch, on_frame=_frame_printer(console) if watch else None,
+                    force=force, sinks=sinks, run_name=run_name)
+    _print_summary(s)
+
+
+def _frame_printer(console):
+    """``--watch``'s line per frame, on stderr."""
     def show(record) -> None:
         fraction = "-" if record.fraction is None else f"{record.fraction:.2f}"
         console.print(f"frame {record.frame} {record.file}: {sum(record.counts.values())} classified, "
@@ -101,10 +109,10 @@ def monitor_command(
                       f"not counted, fraction {fraction}, EWMA "
                       f"{'-' if record.ewma is None else f'{record.ewma:.3f}'} {record.status}",
                       markup=False, highlight=False)
+    return show
 
-    sinks = _opcua_sinks(opcua, opcua_user, opcua_password, opcua_cert, opcua_key)
-    s = run_monitor(model, frames_dir, out, settings, watch=watch, on_frame=show if watch else None, force=force,
-                    sinks=sinks, run_name=run_name)
+
+def _print_summary(s: dict) -> None:
     alarms = "; ".join(f"frame {a['frame']} at {a['time_s']:g} s" for a in s["alarms"]) or "none"
     typer.echo(f"{s['n_frames']} frames ({s['n_frame_errors']} unreadable), {s['n_particles']} particles, "
                f"{s['backend']} back end, {s['seconds']:.1f} s{' (interrupted)' if s['interrupted'] else ''}")
