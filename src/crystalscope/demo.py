@@ -172,6 +172,7 @@ def run_demo(out: str | Path = "demo", per_class: int = 1000, backbone: str = "e
     log.info("5/5 predict: ONNX Runtime on the test images")
     predictions = predict_paths(run_dir / formats.ONNX_FILE, [split_dir / "test"], run_dir / PREDICTIONS_FILE,
                                 progress=False)
-    record_files(run_dir, [run_dir / PREDICTIONS_FILE], "train")  # the run folder's manifest lists it too
+    # the run folder's manifest lists the CSV and its provenance file too
+    record_files(run_dir, [run_dir / PREDICTIONS_FILE, formats.predictions_sidecar(run_dir / PREDICTIONS_FILE)], "train")
     return DemoResult(out=out, run_dir=run_dir, seconds=time.perf_counter() - started, split=split,
                       audit=audit, train=summary, predictions=predictions)
