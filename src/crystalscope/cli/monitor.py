@@ -59,6 +59,8 @@ def monitor_command(
                                  "(overlapping particles), not classified."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write overlay/<frame>.jpg with boxes coloured by class (rejected/out of focus hatched)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Crops per forward pass."),
+    settle_s: float = typer.Option(3.0, "--settle-s", help="With --watch: a frame that does not decode is "
+                                   "retried until its size has not changed for this many seconds, then an error row."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier monitor output at --out "
                                "(a folder holding anything else is never replaced)."),
 ):
@@ -71,7 +73,7 @@ def monitor_command(
     console = Console(stderr=True)
     settings = MonitorSettings(rule=AlarmRule(alarm_fraction, alarm_frames, smoothing), detector=detector,
                                batch_size=batch_size, overlay=overlay, min_sharpness=min_sharpness,
-                               max_side=max_side, min_confidence=min_confidence)
+                               max_side=max_side, min_confidence=min_confidence, settle_s=settle_s)
 
     def show(record) -> None:
         fraction = "-" if record.fraction is None else f"{record.fraction:.2f}"
