@@ -52,7 +52,7 @@ class OutputError(CrystalscopeError):
 
 
 def _resolved(path: str | os.PathLike) -> Path:
-    return Path(os.path.abspath(Path(path).expanduser())).resolve()
+    return Path(os.path.realpath(os.path.abspath(Path(path).expanduser())))  # resolve() raises on a link loop
 
 
 def _overlap(out: Path, inp: Path) -> str | None:
