@@ -174,3 +174,30 @@ def test_monitor_errors_are_one_line(tmp_path):
     result = RUNNER.invoke(app, ["monitor", str(tmp_path / "model.onnx"), str(tmp_path / "nowhere"),
                                  "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "FRAMES_DIR" in result.output and "Traceback" not in result.output
+
+
+def test_frame_time_starts_at_the_first_readable_frame_and_never_goes_back(tmp_path):
+    from crystalscope.monitor.run import FrameTimeError
+
+    monitor = Monitor(_FakePredictor(), tmp_path, tmp_path / "out")
+    assert monitor.frame_time(tmp_path / "f_t000050.00s.png") == 0.0
+    assert monitor.frame_time(tmp_path / "f_t000080.00s.png") == 30.0
+    assert monitor.frame_time(tmp_path / "g_t000080.00s.png") == 30.0  # a tie is not going back
+    with pytest.raises(FrameTimeError, match="before the frame before it"):
+        monitor.frame_time(tmp_path / "f_t000060.00s.png")
+    assert monitor.frame_time(tmp_path / "f_t000090.00s.png") == 40.0  # the refused frame moved nothing
+
+
+def test_folder_watch_retries_a_frame_until_its_size_has_settled(tmp_path):
+    from crystalscope.monitor.run import _FolderWatch
+
+    watch = _FolderWatch(tmp_path, settle_s=0.6)
+    (tmp_path / "a.png").write_bytes(b"\x89PNG half")  # a copy that stalls
+    assert watch.ready() == [] and watch.ready() == []  # same size, but it does not decode yet
+    Image.new("L", (8, 8)).save(tmp_path / "a.png")
+    assert watch.ready() == []  # the size changed: seen again from now
+    assert [p.name for p in watch.ready()] == ["a.png"]  # complete: handed out at once
+    (tmp_path / "b.png").write_bytes(b"never an image")
+    watch.ready()
+    time.sleep(0.7)
+    assert [p.name for p in watch.ready()] == ["b.png"]  # settled and still unreadable: its error row
