@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from crystalscope.cli.common import IMAGE_PATHS_HELP, app, fail, user_errors
+from crystalscope.cli.common import IMAGE_PATHS_HELP, app, user_errors
 
 
 @app.command("embed")
