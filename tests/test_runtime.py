@@ -96,3 +96,27 @@ def test_first_line_can_drop_the_file_name_a_row_already_shows():
     error = OSError("scan_0001.png: not a readable image (truncated)\nmore")
     assert first_line(error, without="scan_0001.png") == "not a readable image (truncated)"
     assert first_line(error, without="other.png") == "scan_0001.png: not a readable image (truncated)"
+
+
+def test_a_worker_whose_parent_is_gone_ends_itself():
+    import subprocess
+    import sys
+
+    code = "from crystalscope.runtime import die_with_parent; die_with_parent(1); print('still here')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "still here" not in proc.stdout
+
+
+def test_stop_pool_ends_a_busy_worker_now():
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+
+    from crystalscope.runtime import stop_pool
+
+    pool = ProcessPoolExecutor(max_workers=1)
+    pool.submit(time.sleep, 60)
+    time.sleep(0.5)
+    processes = list(pool._processes.values())
+    started = time.monotonic()
+    stop_pool(pool)
+    assert time.monotonic() - started < 10 and not any(p.is_alive() for p in processes)

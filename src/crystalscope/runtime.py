@@ -11,6 +11,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Iterator
 
@@ -179,12 +183,80 @@ def run_chunks(func: Callable, chunks: list, sizes: list[int], description: str,
         return results
     # the pool is created (and its workers forked) before the bar: rich refreshes the bar from a
     # thread, and forking a process while another thread holds a lock can deadlock the child
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(func, chunk) for chunk in chunks]
-        with progress_bar(description, total, enabled=progress) as advance:
-            done = 0
-            for future, size in zip(futures, sizes):
-                results.append(future.result())
-                done += size
-                advance(done)
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),))
+    try:
+        with _sigterm_as_exit():
+            futures = [pool.submit(func, chunk) for chunk in chunks]
+            with progress_bar(description, total, enabled=progress) as advance:
+                done = 0
+                for future, size in zip(futures, sizes):
+                    results.append(future.result())
+                    done += size
+                    advance(done)
+    except BaseException:
+        stop_pool(pool)
+        raise
+    pool.shutdown()
     return results
+
+
+#: seconds between a worker's looks at its parent where the OS cannot signal it (not Linux)
+PARENT_POLL_S = 0.2
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Pool initializer: end this worker as soon as the process that started it is gone.
+
+    Why: a ``kill -9`` of ``synth``/``split``/``audit`` would otherwise leave its workers
+    running, still writing into a folder that a rerun is about to clean or write. On Linux
+    the kernel sends SIGKILL the moment the parent dies (``PR_SET_PDEATHSIG``); everywhere a
+    daemon thread also checks every :data:`PARENT_POLL_S` s that the parent is still ours.
+
+    Example:
+        >>> die_with_parent(os.getppid())  # doctest: +SKIP
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # died before the line above took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="crystalscope-parent-watch", daemon=True).start()
+
+
+def stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Cancel what has not started and end the workers now (an error, Ctrl-C or SIGTERM)."""
+    # the executor keeps no public list of its processes: read it, tolerating its absence
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.terminate()
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.join(timeout=5)
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM raises SystemExit(143) in the main thread, so the pool and staging folders are cleaned up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

@@ -56,7 +56,7 @@ from crystalscope.io import STAGING_NAME, foreign_entry, holds_output, remove_re
 
 
 def _resolved(path: str | os.PathLike) -> Path:
-    return Path(os.path.abspath(Path(path).expanduser())).resolve()
+    return Path(os.path.realpath(os.path.abspath(Path(path).expanduser())))  # resolve() raises on a link loop
 
 
 def _overlap(out: Path, inp: Path) -> str | None:

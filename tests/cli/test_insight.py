@@ -45,12 +45,12 @@ def test_explain_refuses_an_onnx_model_and_says_which_file_to_use(tmp_path):
     assert "model.onnx: explain needs the PyTorch checkpoint (.ckpt)" in line and "best.ckpt" in line
 
 
-def test_explain_exits_1_when_no_file_is_an_image(tmp_path):
+def test_explain_refuses_a_folder_where_no_file_is_an_image(tmp_path):
     model = tiny_checkpoint(tmp_path)
     images = tmp_path / "images"
     images.mkdir()
     (images / "a.png").write_bytes(b"nope")
     result = invoke("explain", model, images, "--out", tmp_path / "x", "--device", "cpu")
-    line = error_line(result, code=1)
-    assert line.startswith("error: none of the 1 files could be read as an image (reasons in ")
-    assert "a.png" in result.output  # the unreadable file is named on its own line
+    line = error_line(result, code=2)
+    assert line.startswith("error: none of the 1 files could be read as an image (first: ")
+    assert "a.png" in line and not (tmp_path / "x").exists()  # nothing explained, no folder claims it

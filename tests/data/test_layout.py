@@ -122,3 +122,21 @@ def test_list_images_skips_files_in_hidden_folders(tmp_path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (4, 4)).save(tmp_path / name, format="PNG")
     assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)] == ["a.png", "sub/d.JPG"]
+
+
+def test_walk_files_follows_a_folder_link_once_and_survives_loops(tmp_path):
+    (tmp_path / "a" / "deep").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "a" / "deep" / "x.png")
+    (tmp_path / "a" / "up").symlink_to("..", target_is_directory=True)  # a loop back to tmp_path
+    (tmp_path / "b").symlink_to("a", target_is_directory=True)  # a second way to a/
+    (tmp_path / "self.png").symlink_to("self.png")
+    walked = [p.relative_to(tmp_path).as_posix() for p in layout.walk_files(tmp_path)]
+    assert walked.count("a/deep/x.png") + walked.count("b/deep/x.png") == 1
+    assert "self.png" in walked  # an image candidate: the decoder says why it is unreadable
+    images, _ = layout.list_files(tmp_path)
+    assert len(images) == 2
+
+
+def test_real_path_keeps_a_link_loop_as_written(tmp_path):
+    (tmp_path / "loop.png").symlink_to("loop.png")
+    assert layout.real_path(tmp_path / "loop.png").name == "loop.png"

@@ -301,3 +301,13 @@ def test_class_folders_that_differ_only_in_case_are_refused(tmp_path):
     with pytest.raises(CrystalscopeError, match="differ only in case"):
         split_dataset(tmp_path / "src", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_regex_that_matches_no_file_name_is_refused(tmp_path):
+    rng = np.random.default_rng(5)
+    for class_name in ("a", "b"):
+        for i in range(4):
+            save(noise(rng, 8, 8), tmp_path / "src" / class_name / f"img{i}.png")
+    with pytest.raises(CrystalscopeError, match="matches none of the 8 file names"):
+        split_dataset(tmp_path / "src", tmp_path / "out", group_by=r"regex:^crystal(\d+)", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 pytest.importorskip("scipy")
 
 from crystalscope.cli import app  # noqa: E402
+from crystalscope.errors import CrystalscopeError  # noqa: E402
 from crystalscope.monitor.frames import ProcessSpec, generate_process, read_truth  # noqa: E402
 from monitor_runs import SMALL  # noqa: E402
 
@@ -61,3 +62,23 @@ def test_truth_records_sizes_scale_and_density(tmp_path):
     assert any(float(p["visible_area_px2"]) < float(p["area_px2"]) for ps in truth["particles"].values() for p in ps)
     result = RUNNER.invoke(app, ["synth-process", str(tmp_path / "x"), "--density", "0"])
     assert result.exit_code == 2 and "--density 0" in result.output
+
+
+def test_frames_are_ordered_by_name_time_else_mtime_ties_by_name(tmp_path):
+    import os
+
+    from crystalscope.monitor.frames import frame_sort_key
+
+    for name, mtime in (("z.png", 100.0), ("a.png", 200.0), ("m.png", 100.0)):
+        (tmp_path / name).write_bytes(b"")
+        os.utime(tmp_path / name, (mtime, mtime))
+    assert [p.name for p in sorted(tmp_path.iterdir(), key=frame_sort_key)] == ["m.png", "z.png", "a.png"]
+    assert sorted(["b_t000010.00s.png", "a_t000020.00s.png"], key=frame_sort_key)[0] == "b_t000010.00s.png"
+
+
+@pytest.mark.parametrize("option", ["pg_onset_s", "interval_s", "pg_rise_s", "pg_max", "defocus"])
+def test_non_finite_options_are_refused_before_any_file(tmp_path, option):
+    spec = ProcessSpec(frames=2, width=160, height=160, **{option: float("nan")})
+    with pytest.raises(CrystalscopeError, match="finite"):
+        generate_process(tmp_path / "run", spec)
+    assert not (tmp_path / "run").exists()

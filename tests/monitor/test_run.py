@@ -74,7 +74,7 @@ def test_unreadable_frame_becomes_an_error_row(tiny_onnx, onset_run, tmp_path):
     summary = run_monitor(tiny_onnx, frames, tmp_path / "out")
     rows = read_csv(tmp_path / "out" / "timeline.csv")
     assert [r["status"].startswith("error") for r in rows] == [False, True, False]
-    assert rows[1]["time_s"] == "10.000" and rows[1]["pg_fraction"] == ""
+    assert rows[1]["time_s"] == "" and rows[1]["pg_fraction"] == ""  # unreadable: no time
     assert summary["n_frame_errors"] == 1
     # the one output rule: a rerun replaces the earlier output only with force, a folder holding
     # a user's file is never used, and the frames folder is never an output
@@ -212,3 +212,30 @@ def test_scale_and_size_class_errors_are_one_line(tmp_path):
                                      "--out", str(tmp_path / "out"), option, value])
         assert result.exit_code == 2 and option in result.output and "Traceback" not in result.output
         assert not (tmp_path / "out").exists()
+
+
+def test_frame_time_starts_at_the_first_readable_frame_and_never_goes_back(tmp_path):
+    from crystalscope.monitor.run import FrameTimeError
+
+    monitor = Monitor(_FakePredictor(), tmp_path, tmp_path / "out")
+    assert monitor.frame_time(tmp_path / "f_t000050.00s.png") == 0.0
+    assert monitor.frame_time(tmp_path / "f_t000080.00s.png") == 30.0
+    assert monitor.frame_time(tmp_path / "g_t000080.00s.png") == 30.0  # a tie is not going back
+    with pytest.raises(FrameTimeError, match="before the frame before it"):
+        monitor.frame_time(tmp_path / "f_t000060.00s.png")
+    assert monitor.frame_time(tmp_path / "f_t000090.00s.png") == 40.0  # the refused frame moved nothing
+
+
+def test_folder_watch_retries_a_frame_until_its_size_has_settled(tmp_path):
+    from crystalscope.monitor.run import _FolderWatch
+
+    watch = _FolderWatch(tmp_path, settle_s=0.6)
+    (tmp_path / "a.png").write_bytes(b"\x89PNG half")  # a copy that stalls
+    assert watch.ready() == [] and watch.ready() == []  # same size, but it does not decode yet
+    Image.new("L", (8, 8)).save(tmp_path / "a.png")
+    assert watch.ready() == []  # the size changed: seen again from now
+    assert [p.name for p in watch.ready()] == ["a.png"]  # complete: handed out at once
+    (tmp_path / "b.png").write_bytes(b"never an image")
+    watch.ready()
+    time.sleep(0.7)
+    assert [p.name for p in watch.ready()] == ["b.png"]  # settled and still unreadable: its error row

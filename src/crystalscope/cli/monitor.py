@@ -72,6 +72,8 @@ def monitor_command(
                                      "classes of the equivalent diameter from LOW to HIGH, in the output unit "
                                      "(px, or um with --um-per-px): counts per class in timeline.csv, sizes.png."),
     split: bool = typer.Option(True, "--split/--no-split", help="Split touching particles (watershed) first."),
+    settle_s: float = typer.Option(3.0, "--settle-s", help="With --watch: a frame that does not decode is "
+                                   "retried until its size has not changed for this many seconds, then an error row."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier monitor output at --out "
                                "(a folder holding anything else is never replaced)."),
     opcua: str = typer.Option(None, "--opcua", is_flag=False, flag_value="opc.tcp://127.0.0.1:4840/crystalscope/", help="Serve the run on OPC UA while monitoring (alone: opc.tcp://127.0.0.1:4840/crystalscope/; needs the opcua extra). See docs/plant.md."),
@@ -92,7 +94,7 @@ def monitor_command(
     settings = MonitorSettings(rule=AlarmRule(alarm_fraction, alarm_frames, smoothing), detector=detector,
                                batch_size=batch_size, overlay=overlay, min_sharpness=min_sharpness,
                                max_side=max_side, min_confidence=min_confidence, um_per_px=um_per_px,
-                               size_classes=SizeClasses.parse(size_classes), split=split)
+                               size_classes=SizeClasses.parse(size_classes), split=split, settle_s=settle_s)
 
     sinks = _opcua_sinks(opcua, opcua_user, opcua_password, opcua_cert, opcua_key)
     s = run_monitor(model, frames_dir, out, settings, watch=watch, on_frame=_frame_printer(console) if watch else None,

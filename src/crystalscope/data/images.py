@@ -8,8 +8,11 @@ everywhere. Which files count as images, and which folders as classes, is decide
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -77,12 +80,10 @@ def load_rgb(source: str | os.PathLike | Image.Image) -> Image.Image:
         return to_rgb(upright(source))
     path = Path(source)
     try:
-        with Image.open(path) as img:
+        with open_regular(path) as handle, Image.open(handle) as img:
             check_pixels(img.size, path)  # from the header: a huge image is refused before any decode
             img.load()  # forces a full decode so truncated files fail here, not later
             return to_rgb(upright(img))
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: file not found") from None
     except UnidentifiedImageError:
         raise ImageReadError(f"{path}: not a readable image file") from None
     except Image.DecompressionBombError:
@@ -92,6 +93,52 @@ def load_rgb(source: str | os.PathLike | Image.Image) -> Image.Image:
         raise ImageReadError(f"{path}: not enough memory to decode this image") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{path}: corrupt or truncated image ({exc})") from None
+
+
+#: what a non-regular file is, for the error line (``stat.S_IS*`` test, words)
+_NOT_REGULAR = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """Open ``path`` for reading only when it is a regular file (following symbolic links).
+
+    Why: reading a FIFO waits for a writer forever and ``/dev/zero`` never ends, so a decoder
+    that opened them would hang the whole command. The file is opened non-blocking and
+    checked with ``fstat`` on the open descriptor (no window between a check and the open).
+
+    Raises:
+        ImageReadError: missing, a dangling or looping symbolic link, a folder, FIFO, device
+            or socket, or not readable; the line names ``path``.
+
+    Example:
+        >>> open_regular("/dev/zero")  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        ImageReadError: /dev/zero: a character device, not a regular file
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise ImageReadError(f"{path}: {_open_failure(path, exc)}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = next((words for test, words in _NOT_REGULAR if test(mode)), "a special file")
+        raise ImageReadError(f"{path}: {kind}, not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def _open_failure(path: str | os.PathLike, exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "a symbolic link loop: fix or remove the link"
+    if exc.errno == errno.ENOENT and os.path.islink(path):
+        return f"a dangling symbolic link (its target {os.readlink(path)} does not exist)"
+    if exc.errno == errno.ENOENT:
+        return "file not found"
+    if exc.errno == errno.ENXIO:
+        return "a socket or a device without a reader, not a regular file"
+    return f"cannot open the file ({exc.strerror or exc})"
 
 
 def max_pixels() -> int:

@@ -6,6 +6,12 @@ Two rules for one question become two datasets, so each question has one answer 
 - **hidden**: a file or folder whose name starts with ``.`` is skipped everywhere, at any depth
   (the staging folders of an interrupted run start with ``.``, and so do ``.DS_Store`` and
   ``.ipynb_checkpoints``), so it never becomes a class, a split or an image;
+- **walking**: a folder is listed depth first, each folder's names in natural order;
+  symbolic links to folders are followed, but each real folder is walked once, so a link
+  loop (``sub/up -> ..``) or a second link to a folder already walked adds nothing. An entry
+  with an image name that is not a folder is an image *candidate* even when it is a FIFO, a
+  device or a dangling or looping link: the decoder (:func:`crystalscope.data.images.load_rgb`)
+  refuses it with its reason, so it becomes an error row or a skipped file, never a hang;
 - **class folder**: a visible sub-folder of the class root; its name in lower case is the
   class; every image below it (nested sub-folders included) belongs to that class;
 - **split folder**: a folder holding *all three* of ``train/``, ``val/`` and ``test/``
@@ -17,13 +23,17 @@ Two rules for one question become two datasets, so each question has one answer 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from crystalscope.errors import CrystalscopeError
 from crystalscope.formats import SPLITS
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 KAGGLE_NESTING = "cropped"  # the archive's crops are in cropped/cropped/<class>/
@@ -48,6 +58,19 @@ def is_image_file(path: str | os.PathLike) -> bool:
         (True, False)
     """
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def real_path(path: str | os.PathLike) -> Path:
+    """The file a path names, links resolved: the key that tells two spellings of one file apart.
+
+    Unlike ``Path.resolve`` it never raises: a symbolic link loop stays as written (its
+    decoding then fails with the reason, naming the file).
+
+    Example:
+        >>> real_path("/tmp/../tmp") == Path("/tmp").resolve()
+        True
+    """
+    return Path(os.path.realpath(path))
 
 
 def is_hidden(path: str | os.PathLike, base: str | os.PathLike | None = None) -> bool:
@@ -99,14 +122,63 @@ def class_folders(root: str | os.PathLike) -> dict[str, Path]:
     return dict(sorted(_by_lower_name(root, visible_subfolders(root), "class").items()))
 
 
+def walk_files(folder: str | os.PathLike, recursive: bool = True) -> Iterator[Path]:
+    """Yield every visible entry under ``folder`` that is not a folder, lazily, depth first.
+
+    Each folder's names are sorted in natural order and only one folder's names are held at a
+    time. Symbolic links to folders are followed, each real folder (device, inode) once: a
+    link loop ends the walk of that branch. A sub-folder that cannot be listed is skipped
+    with a warning; ``folder`` itself raises.
+
+    Raises:
+        CrystalscopeError: ``folder`` cannot be listed.
+
+    Example:
+        >>> next(walk_files("crops/"))  # doctest: +SKIP
+        PosixPath('crops/CEX (1).png')
+    """
+    yield from _walk(Path(folder), recursive, set(), top=True)
+
+
+def _walk(folder: Path, recursive: bool, walked: set[tuple[int, int]], top: bool = False) -> Iterator[Path]:
+    try:
+        info = os.stat(folder)
+        entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")),
+                         key=lambda e: natural_key(e.name))
+    except OSError as exc:
+        if top:
+            raise CrystalscopeError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
+        log.warning("%s: cannot list the folder (%s): skipped", folder, exc.strerror or exc)
+        return
+    if (info.st_dev, info.st_ino) in walked:
+        log.warning("%s: a folder already walked (a symbolic link loop or a second link): skipped", folder)
+        return
+    walked.add((info.st_dev, info.st_ino))
+    for entry in entries:
+        if _is_folder(entry):
+            if recursive:
+                yield from _walk(folder / entry.name, recursive, walked)
+        else:
+            yield folder / entry.name
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows a link; a looping link raises ELOOP: not a folder
+    except OSError:
+        return False
+
+
 def list_files(folder: str | os.PathLike, recursive: bool = True) -> tuple[list[Path], list[Path]]:
-    """``(images, other files)`` under ``folder``, hidden ones skipped, both in natural order."""
-    folder = Path(folder)
+    """``(images, other files)`` under ``folder`` (:func:`walk_files`), both in natural order.
+
+    An image-named FIFO, device or broken link is in ``images``: decoding it fails with its
+    reason, so every command reports it as it reports a corrupt image.
+    """
     images: list[Path] = []
     others: list[Path] = []
-    for path in (folder.rglob("*") if recursive else folder.iterdir()):
-        if path.is_file() and not is_hidden(path, folder):
-            (images if is_image_file(path) else others).append(path)
+    for path in walk_files(folder, recursive):
+        (images if is_image_file(path) else others).append(path)
     return sorted(images, key=natural_key), sorted(others, key=natural_key)
 
 

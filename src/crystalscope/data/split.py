@@ -127,6 +127,17 @@ def _validate_group_by(group_by: str | GroupKey) -> None:
     make_group_key(group_by, [], {})
 
 
+def _check_pattern_matches(group_by: str | GroupKey, class_of: dict[Path, str]) -> None:
+    """Refuse ``regex:PAT`` that matches no file name: every file alone is not what was asked for."""
+    if callable(group_by) or not group_by.startswith("regex:"):
+        return
+    compiled = re.compile(group_by[len("regex:"):])
+    if not any(compiled.search(path.name) for path in class_of):
+        example = next(iter(class_of), Path("?")).name
+        raise CrystalscopeError(f"--group-by {group_by}: the pattern matches none of the {len(class_of)} file "
+                                f"names (e.g. {example!r}); fix the pattern or use --group-by none")
+
+
 def make_group_key(group_by: str | GroupKey, records: Sequence[ImageRecord], class_of: dict[Path, str],
                    progress: bool = False, workers: int | None = None) -> GroupKey:
     """Turn the ``--group-by`` option (or a callable) into a :data:`GroupKey`.
@@ -361,6 +372,7 @@ def split_dataset(source: str | os.PathLike, out_dir: str | os.PathLike,
     readable_records = [r for r in records if r.readable]
     class_of = {p: c for c, paths in files.items() for p in paths}
     group_key = make_group_key(group_by, readable_records, class_of, progress, workers)
+    _check_pattern_matches(group_by, class_of)
     warnings: list[str] = []
     assignment = assign_splits(files, group_key, ratios, seed, warnings)
     summary = SplitSummary(source=str(root), out_dir=str(out_dir), ratios=list(ratios), seed=seed, mode=mode,

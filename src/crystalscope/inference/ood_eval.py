@@ -29,6 +29,9 @@ def _scores(predictor: Predictor, folder: Path, batch_size: int) -> tuple[np.nda
     """OOD scores of every readable image under ``folder`` and the number of unreadable files."""
     predictions = predictor.predict(collect_images([folder]), batch_size=batch_size)
     scores = np.array([p.ood_score for p in predictions if p.classified], dtype=np.float64)
+    if not len(scores):  # a rate over no image would be reported as a measurement
+        first = next((f" (first: {p.path}: {p.status})" for p in predictions if not p.classified), "")
+        raise CrystalscopeError(f"{folder}: none of its {len(predictions)} files could be read as an image{first}")
     return scores, sum(not p.classified for p in predictions)
 
 

@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from crystalscope.data.layout import IMAGE_EXTENSIONS, list_images
+from crystalscope.data.layout import IMAGE_EXTENSIONS, list_images, real_path
 from crystalscope.data.transforms import Preprocessing
 from crystalscope.errors import CrystalscopeError, require
 from crystalscope.evaluation.calibration import softmax
@@ -502,7 +502,7 @@ def collect_images(paths: Iterable[str | os.PathLike], recursive: bool = True) -
         else:
             raise CrystalscopeError(f"{path}: no such file or folder")
         for c in candidates:
-            key = c.resolve()
+            key = real_path(c)
             if key not in seen:
                 seen.add(key)
                 found.append(c)

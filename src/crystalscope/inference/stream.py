@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from crystalscope.data.layout import IMAGE_EXTENSIONS, is_image_file, natural_key
-from crystalscope.data.layout import is_hidden
+from crystalscope.data.layout import IMAGE_EXTENSIONS, is_image_file
+from crystalscope.data.layout import is_hidden, real_path, walk_files
 from crystalscope.errors import CrystalscopeError
 from crystalscope.evaluation.sheets import sheet_urgency
 from crystalscope.inference.predictor import Prediction, Predictor, prediction_columns, predictions_csv
@@ -75,19 +75,19 @@ def iter_files(paths: Sequence[str | os.PathLike], recursive: bool = True) -> It
     """
     given = [Path(p) for p in paths]
     for path in given:
-        if not path.exists():
+        if not os.path.lexists(path):  # a dangling or looping link given by name gets its error row
             raise CrystalscopeError(f"{path}: no such file or folder")
-    folders = [p.resolve() for p in given if p.is_dir()]
+    folders = [real_path(p) for p in given if p.is_dir()]
     walked: set[Path] = set()
     named: set[Path] = set()  # files given by name: a handful, not the listing
     for path in given:
-        key = path.resolve()
+        key = real_path(path)
         if path.is_dir():
             # walked already, or inside a folder walked whole: no file gets two rows
             if key in walked or (recursive and any(f in key.parents for f in folders)):
                 continue
             walked.add(key)
-            yield from _walk(path, recursive)
+            yield from (p for p in walk_files(path, recursive) if is_image_file(p.name))
         elif key not in named and not _walked_anyway(key, folders, recursive):
             named.add(key)
             yield path
@@ -99,20 +99,6 @@ def _walked_anyway(file: Path, folders: list[Path], recursive: bool) -> bool:
         return False
     return any((file.parent == f or (recursive and f in file.parents)) and not is_hidden(file, base=f)
                for f in folders)
-
-
-def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
-    try:
-        entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")),
-                         key=lambda e: natural_key(e.name))
-    except OSError as exc:
-        raise CrystalscopeError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
-    for entry in entries:
-        if entry.is_dir():
-            if recursive:
-                yield from _walk(folder / entry.name, recursive)
-        elif entry.is_file() and is_image_file(entry.name):
-            yield folder / entry.name
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:

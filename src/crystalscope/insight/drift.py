@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from crystalscope.data.layout import real_path
 from crystalscope.errors import CrystalscopeError
 from crystalscope.evaluation.metrics import wilson_interval
 from crystalscope.insight.embedding import read_groups
@@ -252,9 +253,14 @@ def feature_source(model: str | os.PathLike | None, image_size: int = IMAGENET_I
 
 def _features_by_file(source, files: list[Path], batch_size: int, on_progress) -> tuple[dict[str, np.ndarray], dict, str]:
     """L2-normalised features per resolved path (each file computed once), unreadable files, source name."""
-    unique = list(dict.fromkeys(str(f.resolve()) for f in files))
-    fs = extract_features(source, unique, batch_size=batch_size, on_batch=counter(on_progress, len(unique)))
-    return dict(zip(fs.paths, l2_normalise(fs.features))), fs.errors, fs.source
+    # decoded under the first name given (errors name the user's file, not a link's target)
+    first: dict[str, str] = {}
+    for f in files:
+        first.setdefault(str(real_path(f)), str(f))
+    key_of = {given: key for key, given in first.items()}
+    fs = extract_features(source, list(first.values()), batch_size=batch_size,
+                          on_batch=counter(on_progress, len(first)))
+    return {key_of[p]: v for p, v in zip(fs.paths, l2_normalise(fs.features))}, fs.errors, fs.source
 
 
 def _set_rows(files: list[Path], by_file: dict, ref_unit, ref_paths, held: dict, k: int):
@@ -263,7 +269,7 @@ def _set_rows(files: list[Path], by_file: dict, ref_unit, ref_paths, held: dict,
     A file that is also in the reference keeps its held-out distance (to the other reference
     images), so a folder compared with itself is flagged at the stated rate, not never.
     """
-    keys = [str(f.resolve()) for f in files]
+    keys = [str(real_path(f)) for f in files]
     paths = [str(f) for f, key in zip(files, keys) if key in by_file]
     keys = [key for key in keys if key in by_file]
     if not keys:
@@ -320,10 +326,11 @@ def _drift_into(out_dir: Path, reference, new, model, settings: DriftSettings, g
     source = feature_source(model, image_size, device)
     all_files = ref_files + [f for files in sets.values() for f in files]
     by_file, errors, source_name = _features_by_file(source, all_files, batch_size, on_progress)
-    ref_keys = [key for key in dict.fromkeys(str(f.resolve()) for f in ref_files) if key in by_file]
+    ref_keys = [key for key in dict.fromkeys(str(real_path(f)) for f in ref_files) if key in by_file]
     if len(ref_keys) < MIN_REFERENCE:
         raise CrystalscopeError(f"REFERENCE {reference}: {len(ref_keys)} readable images; a reference needs "
                                 f"at least {MIN_REFERENCE} (hundreds for a 1 % false-flag rate)")
+    _check_sets_readable(sets, by_file, errors)
     ref_unit = np.stack([by_file[key] for key in ref_keys])
     ref_paths = [str(Path(key)) for key in ref_keys]
     groups_csv = groups_csv if groups_csv is not None else reference_groups(reference)
@@ -351,6 +358,15 @@ def _drift_into(out_dir: Path, reference, new, model, settings: DriftSettings, g
                "files": list(DRIFT_FILES)}
     write_json(out_dir / "drift.json", summary)
     return summary
+
+
+def _check_sets_readable(sets: dict[str, list[Path]], by_file: dict, errors: dict) -> None:
+    """Refuse a NEW set without one readable image: a verdict on nothing would claim no drift."""
+    for name, files in sets.items():
+        if not any(str(real_path(f)) in by_file for f in files):
+            first = next((f"first: {f}: {errors[str(f)]}" for f in files if str(f) in errors), "no image files")
+            raise CrystalscopeError(f"NEW {name}: none of its {len(files)} files could be read as an image "
+                                    f"({first}); nothing to compare with the reference")
 
 
 def _quantiles(values: np.ndarray) -> dict[str, float] | None:

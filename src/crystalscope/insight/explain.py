@@ -373,6 +373,11 @@ def _explain_files(predictor, model_path, files, out_dir: Path, target_class, la
                     tiles.append(tile)
                 explanations.append(row)
             logger.info("explained %d of %d images", len(explanations), len(files))
+        if not any(r.ok for r in explanations):  # nothing explained: no folder that claims otherwise
+            for row in explanations:
+                logger.warning("%s: %s", row.path, row.status)
+            first = next((f" (first: {r.path}: {r.status})" for r in explanations), "")
+            raise CrystalscopeError(f"none of the {len(files)} files could be read as an image{first}")
         title = f"Grad-CAM at {layer} of {predictor.backbone}"
         if len(files) > sheet_limit:
             title += f" (first {sheet_limit} of {len(files)} images)"

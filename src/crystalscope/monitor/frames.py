@@ -41,7 +41,8 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from crystalscope.data.synth import DIFFICULTIES, Difficulty, render_cex, render_pg, smooth_field
-from crystalscope.errors import CrystalscopeError
+from crystalscope.data.layout import natural_key
+from crystalscope.errors import CrystalscopeError, check_number
 from crystalscope.io import atomic_dir
 from crystalscope.safety import claim_output
 
@@ -113,6 +114,33 @@ def time_from_name(path: str | os.PathLike) -> float | None:
     """
     match = _TIME_IN_NAME.search(Path(path).stem)
     return float(match.group(1)) if match else None
+
+
+def raw_frame_time(path: str | os.PathLike) -> float | None:
+    """When a frame was taken: the time in its name, else its modification time (None: no stat).
+
+    Example:
+        >>> raw_frame_time("frame_00012_t000360.00s.png")
+        360.0
+    """
+    named = time_from_name(path)
+    if named is not None:
+        return named
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return None
+
+
+def frame_sort_key(path: str | os.PathLike) -> tuple:
+    """The order frames are monitored in: by :func:`raw_frame_time`, ties (and no time) by name.
+
+    Example:
+        >>> sorted(["b_t000010.00s.png", "a_t000020.00s.png"], key=frame_sort_key)
+        ['b_t000010.00s.png', 'a_t000020.00s.png']
+    """
+    raw = raw_frame_time(path)
+    return (raw is None, raw if raw is not None else 0.0, natural_key(Path(path).name))
 
 
 def pg_rate(spec: ProcessSpec, time_s: float) -> float:
@@ -282,20 +310,20 @@ def run_illumination(spec: ProcessSpec) -> np.ndarray:
 def _check_spec(spec: ProcessSpec) -> None:
     if spec.frames < 1:
         raise CrystalscopeError(f"--frames {spec.frames} must be 1 or more")
-    if not spec.interval_s > 0:
-        raise CrystalscopeError(f"--interval-s {spec.interval_s} must be positive")
+    # every float option finite and in range: a nan onset would be written into truth/run.json
+    check_number("--interval-s", spec.interval_s, 0, low_open=True)
+    check_number("--pg-onset-s", spec.pg_onset_s, 0)
+    check_number("--pg-rise-s", spec.pg_rise_s, 0, low_open=True)
+    check_number("--pg-max", spec.pg_max, 0, 1)
+    check_number("--defocus", spec.defocus, 0, 1)
     if spec.seed < 0:
         raise CrystalscopeError(f"--seed {spec.seed} must be 0 or more")
     if spec.width < 160 or spec.height < 160:
         raise CrystalscopeError(f"--width/--height {spec.width}x{spec.height}: frames must be at least "
                                 "160 px a side (particles are drawn at the crops' 130-230 px scale)")
-    if not 0.0 <= spec.pg_max <= 1.0:
-        raise CrystalscopeError(f"--pg-max {spec.pg_max} must be between 0 and 1")
-    if not 0.0 < spec.density <= 20.0:
-        raise CrystalscopeError(f"--density {spec.density} must be above 0 and at most 20 (6 gives 30-60 "
-                                "particles a 1024 x 768 frame)")
-    if not spec.um_per_px > 0:
-        raise CrystalscopeError(f"--um-per-px {spec.um_per_px} must be positive")
+    # the density and the scale go into truth/run.json too: finite and in range
+    check_number("--density", spec.density, 0, 20, low_open=True)
+    check_number("--um-per-px", spec.um_per_px, 0, low_open=True)
     if spec.difficulty not in DIFFICULTIES:
         raise CrystalscopeError(f"--difficulty {spec.difficulty!r} is not known: use one of {', '.join(DIFFICULTIES)}")
 

@@ -25,13 +25,13 @@ from typing import Callable, Sequence
 
 from crystalscope.data.images import ImageReadError, load_rgb
 from crystalscope.data.layout import list_images
-from crystalscope.errors import CrystalscopeError
+from crystalscope.errors import CrystalscopeError, check_number
 from crystalscope.inference.predictor import Prediction, Predictor
 from crystalscope.io import remove_recorded, write_bytes
 from crystalscope.runtime import first_line
 from crystalscope.safety import claim_output
 from crystalscope.monitor.detect import DETECTORS, MAX_PARTICLE_SIDE, MIN_SHARPNESS, cut_crops, to_grey
-from crystalscope.monitor.frames import read_truth, time_from_name
+from crystalscope.monitor.frames import frame_sort_key, raw_frame_time, read_truth
 from crystalscope.monitor.measure import MeasuredParticle, Scale, particles_of
 from crystalscope.monitor.overlay import overlay_jpeg
 from crystalscope.monitor.sinks import (COMMAND, OUTPUT_FILES, CallbackSink, FileSink, FrameSummary, RunInfo, Sink,
@@ -65,6 +65,8 @@ class MonitorSettings:
         um_per_px: the frames' scale; sizes are then in um (else px, and the outputs say so).
         size_classes: log-spaced classes of the equivalent diameter, in the outputs' unit.
         split: split touching particles (watershed) before measuring and classifying them.
+        settle_s: in watch mode, a frame that does not decode is retried until its size has
+            stayed the same this many seconds (a copy in progress), then recorded as an error.
     """
 
     rule: AlarmRule = field(default_factory=AlarmRule)
@@ -78,6 +80,11 @@ class MonitorSettings:
     um_per_px: float | None = None
     size_classes: SizeClasses = field(default_factory=SizeClasses)
     split: bool = True
+    settle_s: float = 3.0
+
+
+class FrameTimeError(CrystalscopeError):
+    """A frame whose time is unknown or earlier than the frame before it (an error row)."""
 
 
 class Monitor:
@@ -101,22 +108,36 @@ class Monitor:
         self.truth_onset_s = (read_truth(self.frames_dir) or {}).get("onset_s")
         self._first_time: float | None = None
         self.unrecorded: list[Path] = []  # overlays written since the manifest last listed them
+        self._last_time: float | None = None
 
     def frame_time(self, path: Path) -> float:
-        """Seconds since the first frame: from the name (``..._t000360.00s.png``) or the file's mtime."""
-        named = time_from_name(path)
-        raw = named if named is not None else (path.stat().st_mtime if path.exists() else time.time())
+        """Seconds since the first readable frame: from the name (``..._t000360.00s.png``), else the mtime.
+
+        Called once a frame has decoded, so an unreadable frame never sets the origin.
+
+        Raises:
+            FrameTimeError: the frame has no time (no stat), or it is earlier than the frame
+                before it (the timeline never goes backwards).
+        """
+        raw = raw_frame_time(path)
+        if raw is None:
+            raise FrameTimeError(f"{path}: no time in its name and no modification time")
+        if self._last_time is not None and raw < self._last_time:
+            raise FrameTimeError(f"{path}: taken at {raw - self._first_time:.3f} s, before the frame before it "
+                                 f"({self._last_time - self._first_time:.3f} s): the timeline never goes back")
         if self._first_time is None:
             self._first_time = raw
+        self._last_time = raw
         return raw - self._first_time
 
     def process(self, path: Path) -> FrameRecord:
         """Detect, crop and classify one frame; an unreadable frame gives an error record."""
         index = len(self.timeline.records)
-        record = FrameRecord(index, path.name, self.frame_time(path))
+        record = FrameRecord(index, path.name, None)  # no time until it decodes
         try:
             image = load_rgb(path)
-        except ImageReadError as exc:
+            record.time_s = self.frame_time(path)
+        except (ImageReadError, FrameTimeError) as exc:
             record.status = f"error: {first_line(exc, limit=None, without=str(path))}"
             log.warning("frame %s: %s", path.name, record.status)
             return self.timeline.add(record)
@@ -225,43 +246,63 @@ def _check_options(frames_dir: Path, settings: MonitorSettings) -> None:
     if not frames_dir.is_dir():
         raise CrystalscopeError(f"FRAMES_DIR {frames_dir}: folder not found")
     rule = settings.rule
-    if not 0.0 < rule.fraction < 1.0:
-        raise CrystalscopeError(f"--alarm-fraction {rule.fraction} must be between 0 and 1")
-    if rule.frames < 1:
-        raise CrystalscopeError(f"--alarm-frames {rule.frames} must be 1 or more")
-    if not 0.0 < rule.smoothing <= 1.0:
-        raise CrystalscopeError(f"--smoothing {rule.smoothing} must be in (0, 1]")
+    # every number finite and in range (nan passes every comparison); limits that would make the
+    # monitor classify nothing (a --max-side of 0) are refused, not run
+    check_number("--alarm-fraction", rule.fraction, 0, 1, low_open=True, high_open=True)
+    check_number("--alarm-frames", rule.frames, 1)
+    check_number("--smoothing", rule.smoothing, 0, 1, low_open=True)
+    check_number("--min-confidence", settings.min_confidence, 0, 1)
+    check_number("--min-sharpness", settings.min_sharpness, 0)
+    check_number("--max-side", settings.max_side, 1)
+    check_number("--poll-s", settings.poll_s, 0, low_open=True)
+    check_number("--settle-s", settings.settle_s, 0)
     if settings.detector not in DETECTORS:
         raise CrystalscopeError(f"--detector {settings.detector!r} is not known: use one of {', '.join(DETECTORS)}")
-    if not 0.0 <= settings.min_confidence <= 1.0:
-        raise CrystalscopeError(f"--min-confidence {settings.min_confidence} must be between 0 and 1")
     if settings.batch_size < 1:
         raise CrystalscopeError(f"--batch-size {settings.batch_size} must be 1 or more")
 
 
 class _FolderWatch:
-    """New frames of a folder, each handed out once its size has stayed the same for one poll."""
+    """New frames of a folder, in :func:`frame_sort_key` order, each handed out once.
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    A frame is handed out once its size has stayed the same for one poll and it decodes; one
+    that does not decode is retried until its size has been the same for ``settle_s`` seconds
+    (a copy still in progress), and only then handed out to become an error row.
+    """
+
+    def __init__(self, folder: Path, settle_s: float = 3.0):
+        self.folder, self.settle_s = folder, settle_s
         self.done: set[str] = set()
-        self._sizes: dict[str, int] = {}
+        self._sizes: dict[str, tuple[int, float]] = {}  # name: (size, when it was first seen at that size)
 
     def ready(self) -> list[Path]:
         found = []
+        now = time.monotonic()
         for path in list_images(self.folder, recursive=False):
             if path.name in self.done:
                 continue
             try:
                 size = path.stat().st_size
             except OSError:
-                continue  # removed or renamed between the listing and the stat
-            if self._sizes.get(path.name) == size:
+                if not os.path.lexists(path):
+                    continue  # removed or renamed between the listing and the stat
+                size = -1  # a broken link: its error row comes once it has settled
+            seen = self._sizes.get(path.name)
+            if seen is None or seen[0] != size:
+                self._sizes[path.name] = (size, now)
+            elif now - seen[1] >= self.settle_s or _decodes(path):
                 found.append(path)
-            self._sizes[path.name] = size
         for path in found:
             self.done.add(path.name)
-        return found
+        return sorted(found, key=frame_sort_key)
+
+
+def _decodes(path: Path) -> bool:
+    try:
+        load_rgb(path)
+    except ImageReadError:
+        return False
+    return True
 
 
 def run_monitor(model: str | os.PathLike, frames_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -295,7 +336,7 @@ def run_monitor(model: str | os.PathLike, frames_dir: str | os.PathLike, out_dir
     """
     frames_dir, out_dir = Path(frames_dir), Path(out_dir)
     _check_options(frames_dir, settings)
-    frames = [] if watch else list_images(frames_dir, recursive=False)
+    frames = [] if watch else sorted(list_images(frames_dir, recursive=False), key=frame_sort_key)
     if not watch and not frames:
         raise CrystalscopeError(f"FRAMES_DIR {frames_dir}: no image files (png, jpg, tif, bmp); "
                                 "add --watch to wait for frames")
@@ -316,7 +357,7 @@ def run_monitor(model: str | os.PathLike, frames_dir: str | os.PathLike, out_dir
 
 def _run(monitor: "Monitor", frames: list[Path], settings: MonitorSettings, watch: bool,
          sinks: Sinks, run: RunInfo) -> dict:
-    folder = _FolderWatch(monitor.frames_dir)
+    folder = _FolderWatch(monitor.frames_dir, settings.settle_s)
     started = time.perf_counter()
     clock = _SourceClock()
     with _StopFlag() as stop:
@@ -342,6 +383,8 @@ class _SourceClock:
         self.epoch: float | None = None
 
     def __call__(self, path: Path, record: FrameRecord) -> float:
+        if record.time_s is None:  # an unreadable frame has no time of its own: when it was seen
+            return time.time()
         if self.epoch is None:
             try:
                 self.epoch = path.stat().st_mtime - record.time_s

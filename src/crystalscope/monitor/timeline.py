@@ -168,7 +168,7 @@ class FrameRecord:
 
     frame: int
     file: str
-    time_s: float  # seconds since the first frame
+    time_s: float | None  # seconds since the first readable frame; None: unreadable, no time
     counts: dict[str, int] = field(default_factory=dict)
     rejected: int = 0
     out_of_focus: int = 0
@@ -222,7 +222,9 @@ class Timeline:
             record.ewma = last_ewma  # an empty or unreadable frame carries no news
         above = record.ewma is not None and record.ewma > self.rule.fraction
         record.above = (previous.above + 1 if previous else 1) if above else 0
-        if record.above == self.rule.frames:
+        if record.time_s is None:  # a frame without a time (unreadable) neither counts nor alarms
+            record.above = previous.above if previous else 0
+        elif record.above == self.rule.frames:
             self.alarms.append({"time_s": round(record.time_s, 3), "frame": record.frame,
                                 "file": record.file, "rule": f"{ALARM_RULE}: {self.rule.describe()}",
                                 "ewma": round(record.ewma, 6)})
@@ -293,7 +295,7 @@ class Timeline:
         rows = []
         for r in self.records:
             counts = [r.counts.get(c, 0) for c in self.class_names]
-            rows.append([r.frame, r.file, f"{r.time_s:.3f}", sum(counts) + r.rejected + r.out_of_focus + r.clusters + r.uncertain + r.errors,
+            rows.append([r.frame, r.file, "" if r.time_s is None else f"{r.time_s:.3f}", sum(counts) + r.rejected + r.out_of_focus + r.clusters + r.uncertain + r.errors,
                          *counts, r.rejected, r.out_of_focus, r.clusters, r.uncertain, r.errors, _fmt(r.fraction), _fmt(r.low), _fmt(r.high), _fmt(r.ewma),
                          int(r.frame in alarm_frames), r.status, *self._size_values(r)])
         return rows
