@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from crystalscope.training.distributed import StoppedByPeer, World, first_failure, shard_indices
-from crystalscope.formats import RUN_FILES
+from crystalscope.formats import MANIFEST_FILE, RUN_FILES
 from lines_and_discs import make_split
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -52,7 +52,7 @@ def test_two_processes_write_one_run_with_the_metrics_of_a_one_process_evaluatio
     assert "2 processes: effective batch 16 (8 per process)" in output
     assert "Traceback" not in output
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["ddp"]  # one run folder, written by rank 0 only
-    assert {p.name for p in out.iterdir()} <= set(RUN_FILES)
+    assert {p.name for p in out.iterdir()} <= {*RUN_FILES, MANIFEST_FILE}
     assert {p.name for p in (out / "weights").iterdir()} == {"best.ckpt", "last.ckpt"}
     assert "nproc: 2" in (out / "config.yaml").read_text()
     ddp = json.loads((out / "test_results.json").read_text())
