@@ -15,8 +15,12 @@ SPLITS = ("train", "val", "test")
 CHECKPOINT_FORMAT = "crystalscope-checkpoint/1"
 
 # ---- exported model (.onnx) ---------------------------------------------------------------------
-ONNX_FORMAT = "crystalscope-onnx/1"
+# /2: the rejection is inside the graph (outputs ``probabilities``, ``ood_score``, ``accepted``)
+ONNX_FORMAT = "crystalscope-onnx/2"
 ONNX_METADATA_KEY = "crystalscope"  # metadata_props entry holding the JSON description
+ONNX_PROBABILITIES_NAME = "probabilities"
+ONNX_OOD_SCORE_NAME = "ood_score"
+ONNX_ACCEPTED_NAME = "accepted"
 
 # ---- a run folder -----------------------------------------------------------------------------
 CONFIG_FILE = "config.yaml"
