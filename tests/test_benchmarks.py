@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from bench_scripts import BENCH, load_bench
 from lines_and_discs import make_split
@@ -104,3 +105,23 @@ def test_bench_infer_measures_both_back_ends(tiny_split, tmp_path):
     assert all(r["img_s"] > 0 for r in record["rows"])
     assert record["onnx_max_abs_diff"] < 1e-4 and record["n_files"] == 6
     assert "bench_infer.py --backbone resnet18" in record["command"]
+
+
+def test_predict_pipeline_measures_graph_and_end_to_end_in_one_run(tmp_path):
+    from fitted_model import write_fitted_model
+    from PIL import Image
+
+    bench = load_bench("predict_pipeline")
+    model = write_fitted_model(tmp_path / "model.onnx")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(images / f"{i}.png")
+    results = tmp_path / "results"
+    assert bench.main([str(model), str(images), "--repeats", "1", "--name", "tiny", "--results", str(results)]) == 0
+    record = json.loads((results / "tiny.json").read_text())
+    assert record["n_images"] == 6 and record["rows"]["rejection_fitted"] is True
+    for key in ("graph", "graph_no_reject", "end_to_end", "end_to_end_no_reject"):
+        assert record["rows"][key]["median"] > 0
+    assert record["end_to_end_over_graph"] > 0 and "rejection_adds" in record

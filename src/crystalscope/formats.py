@@ -15,10 +15,15 @@ SPLITS = ("train", "val", "test")
 CHECKPOINT_FORMAT = "crystalscope-checkpoint/1"
 
 # ---- exported model (.onnx) ---------------------------------------------------------------------
-ONNX_FORMAT = "crystalscope-onnx/1"
-#: every ONNX format this version reads (the one list; a file of any other format is refused)
-KNOWN_ONNX_FORMATS: tuple[str, ...] = (ONNX_FORMAT,)
+# /2: the rejection is inside the graph (outputs ``probabilities``, ``ood_score``, ``accepted``)
+ONNX_FORMAT = "crystalscope-onnx/2"
+#: every ONNX format this version reads (the one list; a file of any other format is refused).
+#: /1 files (rejection computed outside the graph) still predict with --no-reject.
+KNOWN_ONNX_FORMATS: tuple[str, ...] = ("crystalscope-onnx/1", ONNX_FORMAT)
 ONNX_METADATA_KEY = "crystalscope"  # metadata_props entry holding the JSON description
+ONNX_PROBABILITIES_NAME = "probabilities"
+ONNX_OOD_SCORE_NAME = "ood_score"
+ONNX_ACCEPTED_NAME = "accepted"
 
 # ---- a run folder -----------------------------------------------------------------------------
 CONFIG_FILE = "config.yaml"

@@ -54,7 +54,8 @@ def test_export_writes_onnx_with_metadata_and_dynamic_batch(ckpt_path, real_samp
     onnx.checker.check_model(proto)
     batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param == "batch"
-    assert [o.name for o in proto.graph.output] == ["logits", "features"]
+    # no fitted rejection in this checkpoint: no ood_score/accepted outputs
+    assert [o.name for o in proto.graph.output] == ["logits", "features", "probabilities"]
     assert meta_features_name(proto) == "features"
     meta = json.loads({p.key: p.value for p in proto.metadata_props}["crystalscope"])
     assert meta["class_names"] == ["cex", "pg"]
@@ -87,7 +88,7 @@ def test_parity_check_fails_on_a_drifted_export(ckpt_path, tmp_path, monkeypatch
 
         drifted = copy.deepcopy(model)
         with torch.no_grad():
-            drifted.head[-1].bias.add_(torch.tensor([0.0, 0.01]))  # ~2e-3 in probability
+            drifted.classifier.head[-1].bias.add_(torch.tensor([0.0, 0.01]))  # ~2e-3 in probability
         return real_export(drifted, image_size, opset)
 
     monkeypatch.setattr(export_onnx, "_export_graph", drifted_export)
@@ -102,8 +103,8 @@ def test_parity_check_rejects_perturbed_outputs(ckpt_path, tmp_path, monkeypatch
     """The same check at the output level: +2e-3 on one logit (~3e-4 in probability) is caught."""
     real_load = export_onnx._load_export
 
-    def perturbed(path):
-        exported = real_load(path)
+    def perturbed(path, reject=False):
+        exported = real_load(path, reject)
         logits = exported.backend.logits
         exported.backend.logits = lambda batch: logits(batch) + np.array([0.0, 2e-3], np.float32)
         return exported

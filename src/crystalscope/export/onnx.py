@@ -1,14 +1,16 @@
 """Export a checkpoint to ONNX, then prove ONNX Runtime gives the same probabilities.
 
-The exported graph maps a normalised float32 batch ``(N, 3, H, W)`` (``N`` dynamic) to class
-logits and the penultimate features. Everything a deployment needs to feed it and read it
+The exported graph maps a normalised float32 batch ``(N, 3, H, W)`` (``N`` dynamic) to the
+whole decision (:class:`crystalscope.models.rejection.DecisionModel`): class logits, the
+penultimate features, the calibrated probabilities and, for a model fitted with rejection, the
+OOD score and ``accepted`` (threshold inside), all computed from the input tensor. Everything a deployment needs to feed it and read it
 travels inside the file, under the ``metadata_props`` key
 :data:`crystalscope.formats.ONNX_METADATA_KEY` (JSON, format
 :data:`crystalscope.formats.ONNX_FORMAT`; the contract is written in :mod:`crystalscope.formats`
 and :func:`onnx_metadata`): backbone, class names, positive class, the full preprocessing
 (size, mean, std, resize policy, interpolation, pad value), the calibration temperature,
-input/output names, the input shape and the fitted rejection of foreign images (``ood``,
-scored on the ``features`` output). Probabilities are ``softmax(logits / temperature)``.
+input/output names, the input shape, the fitted rejection of foreign images (``ood``: its
+parameters) and ``rejection_spec`` (what the graph's ``ood_score`` computes, in words). Probabilities are ``softmax(logits / temperature)``.
 
 Every export is checked (timm's ``check_forward`` habit): the
 :class:`~crystalscope.inference.predictor.Predictor` of the checkpoint (PyTorch, fp32: the
@@ -32,7 +34,10 @@ from PIL import Image
 
 from crystalscope.data.transforms import Preprocessing
 from crystalscope.errors import CrystalscopeError, require
+from crystalscope.formats import ONNX_ACCEPTED_NAME as ACCEPTED_NAME
 from crystalscope.formats import ONNX_FORMAT, ONNX_METADATA_KEY as METADATA_KEY
+from crystalscope.formats import ONNX_OOD_SCORE_NAME as OOD_SCORE_NAME
+from crystalscope.formats import ONNX_PROBABILITIES_NAME as PROBABILITIES_NAME
 from crystalscope.inference.predictor import Predictor
 from crystalscope.io import atomic_path
 from crystalscope.runtime import first_line
@@ -84,10 +89,10 @@ def export_checkpoint(checkpoint: str | os.PathLike | dict, out_path: str | os.P
     check_output(out_path, inputs=[None if isinstance(checkpoint, dict) else checkpoint, *(check_images or [])])
     preprocessing = Preprocessing.from_dict(ckpt["preprocessing"])
     metadata = onnx_metadata(ckpt, preprocessing, opset)
-    proto = _export_graph(_model(ckpt), preprocessing.image_size, int(opset))
+    proto = _export_graph(_decision(_model(ckpt), ckpt, preprocessing), preprocessing.image_size, int(opset))
     _attach_metadata(proto, metadata)
     # the reference: the forward every reported number comes from (CPU, fp32, no rejection needed)
-    reference = Predictor.from_checkpoint(ckpt, device="cpu", reject=False)
+    reference = Predictor.from_checkpoint(ckpt, device="cpu")
     batch = _check_batch(preprocessing, check_images)
     max_diff = _save_checked(proto, out_path, reference, batch, atol)
     log.debug("%s: ONNX Runtime matches PyTorch on %d images (max |dp| %.1e)", out_path, len(batch), max_diff)
@@ -154,7 +159,58 @@ def onnx_metadata(ckpt: dict, preprocessing, opset: int) -> dict:
         # rejection of foreign images (docs/ood.md): float32 base64, the precision matrix as
         # its upper triangle (~175 KB of JSON for 256-d features); None = not fitted
         "ood": _compact_ood(ckpt.get("ood")),
+        "probabilities_name": PROBABILITIES_NAME,
+        "rejection_spec": rejection_spec(ckpt.get("ood"), preprocessing),
     }
+
+
+def rejection_spec(ood: dict | None, preprocessing) -> dict | None:
+    """The rejection of foreign images stated completely, for a client that reads only the file.
+
+    The graph computes it (outputs ``ood_score`` and ``accepted``); this says what it computes,
+    so the decision can be checked or reimplemented without crystalscope's source.
+    """
+    if not ood:
+        return None
+    size = preprocessing.image_size
+    return {
+        "outputs": {OOD_SCORE_NAME: "float64 (N,): higher = more foreign",
+                    ACCEPTED_NAME: f"bool (N,): {OOD_SCORE_NAME} <= threshold (rejected when >)"},
+        "method": ood["method"], "threshold": float(ood["threshold"]), "comparison": "reject if score > threshold",
+        "input": (f"the model input tensor (N, 3, {size}, {size}); pixels = round((x * std + mean) * 255) "
+                  "clipped to 0..255, / 255 (the resized 8-bit image on 0-1); grey = ((R + G) + B) / 3"),
+        "score": {
+            "mahalanobis": "min over classes c of (f - means[c]) @ precision @ (f - means[c]), f = features output",
+            "image_statistics": ("the same on the 42 image statistics s (first pixel_means.shape[1] of them), "
+                                 "with pixel_means and pixel_precision"),
+            "mahalanobis+image_statistics": "max(mahalanobis / scales[0], image_statistics / scales[1])",
+            "energy": "-logsumexp(logits)", "max_logit": "-max(logits)",
+        }[ood["method"]],
+        "parameters": ("under 'ood'.params: float32 little-endian base64 arrays with their shape; "
+                       "'upper_triangle': true means the row-major upper triangle (i <= j) of a "
+                       "symmetric matrix"),
+        "image_statistics": IMAGE_STATISTICS_SPEC,
+    }
+
+
+#: the 42 statistics in column order, as the graph computes them (numpy reference:
+#: crystalscope.evaluation.ood.image_statistics); quantiles are linear (numpy's default)
+IMAGE_STATISTICS_SPEC = [
+    "mean(grey)", "log(std(grey) + 1e-3) (population std)",
+    "quantiles 0.01, 0.1, 0.5, 0.9, 0.99 of grey (5 columns)",
+    "log(mean(max(R,G,B) - min(R,G,B)) + 1e-3)", "log(mean(grey < 0.02) + 1e-3)", "log(mean(grey > 0.98) + 1e-3)",
+    "log(fine + 1e-3), fine = mean|grey[y+1,x]-grey[y,x]| + mean|grey[y,x+1]-grey[y,x]|",
+    "log(coarse + 1e-3): the same on the 4x4-block means (edges beyond whole blocks dropped)",
+    "log(mean|grey - its 4x4-block mean| + 1e-3) over the whole blocks",
+    "log(fraction + 1e-3) of pixels with floor(min(grey * 8, 8)) = k, k = 0..7, bin 8 counted in 7 (8 columns)",
+    "log(q + 1e-3), q = quantiles 0.1, 0.5, 0.9 of the population std of 8x8 blocks (3 columns)",
+    "quantiles 0.1, 0.9 of the 8x8-block means (2 columns)",
+    ("log(fraction + 1e-3) of inner pixels with k of their 8 neighbours > centre + 0.02, k = 0..8 (9 columns)"),
+    ("spectrum: P = |rfft2(grey - mean(grey))|^2; band b = mean of P over cells whose radius hypot(fftfreq(H), "
+     "rfftfreq(W)) lies in [e_b, e_b+1), e = geomspace(2/min(H,W), 0.5, 9); y_b = log(band_b + 1e-12); "
+     "least-squares line of y against log(sqrt(e_b * e_b+1)): its slope, then the residuals of bands 1..6 "
+     "(7 columns)"),
+]
 
 
 def _compact_ood(ood: dict | None) -> dict | None:
@@ -163,24 +219,22 @@ def _compact_ood(ood: dict | None) -> dict | None:
     return OODDetector.from_dict(ood).to_dict(compact=True) if ood else None
 
 
-def _with_features(model):
-    """The classifier as a module with two outputs: logits and the penultimate features."""
-    from torch import nn
+def _decision(model, ckpt: dict, preprocessing):
+    """The classifier's :class:`~crystalscope.models.rejection.DecisionModel` (what the graph computes)."""
+    from crystalscope.evaluation.ood import OODDetector
+    from crystalscope.models.rejection import decision_model
 
-    class LogitsAndFeatures(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
+    detector = OODDetector.from_dict(ckpt["ood"]) if ckpt.get("ood") else None
+    return decision_model(model, preprocessing, float(ckpt.get("temperature") or 1.0), detector).eval()
 
-        def forward(self, x):
-            features = self.inner.embed(x)
-            return self.inner.head[-1](features), features
 
-    return LogitsAndFeatures(model).eval()
+def _output_names(with_rejection: bool) -> list[str]:
+    names = [OUTPUT_NAME, FEATURES_NAME, PROBABILITIES_NAME]
+    return names + [OOD_SCORE_NAME, ACCEPTED_NAME] if with_rejection else names
 
 
 def _export_graph(model, image_size: int, opset: int):
-    """Trace ``model`` to an ``onnx.ModelProto`` with a dynamic batch axis.
+    """Trace ``model`` (a DecisionModel) to an ``onnx.ModelProto`` with a dynamic batch axis.
 
     Uses the TorchScript exporter (``dynamo=False``): the torch.export-based default needs
     ``onnxscript``, which crystalscope does not depend on, and it handles these CNNs fine.
@@ -189,15 +243,15 @@ def _export_graph(model, image_size: int, opset: int):
     import torch
 
     example = torch.zeros(2, 3, image_size, image_size)
+    outputs = _output_names(model.score is not None)
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's deprecation/tracer chatter
             torch.onnx.export(
-                _with_features(model), (example,), buffer, dynamo=False, opset_version=opset,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME, FEATURES_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"},
-                              FEATURES_NAME: {0: "batch"}},
+                model, (example,), buffer, dynamo=False, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=outputs,
+                dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]},
                 do_constant_folding=True,
             )
     except Exception as exc:
@@ -270,7 +324,8 @@ def parity_check(reference: Predictor, onnx_path: str | os.PathLike, batch: np.n
         >>> parity_check(Predictor.from_checkpoint(ckpt), "model.onnx", batch)  # doctest: +SKIP
         3.1e-07
     """
-    exported = _load_export(onnx_path)
+    exported = _load_export(onnx_path, reject=reference.rejection is not None)
+    _check_decisions(reference, exported, batch)
     expected = reference.probabilities(batch)
     full, single = exported.probabilities(batch), exported.probabilities(batch[:1])
     if full.shape != expected.shape:
@@ -286,9 +341,23 @@ def parity_check(reference: Predictor, onnx_path: str | os.PathLike, batch: np.n
     return max_diff
 
 
-def _load_export(onnx_path: str | os.PathLike) -> Predictor:
+def _check_decisions(reference: Predictor, exported: Predictor, batch: np.ndarray) -> None:
+    """The graph's accept/reject equals the checkpoint's on every check image (scores within 1e-4 relative)."""
+    if reference.rejection is None:
+        return
+    expected, got = reference.forward(batch)[1], exported.forward(batch)[1]
+    threshold = reference.rejection.threshold
+    close = np.abs(got - expected) <= 1e-4 * np.maximum(np.abs(expected), abs(threshold))
+    same = (expected > threshold) == (got > threshold)
+    if not (close.all() and same.all()):
+        worst = int(np.argmin(close & same))
+        raise CrystalscopeError(f"export check failed: the graph's OOD score {got[worst]:.6g} differs from "
+                                f"PyTorch's {expected[worst]:.6g} (check image #{worst}); the ONNX file was not written")
+
+
+def _load_export(onnx_path: str | os.PathLike, reject: bool = False) -> Predictor:
     """The Predictor of the file just written (under its staging name), for the check."""
     try:
-        return Predictor.from_onnx(onnx_path, reject=False)
+        return Predictor.from_onnx(onnx_path, reject=reject)
     except CrystalscopeError as exc:
         raise CrystalscopeError(f"export check failed: ONNX Runtime cannot load the export ({exc})") from None

@@ -11,8 +11,9 @@ Both back ends share everything but the forward pass: images are decoded by
 metadata), and logits become probabilities through the calibrated
 :func:`crystalscope.evaluation.calibration.softmax`. So a ``.ckpt`` and its ``.onnx`` give
 the same answer, image by image. A model fitted with rejection (``ood`` in the checkpoint and
-the ONNX metadata) also scores each image's penultimate features with the numpy
-:class:`crystalscope.evaluation.ood.OODDetector` and marks foreign images ``rejected``.
+the ONNX metadata) also marks foreign images ``rejected``: the score is computed by the
+model's decision graph from the input tensor (:class:`crystalscope.models.rejection.DecisionModel`,
+the ONNX file's ``ood_score`` output, or the same module in PyTorch for a checkpoint).
 
 Precision policy: every number a user reads (predictions, the test report of ``train`` and
 ``evaluate``, the temperature fit, the export check) comes from an fp32 forward pass, with
@@ -45,6 +46,7 @@ from crystalscope.evaluation.calibration import softmax
 from crystalscope.models.description import validate_metadata
 # the ONNX metadata contract lives in crystalscope.formats; the names stay importable from here
 from crystalscope.formats import ONNX_FORMAT, ONNX_METADATA_KEY as METADATA_KEY  # noqa: F401  (re-exported)
+from crystalscope.formats import ONNX_OOD_SCORE_NAME as OOD_SCORE_NAME
 from crystalscope.runtime import cpu_count, default_workers, first_line, resolve_device
 
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
@@ -139,6 +141,19 @@ class _OnnxBackend:
         logits, features = self.session.run([self.output_names[0], name], {self.input_name: batch})
         return np.asarray(logits), np.asarray(features)
 
+    def logits_and_scores(self, batch: np.ndarray, rejection=None) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and the graph's own OOD score (``ood_score``, computed from the input tensor)."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        logits, scores = self.session.run([self.output_names[0], OOD_SCORE_NAME], {self.input_name: batch})
+        return np.asarray(logits), np.asarray(scores, dtype=np.float64)
+
+    def check_rejection(self) -> None:
+        """Refuse a model whose rejection is not inside its graph (a format-1 export)."""
+        if OOD_SCORE_NAME not in self.output_names:
+            raise CrystalscopeError(f"{self.source}: this ONNX model computes its rejection outside the graph "
+                                    f"(format {self.meta.get('format')}); re-export it with `crystalscope export "
+                                    "CHECKPOINT`, or predict with --no-reject")
+
 
 def onnx_session_options(ort, threads: int | None = None):
     """ONNX Runtime CPU options, set explicitly rather than left to the library's defaults.
@@ -185,6 +200,7 @@ class _TorchBackend:
                                     f"({first_line(exc, 160)})") from None
         self.meta = {k: ckpt.get(k) for k in
                      ("backbone", "class_names", "positive_class", "preprocessing", "temperature", "ood")}
+        self.decision = None  # the DecisionModel, built on the first scored batch
 
     def logits(self, batch) -> np.ndarray:
         return self.logits_and_features(batch)[0]
@@ -199,6 +215,23 @@ class _TorchBackend:
             features = self.model.embed(self.model_input(x.to(self.device, torch.float32)))
             logits = self.model.head[-1](features)
         return logits.float().cpu().numpy(), features.float().cpu().numpy()
+
+    def logits_and_scores(self, batch, rejection) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and OOD scores by the same :class:`DecisionModel` the export traces into ONNX."""
+        torch = self.torch
+        if self.decision is None:
+            from crystalscope.models.rejection import decision_model
+
+            self.decision = decision_model(self.model, Preprocessing.from_dict(self.meta["preprocessing"]),
+                                           float(self.meta.get("temperature") or 1.0), rejection)
+            self.decision = self.decision.to(self.device).eval()
+        x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(batch)
+        with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            logits, _, _, scores, _ = self.decision(self.model_input(x.to(self.device, torch.float32)))
+        return logits.float().cpu().numpy(), scores.double().cpu().numpy()
+
+    def check_rejection(self) -> None:
+        """A checkpoint always scores in PyTorch: nothing to refuse."""
 
 
 PIPELINE_DEPTH = 2  # batches prepared ahead of the model (two keep two cores busy)
@@ -246,6 +279,8 @@ class Predictor:
         self.source = source
         #: the fitted rejection, or None (older model, or turned off with ``reject=False``)
         self.rejection = _rejection(meta, source) if reject else None
+        if self.rejection is not None:
+            backend.check_rejection()
         self._pool = None  # decoding threads, started on first use
 
     @classmethod
@@ -345,20 +380,23 @@ class Predictor:
         """
         return self.forward(*self.model_inputs(resized))
 
-    def model_inputs(self, resized: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """The normalised batch and, when the rejection needs them, the image statistics of resized uint8 images.
+    def model_inputs(self, resized: np.ndarray) -> tuple[np.ndarray, None]:
+        """The normalised batch of resized uint8 images (and None: the rejection needs nothing else).
 
         The CPU work before the model; :meth:`predict` runs it in its thread pool, ahead of the model.
         """
-        statistics = None if self.rejection is None else _image_statistics(resized, self.rejection)
-        return self.preprocessing.normalize(resized), statistics
+        return self.preprocessing.normalize(resized), None
 
-    def forward(self, batch: np.ndarray, statistics: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """Logits and OOD scores (None without a rejection) of a normalised batch and its image statistics."""
+    def forward(self, batch: np.ndarray, statistics: None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and OOD scores (None without a rejection) of a normalised batch.
+
+        The score comes from the model's own decision graph
+        (:class:`crystalscope.models.rejection.DecisionModel`): the ONNX file's ``ood_score``
+        output, or the same module in PyTorch for a checkpoint. ``statistics`` is ignored.
+        """
         if self.rejection is None:
             return self.logits(batch), None
-        logits, features = self.logits_and_features(batch)
-        return logits, self.rejection.score(features, logits, statistics)
+        return self.backend.logits_and_scores(_contiguous(batch), self.rejection)
 
     @property
     def default_batch_size(self) -> int:
@@ -464,15 +502,6 @@ def _rejection(meta: dict, source: str):
         return OODDetector.from_dict(meta["ood"])
     except CrystalscopeError as exc:
         raise CrystalscopeError(f"{source}: {exc}") from None
-
-
-def _image_statistics(resized: np.ndarray, rejection) -> np.ndarray | None:
-    """The low-level image statistics a rejection method scores, from the resized uint8 batch."""
-    if not rejection.needs_images:
-        return None
-    from crystalscope.evaluation.ood import image_statistics
-
-    return image_statistics(resized)
 
 
 # ---- files in, CSV out (the `predict` command) --------------------------------------------

@@ -215,12 +215,17 @@ def load_images_of(cfg: TrainConfig, splits: dict[str, ImageFolder], preprocessi
     return images, labels
 
 
-def split_image_statistics(images: torch.Tensor, chunk: int = 256) -> np.ndarray:
-    """:func:`~crystalscope.evaluation.ood.image_statistics` of uint8 ``(N, H, W, 3)`` images, in chunks."""
-    from crystalscope.evaluation.ood import IMAGE_STATISTICS, image_statistics
+def split_image_statistics(images: torch.Tensor, preprocessing: Preprocessing, chunk: int = 256) -> np.ndarray:
+    """The image statistics of uint8 ``(N, H, W, 3)`` images, in chunks, by the module the
+    exported graph runs (:class:`~crystalscope.models.rejection.ImageStatistics` on the
+    normalised input), so the rejection is fitted on the numbers it will score."""
+    from crystalscope.models.rejection import N_STATISTICS, ImageStatistics
 
-    parts = [image_statistics(images[i:i + chunk].cpu().numpy()) for i in range(0, images.shape[0], chunk)]
-    return np.concatenate(parts) if parts else np.zeros((0, len(IMAGE_STATISTICS)))
+    module = ImageStatistics(preprocessing.image_size, preprocessing.mean, preprocessing.std).to(images.device)
+    with torch.inference_mode():
+        parts = [module(preprocessing.normalize_torch(images[i:i + chunk])).double().cpu().numpy()
+                 for i in range(0, images.shape[0], chunk)]
+    return np.concatenate(parts) if parts else np.zeros((0, N_STATISTICS))
 
 
 def load_data(cfg: TrainConfig, data: RunData, device: torch.device, world: World, progress: bool) -> RunData:
@@ -232,7 +237,7 @@ def load_data(cfg: TrainConfig, data: RunData, device: torch.device, world: Worl
     images, labels = load_images_of(cfg, local, data.preprocessing, device, progress)
     stats = {}
     if cfg.reject_fpr > 0 and not world.enabled:  # from the images, before feature caching replaces them
-        stats = {s: split_image_statistics(images[s]) for s in SPLITS}
+        stats = {s: split_image_statistics(images[s], data.preprocessing) for s in SPLITS}
     return dataclasses.replace(data, inputs=images, labels=labels, shard_index=shard_index, image_stats=stats)
 
 
