@@ -101,4 +101,5 @@ def pytest_sessionfinish(session, exitstatus):
     from reliability_table import render
 
     previous = Path(target).read_text() if Path(target).is_file() else ""
-    Path(target).write_text(render(attacks.ATTACKS, attacks.FIXES, previous))
+    # a failed attack test is a wrong outcome (a code, a line or a file other than asserted)
+    Path(target).write_text(render(attacks.ATTACKS, attacks.FIXES, previous, failed=session.testsfailed))

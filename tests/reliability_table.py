@@ -15,10 +15,11 @@ def _cell(text: str) -> str:
 MARKER = "<!-- end of the generated part: what follows is kept when the table is regenerated -->"
 
 
-def render(attacks: list[dict], fixes: list[tuple[str, str, str]], previous: str = "") -> str:
+def render(attacks: list[dict], fixes: list[tuple[str, str, str]], previous: str = "", failed: int = 0) -> str:
     """The markdown page: what was tried, the outcome of each attack, and the counts.
 
-    ``fixes`` are the (class of fault, cause, fix) rows the attack modules cover. Whatever
+    ``fixes`` are the (class of fault, cause, fix) rows the attack modules cover; ``failed`` the
+    attack tests that failed (wrong outputs: a code, error line or file other than asserted). Whatever
     follows :data:`MARKER` in ``previous`` (hand-written measurements) is kept.
     """
     counts = outcome_counts(attacks)
@@ -31,11 +32,11 @@ def render(attacks: list[dict], fixes: list[tuple[str, str, str]], previous: str
         "data (32 px); \"files changed\" counts pre-existing user files whose bytes differ afterwards.",
         "Rows with exit 0 are the legitimate runs around an attack (e.g. the first audit before a rerun)",
         "or attacks whose right answer is success with a reason (a huge image skipped, a warning).",
-        "Every attack's test also asserts its output (the error line's words, the rows written), so an",
-        "attack with a wrong output fails its test instead of being counted here.",
+        "Every attack's test also asserts its output (the exit code, the error line's words, the rows or",
+        "files written): \"wrong outputs\" counts the attack tests that failed in the run that wrote this page.",
         "",
         f"**Counts: {counts['attacks']} attacks, tracebacks {counts['tracebacks']}, user files lost "
-        f"{counts['lost']}, silent successes {counts['silent']}, hangs {counts['hangs']}.**",
+        f"{counts['lost']}, silent successes {counts['silent']}, wrong outputs {failed}, hangs {counts['hangs']}.**",
         "",
         "## Where each class of fault is fixed",
         "",
