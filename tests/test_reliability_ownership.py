@@ -129,7 +129,7 @@ def test_split_links_are_recorded_and_replacing_them_keeps_the_sources(assets, t
 
 # ---- every other folder-writing command: a rerun with a user's file inside -------------------------------
 
-def _rerun_refused(name: str, args: list, out: Path, foreign: str, roots: tuple):
+def check_rerun_refused(name: str, args: list, out: Path, foreign: str, roots: tuple):
     """Run ``args`` (writing ``out``), put a user's file at ``out/foreign``, rerun: refused, naming it."""
     check_attack(f"{name} into a new folder", args, code=0, roots=roots)
     _user_file(out / foreign)
@@ -148,7 +148,7 @@ def test_audit_rerun_with_a_nested_user_file_is_refused(assets, tmp_path):
 
 def test_evaluate_rerun_with_a_user_file_is_refused(assets, tmp_path):
     out = tmp_path / "eval"
-    _rerun_refused("evaluate", ["evaluate", assets["ckpt"], assets["split"] / "test", "--out", out], out,
+    check_rerun_refused("evaluate", ["evaluate", assets["ckpt"], assets["split"] / "test", "--out", out], out,
                    "plots/annotated.png", (assets["root"],))
 
 
@@ -161,19 +161,19 @@ def test_evaluate_force_over_another_commands_output_is_refused(assets, tmp_path
 
 def test_explain_rerun_with_a_user_file_is_refused(assets, tmp_path):
     out = tmp_path / "explain"
-    _rerun_refused("explain", ["explain", assets["ckpt"], assets["images"], "--out", out], out,
+    check_rerun_refused("explain", ["explain", assets["ckpt"], assets["images"], "--out", out], out,
                    "mine/thesis_figure.cam.png", (assets["root"],))
 
 
 def test_embed_rerun_with_a_user_file_is_refused(assets, tmp_path):
     out = tmp_path / "embed"
-    _rerun_refused("embed", ["embed", assets["onnx"], assets["split"] / "test", "--out", out, "-k", "2"], out,
+    check_rerun_refused("embed", ["embed", assets["onnx"], assets["split"] / "test", "--out", out, "-k", "2"], out,
                    "embedding_notes.txt", (assets["root"],))
 
 
 def test_drift_rerun_with_a_user_file_is_refused(assets, tmp_path):
     out = tmp_path / "drift"
-    _rerun_refused("drift", ["drift", assets["split"] / "train", assets["split"] / "test", "--model", assets["onnx"],
+    check_rerun_refused("drift", ["drift", assets["split"] / "train", assets["split"] / "test", "--model", assets["onnx"],
                              "--out", out, "--permutations", "20", "--neighbours", "2"], out,
                    "old/drift.csv", (assets["root"],))
 
@@ -193,7 +193,7 @@ def test_synth_process_reruns(tmp_path):
 
 def test_synth_ood_rerun_with_a_user_file_is_refused(tmp_path):
     out = tmp_path / "ood"
-    _rerun_refused("synth-ood", ["synth-ood", out, "--per-set", "2"], out, "uniform/my_foreign.png", ())
+    check_rerun_refused("synth-ood", ["synth-ood", out, "--per-set", "2"], out, "uniform/my_foreign.png", ())
 
 
 def test_ood_eval_report_into_a_users_folder_is_refused(assets, tmp_path):

@@ -73,4 +73,8 @@ def test_metadata_is_checked_against_the_graph(meta, inputs, outputs, key):
 def test_more_outputs_and_a_dynamic_size_are_accepted():
     outputs = [("logits", ["batch", 2]), ("features", ["batch", 512]), ("probabilities", ["batch", 2]),
                ("ood_score", ["batch"]), ("accepted", ["batch"])]
-    validate_metadata(_meta(), [("input", ["batch", 3, "h", "w"])], outputs, "m.onnx")
+    validate_metadata(_meta(), [("input", ["batch", 3, "h", "w"])], outputs, "m.onnx")  # accepted: no error
+    # the same graph with a probabilities width other than the class count is not
+    wrong = [(name, ["batch", 3] if name == "probabilities" else shape) for name, shape in outputs]
+    with pytest.raises(CrystalscopeError, match="probabilities"):
+        validate_metadata(_meta(), [("input", ["batch", 3, "h", "w"])], wrong, "m.onnx")
