@@ -171,9 +171,7 @@ def test_a_user_and_password_turn_anonymous_access_off(tmp_path):
             client = Client(served.endpoint)
             client.set_user("operator")
             client.set_password("s3cret")
-            async with client:
-                idx = await client.get_namespace_index(NAMESPACE_URI)
-                assert await served.node(client, idx, "Status").read_value() == "running"
+            await assert_running(served, client)
 
         asyncio.run(asyncio.wait_for(scenario(), 60))
     finally:
@@ -312,10 +310,15 @@ def test_a_certificate_offers_only_basic256sha256_sign_and_encrypt(tmp_path):
             client = Client(served.endpoint)
             await client.set_security_string(
                 f"Basic256Sha256,SignAndEncrypt,{tmp_path / 'client.der'},{tmp_path / 'client.pem'}")
-            async with client:
-                idx = await client.get_namespace_index(NAMESPACE_URI)
-                assert await served.node(client, idx, "Status").read_value() == "running"
+            await assert_running(served, client)
 
         asyncio.run(asyncio.wait_for(scenario(), 60))
     finally:
         served.sink.close({})
+
+
+async def assert_running(served, client) -> None:
+    """A client let in by the server's security settings reads the run's Status."""
+    async with client:
+        idx = await client.get_namespace_index(NAMESPACE_URI)
+        assert await served.node(client, idx, "Status").read_value() == "running"
