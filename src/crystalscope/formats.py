@@ -90,3 +90,20 @@ def metrics_class_names(columns: list[str]) -> list[str]:
     """
     prefix = "val_f1_"
     return [c[len(prefix):] for c in columns if c.startswith(prefix)]
+
+
+# ---- frame-cut crops (``monitor --crops DIR``) and their labels (``label``) -----------------------
+# ``monitor --crops DIR`` writes each classified particle's crop, exactly as it was given to the
+# model, as ``DIR/<file>`` and one row of CROPS_COLUMNS per crop in ``DIR/crops.csv``
+# (``box`` is ``x0 y0 x1 y1`` in frame pixels; ``status`` is the particle's status in particles.csv).
+CROPS_FORMAT = "crystalscope-crops/1"
+CROPS_CSV = "crops.csv"
+CROPS_COLUMNS = ("frame", "time_s", "particle", "box", "predicted", "confidence", "ood_score",
+                 "status", "file")
+# ``label CROPS_DIR --out DATASET`` copies each labelled crop into ``DATASET/<class>/`` and appends
+# one row of LABELS_COLUMNS to ``DATASET/labels.csv`` at once (flushed and fsynced): ``label`` is a
+# class name, SKIP_LABEL or NOT_A_CRYSTAL_LABEL (those two copy no file; ``dataset_file`` empty).
+LABELS_CSV = "labels.csv"
+LABELS_COLUMNS = ("crop_file", "label", "suggested", "confidence", "dataset_file", "labelled_at")
+SKIP_LABEL = "skip"
+NOT_A_CRYSTAL_LABEL = "not_a_crystal"
